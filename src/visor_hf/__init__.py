@@ -1,0 +1,31 @@
+"""visor_hf: VISOR (VISion On Request) for Hugging Face Transformers.
+
+Importing the package registers the VISOR classes with `AutoConfig`, `AutoModel` and
+`AutoModelForImageTextToText` (and `AutoProcessor` once the processor exists).
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+from .modeling import (
+    VisorCache,
+    VisorConfig,
+    VisorForConditionalGeneration,
+    VisorModel,
+    VisorPreTrainedModel,
+    uniform_layer_layout,
+)
+
+__version__ = "0.1.0"
+
+AutoConfig.register("visor", VisorConfig, exist_ok=True)
+AutoModel.register(VisorConfig, VisorModel, exist_ok=True)
+AutoModelForImageTextToText.register(VisorConfig, VisorForConditionalGeneration, exist_ok=True)
+
+__all__ = [
+    "VisorCache",
+    "VisorConfig",
+    "VisorForConditionalGeneration",
+    "VisorModel",
+    "VisorPreTrainedModel",
+    "uniform_layer_layout",
+]

@@ -1,0 +1,1 @@
+"""Subcommands of the `visor-hf` console script."""

@@ -1,0 +1,25 @@
+"""VISOR model files; this folder also ships to the Hub as remote code (relative imports only)."""
+
+from .cache_visor import VisorCache, VisorState
+from .configuration_visor import VisorConfig, uniform_layer_layout
+from .modeling_visor import (
+    VisorCausalLMOutputWithPast,
+    VisorForConditionalGeneration,
+    VisorModel,
+    VisorModelOutputWithPast,
+    VisorPreTrainedModel,
+    resolve_configuration_request,
+)
+
+__all__ = [
+    "VisorCache",
+    "VisorState",
+    "VisorConfig",
+    "uniform_layer_layout",
+    "VisorCausalLMOutputWithPast",
+    "VisorForConditionalGeneration",
+    "VisorModel",
+    "VisorModelOutputWithPast",
+    "VisorPreTrainedModel",
+    "resolve_configuration_request",
+]

@@ -1,0 +1,143 @@
+"""The layer-sparse KV cache of VISOR.
+
+Every LLM layer keeps its keys/values in the ordinary `DynamicCache` slot of its index, but what a slot
+holds depends on the layer's *layout*, fixed at prefill:
+
+- ``"full"``: an SA layer active for at least one sample of the batch: keys/values of the whole
+  logical sequence (text and visual tokens, in their original order), exactly as LLaVA-OneVision caches them;
+- ``"text"``: every other layer: keys/values of the text tokens only (the compact text stream).
+
+Cross-attention layers also keep the keys/values of the visual tokens, computed once at prefill.
+`VisorState` holds the token bookkeeping that the masks need at every decoding step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+FULL = "full"
+TEXT = "text"
+
+
+@dataclass
+class VisorState:
+    """Per-batch bookkeeping of a VISOR forward, carried from prefill to the decoding steps.
+
+    Tensors have the batch as first dimension so that beam search can reorder them with the cache.
+    """
+
+    # [B, L] which SA layers run for each sample (all False for CA/text layers)
+    active: torch.Tensor
+    # layout ("full" or "text") of every LLM layer, decided at prefill for the whole batch
+    layouts: list[str]
+    # [B, K_text] which cached text-stream slots are real tokens (not padding)
+    text_valid: torch.Tensor
+    # [B, K_full] which cached slots of the full sequence are real tokens (the 2D attention mask)
+    full_valid: torch.Tensor
+    # [B, K_full] which slots of the full sequence are visual tokens
+    full_visual: torch.Tensor
+    # [B, N_vis] which visual-stream slots hold a real visual token
+    visual_valid: torch.Tensor
+    # the SA layers of each sample, as indices (host side, for reporting)
+    configurations: list[tuple[int, ...]]
+    # index into config.configurations for each sample (-1: an explicit layer set outside the list)
+    configuration_index: torch.Tensor
+    # logical length of the sequence seen so far (text and visual tokens, padding included)
+    seq_length: int = 0
+    # cross-attention keys/values per CA layer: (key, value, has_key) with key/value [B, kv_heads, N_vis, head_dim]
+    cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def _batch_tensors(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                yield f.name, value
+
+    def map_batch(self, fn) -> None:
+        """Apply `fn` to every per-sample tensor (and to the cross-attention keys/values)."""
+        for name, value in self._batch_tensors():
+            setattr(self, name, fn(value))
+        self.cross_kv = {layer: (fn(k), fn(v)) for layer, (k, v) in self.cross_kv.items()}
+
+    def select(self, indices: torch.Tensor) -> None:
+        self.map_batch(lambda t: t.index_select(0, indices.to(t.device)))
+        host = indices.tolist()
+        self.configurations = [self.configurations[i] for i in host]
+
+    def repeat_interleave(self, repeats: int) -> None:
+        self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+        self.configurations = [c for c in self.configurations for _ in range(repeats)]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `tokens_to_remove` (text) tokens; they were appended to both layouts."""
+        if tokens_to_remove <= 0:
+            return
+        self.text_valid = self.text_valid[:, :-tokens_to_remove]
+        self.full_valid = self.full_valid[:, :-tokens_to_remove]
+        self.full_visual = self.full_visual[:, :-tokens_to_remove]
+        self.seq_length -= tokens_to_remove
+
+
+class VisorCache(DynamicCache):
+    """`DynamicCache` whose layers hold visual keys/values only where VISOR uses them.
+
+    `get_seq_length()` reports the *logical* length (what `generate` counts), not the length of a text-only slot.
+    """
+
+    visor_state: VisorState | None = None
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self.visor_state is not None:
+            return self.visor_state.seq_length
+        return super().get_seq_length(layer_idx)
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        # masks are sized on what the layer's own slot holds (text only, or the full sequence)
+        if layer_idx < len(self.layers):
+            return self.layers[layer_idx].get_seq_length()
+        return 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        if self.visor_state is not None:
+            # Beams of one sample share its configuration and beam_idx never crosses samples, so the host-side
+            # `configurations` list stays valid; reordering it would need a host sync at every step.
+            self.visor_state.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        if self.visor_state is not None:
+            self.visor_state.repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        if self.visor_state is not None:
+            self.visor_state.select(indices)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.visor_state is not None:
+            self.visor_state.crop(-tokens_to_remove)
+
+    def layer_layout_bytes(self) -> dict[int, int]:
+        """Bytes of keys/values held per LLM layer (self-attention slots only)."""
+        sizes = {}
+        for index, layer in enumerate(self.layers):
+            keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+            sizes[index] = sum(t.numel() * t.element_size() for t in (keys, values) if isinstance(t, torch.Tensor))
+        return sizes
+
+    def cross_attention_bytes(self) -> int:
+        if self.visor_state is None:
+            return 0
+        return sum(t.numel() * t.element_size() for kv in self.visor_state.cross_kv.values() for t in kv)
+
+    def memory_bytes(self) -> int:
+        """Total bytes of cached keys/values (self-attention and cross-attention)."""
+        return sum(self.layer_layout_bytes().values()) + self.cross_attention_bytes()
+
+
+__all__ = ["VisorCache", "VisorState", "FULL", "TEXT"]

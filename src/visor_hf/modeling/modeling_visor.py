@@ -1,0 +1,801 @@
+"""VISOR: LLaVA-OneVision whose LLM meets the visual tokens only at a few layers.
+
+Three kinds of LLM layer (see the configuration):
+- an *active SA layer* runs the stock Qwen2 decoder layer over the whole sequence (text and image, original order);
+- a *CA layer* adds cross-attention from the text to the visual tokens, then runs the decoder layer on the text;
+- every other layer runs the decoder layer on the text tokens only, at their original positions.
+
+The text and the visual tokens live in two compact streams (`[B, N_text, d]` and `[B, N_vis, d]`) so that a
+text-only or CA layer never touches the visual tokens; they are merged back into the original order only for
+active SA layers and for the output.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionModel,
+    LlavaOnevisionMultiModalProjector,
+    LlavaOnevisionPreTrainedModel,
+)
+from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+
+from .cache_visor import FULL, TEXT, VisorCache, VisorState
+from .configuration_visor import VisorConfig
+
+AUTO = "auto"
+
+
+@dataclass
+class VisorModelOutputWithPast(ModelOutput):
+    """Output of [`VisorModel`].
+
+    last_hidden_state: final-normed hidden states in the original sequence order. Visual positions hold the visual
+        tokens' states after the last SA layer that updated them (equal to LLaVA-OV's only in the dense layout).
+    router_logits: `[num_routing_tokens, num_configurations]`, one row per routing token (when the router ran).
+    routing_token_batch_index: the sample each row of `router_logits` belongs to.
+    visor_configurations: the SA layers that ran for each sample.
+    configuration_index: index into `config.configurations` per sample (-1 for a layer set outside the list).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    routing_token_batch_index: torch.Tensor | None = None
+    visor_configurations: list[tuple[int, ...]] | None = None
+    configuration_index: torch.Tensor | None = None
+
+
+@dataclass
+class VisorCausalLMOutputWithPast(ModelOutput):
+    """Output of [`VisorForConditionalGeneration`]; fields as [`VisorModelOutputWithPast`] plus `loss` and `logits`.
+
+    logits: `[B, T, vocab]` like LLaVA-OV's. Text positions are VISOR's predictions; visual positions come from the
+        visual tokens' last states (meaningful only when the last layer is an active SA layer, as in the dense layout).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    routing_token_batch_index: torch.Tensor | None = None
+    visor_configurations: list[tuple[int, ...]] | None = None
+    configuration_index: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token bookkeeping
+
+
+def compact_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-aligned positions of the True entries of each row of `mask` ([B, T]).
+
+    Returns `(index, filled)`, both `[B, N]` with `N` the largest row count; empty slots (on the left) hold `T`,
+    one past the end, so that scattering them lands in a dummy column.
+    """
+    batch, length = mask.shape
+    counts = mask.sum(1)
+    width = int(counts.max()) if batch and length else 0  # one host sync, at prefill only
+    slot = mask.long().cumsum(1) - 1 + (width - counts)[:, None]
+    slot = torch.where(mask, slot, width)
+    positions = torch.arange(length, device=mask.device).expand(batch, length)
+    index = torch.full((batch, width + 1), length, dtype=torch.long, device=mask.device)
+    index = index.scatter(1, slot, positions)[:, :width]
+    return index, index < length
+
+
+def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`states[b, index[b, i]]` for `[B, T, ...]` states; out-of-range (empty) slots read position T-1."""
+    index = index.clamp(max=max(states.shape[1] - 1, 0))
+    if states.dim() == 2:
+        return states.gather(1, index)
+    return states.gather(1, index[..., None].expand(-1, -1, *states.shape[2:]))
+
+
+def merge_streams(text: torch.Tensor, text_index: torch.Tensor, visual: torch.Tensor, visual_index: torch.Tensor, length: int) -> torch.Tensor:
+    """Put the text and visual streams back into the original order ([B, length, d])."""
+    batch, _, hidden = text.shape
+    merged = text.new_zeros(batch, length + 1, hidden)
+    merged = merged.scatter(1, text_index[..., None].expand(-1, -1, hidden), text)
+    merged = merged.scatter(1, visual_index[..., None].expand(-1, -1, hidden), visual)
+    return merged[:, :length]
+
+
+def to_attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean `[B, Q, K]` (True = attend) to the 4D mask the attention implementation takes."""
+    allowed = allowed[:, None]
+    if implementation == "eager":
+        return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def block_keys(mask: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """Forbid the keys `blocked` ([B, K]) in a 4D mask from `create_causal_mask` (bool or additive float)."""
+    blocked = blocked[:, None, None, :]
+    if mask.dtype == torch.bool:
+        mask = mask & ~blocked
+        # a row that sees nothing would give NaN in some SDPA kernels; its output is discarded anyway
+        return mask | ~mask.any(-1, keepdim=True)
+    return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class VisorConvPositionEmbedding(nn.Module):
+    """Conditional position embedding of the visual tokens: `v + DepthwiseConv1d(v)` (kernel 7, padding 3).
+
+    The convolution runs per image: neighbours from another image or from padding count as zero padding.
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int = 7):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"position_embedding_kernel_size must be odd, got {kernel_size}")
+        self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, padding=kernel_size // 2, groups=hidden_size)
+
+    def forward(self, visual: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """`visual` [B, N, d]; `segments` [B, N] image id of each slot (-1 for an empty slot)."""
+        half = self.conv.kernel_size[0] // 2
+        weight = self.conv.weight[:, 0, :]  # [d, kernel]
+        out = visual + self.conv.bias
+        length = visual.shape[1]
+        for offset in range(-half, half + 1):
+            if abs(offset) >= length:
+                continue
+            if offset == 0:
+                neighbour, same = visual, segments >= 0
+            elif offset > 0:
+                neighbour = nn.functional.pad(visual[:, offset:], (0, 0, 0, offset))
+                same = nn.functional.pad(segments[:, offset:], (0, offset), value=-2) == segments
+            else:
+                neighbour = nn.functional.pad(visual[:, :offset], (0, 0, -offset, 0))
+                same = nn.functional.pad(segments[:, :offset], (-offset, 0), value=-2) == segments
+            out = out + neighbour * same[..., None].to(visual.dtype) * weight[:, offset + half]
+        return out
+
+
+class VisorCrossAttention(nn.Module):
+    """Text queries, visual keys/values; grouped-query attention with the LLM's head layout, no RoPE."""
+
+    def __init__(self, config, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=True)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=True)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=True)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def project_visual(self, visual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (*visual.shape[:-1], -1, self.head_dim)
+        return self.k_proj(visual).view(shape).transpose(1, 2), self.v_proj(visual).view(shape).transpose(1, 2)
+
+    def forward(self, hidden_states, key_states, value_states, attention_mask) -> torch.Tensor:
+        input_shape = hidden_states.shape[:-1]
+        query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
+        implementation = self.config._attn_implementation
+        # a cross-attention mask is arbitrary: implementations without explicit masks fall back to SDPA
+        if implementation not in ("eager", "sdpa"):
+            implementation = "sdpa"
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        output, _ = interface(
+            self,
+            query,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return self.o_proj(output.reshape(*input_shape, -1).contiguous())
+
+
+class VisorCrossAttentionBlock(GradientCheckpointingLayer):
+    """`t = t + CrossAttn(norm(t), pos(v))`, run before the host layer's text-only pass."""
+
+    def __init__(self, config: VisorConfig, layer_idx: int):
+        super().__init__()
+        text_config = config.text_config
+        self.input_layernorm = Qwen2RMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+        self.visual_layernorm = Qwen2RMSNorm(text_config.hidden_size, eps=text_config.rms_norm_eps)
+        self.position_embedding = VisorConvPositionEmbedding(text_config.hidden_size, config.position_embedding_kernel_size)
+        self.cross_attn = VisorCrossAttention(text_config, layer_idx)
+
+    def visual_key_values(self, visual: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.cross_attn.project_visual(self.visual_layernorm(self.position_embedding(visual, segments)))
+
+    def forward(self, text, key_states, value_states, attention_mask, has_key) -> torch.Tensor:
+        attended = self.cross_attn(self.input_layernorm(text), key_states, value_states, attention_mask)
+        # a text token that sees no visual token gets nothing added (not an average over masked keys)
+        return text + attended * has_key
+
+
+class VisorRouter(nn.Module):
+    """MLP that reads the routing token's hidden state and scores each configuration."""
+
+    def __init__(self, config: VisorConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        width = config.router_hidden_size or max(hidden // 4, 8)
+        self.norm = Qwen2RMSNorm(hidden, eps=config.text_config.rms_norm_eps)
+        self.fc1 = nn.Linear(hidden, width)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(width, len(config.configurations))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configuration requests
+
+
+def resolve_configuration_request(config: VisorConfig, value, batch_size: int, has_router: bool) -> list:
+    """Turn `visor_configuration=` into one entry per sample: a tuple of SA layers, or "auto" (ask the router).
+
+    - `None`: "auto" when the model has a router, else the default configuration;
+    - `int`: index into `config.configurations`; a list of ints: an explicit set of SA layers; `"max"`: all of them;
+    - per sample: a 1-D integer tensor of configuration indices, or a list (one entry per sample) whose entries
+      are lists, ints or strings. A plain list of ints is never per-sample.
+    """
+    if value is None:
+        value = AUTO
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 1 or value.dtype in (torch.bool,) or value.is_floating_point():
+            raise ValueError(f"a visor_configuration tensor must be a 1-D integer tensor of configuration indices, got {tuple(value.shape)} {value.dtype}")
+        per_sample = value.tolist()
+    elif isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple, str, torch.Tensor)) for v in value):
+        per_sample = list(value)
+    else:
+        return [_resolve_one(config, value, has_router)] * batch_size
+    if len(per_sample) != batch_size:
+        raise ValueError(f"visor_configuration has {len(per_sample)} per-sample entries for a batch of {batch_size}")
+    return [_resolve_one(config, v, has_router) for v in per_sample]
+
+
+def _resolve_one(config: VisorConfig, value, has_router: bool):
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, str):
+        if value == AUTO:
+            return AUTO if has_router else tuple(config.default_layers())
+        if value == "max":
+            return tuple(config.self_attention_layers)
+        raise ValueError(f"unknown visor_configuration {value!r}: use 'auto', 'max', an index or a list of SA layers")
+    if isinstance(value, bool):
+        raise TypeError("visor_configuration must not be a bool")
+    if isinstance(value, int):
+        if not 0 <= value < len(config.configurations):
+            raise ValueError(f"unknown configuration index {value}: the model has {len(config.configurations)} configurations (0..{len(config.configurations) - 1})")
+        return tuple(config.configurations[value])
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise TypeError(f"a configuration given as a list must hold SA-layer indices (ints), got {value!r}")
+        extra = sorted(set(value) - set(config.self_attention_layers))
+        if extra:
+            raise ValueError(f"layers {extra} are not SA layers of this model (self_attention_layers = {config.self_attention_layers})")
+        return tuple(sorted(set(value)))
+    raise TypeError(f"unsupported visor_configuration {value!r}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
+    config_class = VisorConfig
+    config: VisorConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "VisorCrossAttentionBlock"]
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _can_compile_fullgraph = False
+    _can_record_outputs = {}
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, VisorConvPositionEmbedding):
+            # starts as the identity, so a freshly added CA block sees exactly the visual states
+            nn.init.zeros_(module.conv.weight)
+            nn.init.zeros_(module.conv.bias)
+
+
+class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
+    """LLaVA-OneVision's vision tower, projector and LLM, plus VISOR's cross-attention blocks and router."""
+
+    def __init__(self, config: VisorConfig):
+        VisorPreTrainedModel.__init__(self, config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = LlavaOnevisionMultiModalProjector(config)
+        embed_std = 1 / config.text_config.hidden_size**0.5
+        self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
+        self.vocab_size = config.text_config.vocab_size
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.cross_attention_blocks = nn.ModuleDict(
+            {str(layer): VisorCrossAttentionBlock(config, layer) for layer in config.cross_attention_layers}
+        )
+        self.router = VisorRouter(config) if config.router_layer is not None else None
+        self.post_init()
+
+    # -- visual features -----------------------------------------------------------------------------------------
+
+    def _embed_visual(self, input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs):
+        """Scatter image/video features into the embeddings; return the visual mask and an image id per token."""
+        visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        segment_lengths = []
+        image_features = None
+        if pixel_values is not None:
+            features = self.get_image_features(pixel_values, image_sizes, return_dict=True, **vision_kwargs["image"]).pooler_output
+            segment_lengths += [f.shape[0] for f in features]
+            image_features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
+            visual_mask |= image_mask[..., 0]
+        if pixel_values_videos is not None:
+            video = self.get_video_features(pixel_values_videos, return_dict=True, **vision_kwargs["video"]).pooler_output
+            segment_lengths += [video.shape[1]] * video.shape[0]
+            video_features = video.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
+            _, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, video_features=video_features)
+            inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_features)
+            if pixel_values is not None:
+                segment_lengths = []  # images and videos interleave: fall back to contiguous runs below
+            visual_mask |= video_mask[..., 0]
+        if pixel_values is None and pixel_values_videos is None and input_ids is not None:
+            placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+            if placeholders.any():
+                raise ValueError(
+                    f"input_ids hold {int(placeholders.sum())} image/video placeholder tokens but no pixel_values were given"
+                )
+        segments = torch.full(visual_mask.shape, -1, dtype=torch.long, device=visual_mask.device)
+        if segment_lengths:
+            ids = torch.arange(len(segment_lengths), device=visual_mask.device)
+            lengths = torch.tensor(segment_lengths, device=visual_mask.device)
+            segments[visual_mask] = ids.repeat_interleave(lengths)
+        else:
+            starts = visual_mask & ~nn.functional.pad(visual_mask[:, :-1], (1, 0), value=False)
+            segments = torch.where(visual_mask, starts.flatten().cumsum(0).view_as(visual_mask), segments)
+        return inputs_embeds, visual_mask, segments, image_features
+
+    # -- routing ---------------------------------------------------------------------------------------------------
+
+    def _router_logits(self, text_states, text_ids, text_filled):
+        """Router scores for every routing token in the text stream: (logits [N, C], sample index [N])."""
+        token_id = self.config.routing_token_id
+        if self.router is None or token_id is None or text_ids is None:
+            return None, None
+        is_routing = (text_ids == token_id) & text_filled
+        batch_index = is_routing.nonzero()[:, 0]
+        return self.router(text_states[is_routing]), batch_index
+
+    def _route(self, router_logits, batch_index, batch_size) -> list[int]:
+        """Configuration index per sample; the most expensive prediction of a sample's routing tokens wins
+        (ties: the higher index). -1 where a sample has no routing token."""
+        count = len(self.config.configurations)
+        if router_logits is None or router_logits.shape[0] == 0:
+            return [-1] * batch_size
+        cost = torch.tensor([len(c) for c in self.config.configurations], device=router_logits.device)
+        predicted = router_logits.argmax(-1)
+        score = cost[predicted] * count + predicted
+        best = torch.full((batch_size,), -1, dtype=score.dtype, device=score.device)
+        best = best.scatter_reduce(0, batch_index, score, reduce="amax", include_self=True)
+        return torch.where(best >= 0, best % count, -1).tolist()  # one host sync per prefill
+
+    # -- forward ---------------------------------------------------------------------------------------------------
+
+    @merge_with_config_defaults
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_sizes_videos: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        visor_configuration=None,
+        output_hidden_states: bool | None = None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> VisorModelOutputWithPast:
+        r"""
+        visor_configuration (`int`, `list[int]`, `str`, per-sample list or 1-D tensor, *optional*):
+            Which SA layers run: see [`resolve_configuration_request`]. Read at prefill only; with a cache the
+            decision taken at prefill holds for the whole generation.
+        output_router_logits (`bool`, *optional*):
+            Return the router's scores for every routing token even when no sample asks the router.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
+            raise ValueError("VISOR builds its own masks: pass a 2D attention_mask (batch, sequence) or None")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+
+        if past_key_values is not None and not isinstance(past_key_values, VisorCache):
+            if past_key_values.get_seq_length() > 0:
+                raise ValueError(f"VISOR needs a VisorCache; got a filled {type(past_key_values).__name__}")
+            past_key_values = None
+            use_cache = True
+        if use_cache and past_key_values is None:
+            past_key_values = VisorCache(config=self.config.text_config)
+        cache = past_key_values if use_cache else None
+        state = cache.visor_state if cache is not None else None
+
+        if state is None:
+            vision_kwargs = {
+                "image": {
+                    "vision_feature_layer": vision_feature_layer,
+                    "vision_feature_select_strategy": vision_feature_select_strategy,
+                    "batch_num_images": batch_num_images,
+                },
+                "video": {
+                    "vision_feature_layer": vision_feature_layer,
+                    "vision_feature_select_strategy": vision_feature_select_strategy,
+                },
+            }
+            if vision_aspect_ratio is not None:
+                vision_kwargs["image"]["vision_aspect_ratio"] = vision_aspect_ratio
+            return self._prefill(
+                input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs,
+                attention_mask, position_ids, cache, visor_configuration, output_hidden_states, output_router_logits,
+                kwargs,
+            )
+        if pixel_values is not None or pixel_values_videos is not None:
+            raise ValueError("images must be given in the first forward (prefill); this cache already holds a prompt")
+        return self._decode(inputs_embeds, attention_mask, position_ids, cache, output_hidden_states, kwargs)
+
+    def _prefill(
+        self, input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs,
+        attention_mask, position_ids, cache, visor_configuration, output_hidden_states, output_router_logits, kwargs,
+    ) -> VisorModelOutputWithPast:
+        config = self.config
+        batch, length = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        inputs_embeds, visual_mask, segments, image_features = self._embed_visual(
+            input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs
+        )
+        if position_ids is None:
+            position_ids = torch.arange(length, device=device)[None]
+        position_ids = position_ids.expand(batch, -1)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual_mask)
+
+        text_index, text_filled = compact_indices(~visual_mask)
+        visual_index, visual_filled = compact_indices(visual_mask)
+        has_visual = visual_index.shape[1] > 0
+        text = gather_tokens(inputs_embeds, text_index)
+        visual = gather_tokens(inputs_embeds, visual_index)
+        text_valid = text_filled & gather_tokens(valid, text_index)
+        text_positions = gather_tokens(position_ids, text_index)
+        text_ids = gather_tokens(input_ids, text_index) if input_ids is not None else None
+        visual_segments = torch.where(visual_filled, gather_tokens(segments, visual_index), -1)
+
+        requests = resolve_configuration_request(config, visor_configuration, batch, self.router is not None)
+        num_layers = config.text_config.num_hidden_layers
+        router_layer = config.router_layer if self.router is not None else None
+        pending = [i for i, r in enumerate(requests) if r == AUTO]
+        if pending:
+            # until the router decides, an "auto" sample runs the SA layers that every configuration holds
+            provisional = tuple(sorted(set.intersection(*(set(c) for c in config.configurations))))
+            layer_sets = [provisional if r == AUTO else r for r in requests]
+        else:
+            layer_sets = list(requests)
+
+        text_rotary = self.language_model.rotary_emb(text, text_positions)
+        full_rotary = self.language_model.rotary_emb(inputs_embeds, position_ids) if has_visual else None
+        text_mask = create_causal_mask(
+            config=config.text_config, inputs_embeds=text, attention_mask=text_valid,
+            past_key_values=cache, position_ids=text_positions, layer_idx=0,
+        )
+        full_masks = {}  # causal masks of the full sequence, built on first use (materialized or not)
+
+        def full_mask(materialize: bool):
+            if materialize not in full_masks:
+                full_masks[materialize] = create_causal_mask(
+                    config=config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                    past_key_values=cache, position_ids=position_ids, layer_idx=0, allow_is_causal_skip=not materialize,
+                )
+            return full_masks[materialize]
+
+        cross_mask = has_key = None
+        if has_visual and config.cross_attention_layers:
+            # text token i sees visual token j only if j comes before i in the original sequence
+            allowed = visual_filled[:, None, :] & (visual_index[:, None, :] < text_index[:, :, None])
+            has_key = allowed.any(-1, keepdim=True)
+            cross_mask = to_attention_mask(allowed | ~has_key, config.text_config._attn_implementation, text.dtype)
+            has_key = has_key.to(text.dtype)
+
+        state = VisorState(
+            active=torch.zeros(batch, num_layers, dtype=torch.bool, device=device),
+            layouts=[TEXT] * num_layers,
+            text_valid=text_valid,
+            full_valid=valid,
+            full_visual=visual_mask,
+            visual_valid=visual_filled,
+            configurations=[],
+            configuration_index=torch.full((batch,), -1, dtype=torch.long, device=device),
+            seq_length=length,
+        )
+        router_logits = routing_batch_index = None
+        hidden_states_out = () if output_hidden_states else None
+        if output_hidden_states:
+            hidden_states_out += (inputs_embeds,)
+
+        for layer_idx, decoder_layer in enumerate(self.language_model.layers[:num_layers]):
+            block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
+            if block is not None and cross_mask is not None:
+                key_states, value_states = block.visual_key_values(visual, visual_segments)
+                state.cross_kv[layer_idx] = (key_states, value_states)
+                text = block(text, key_states, value_states, cross_mask, has_key)
+
+            runs = [layer_idx in layers for layers in layer_sets]
+            if has_visual and any(runs):
+                state.layouts[layer_idx] = FULL
+                merged = merge_streams(text, text_index, visual, visual_index, length)
+                if all(runs):
+                    mask = full_mask(materialize=False)
+                else:
+                    inactive = torch.tensor([not r for r in runs], device=device)
+                    mask = block_keys(full_mask(materialize=True), visual_mask & inactive[:, None])
+                merged = decoder_layer(
+                    merged, attention_mask=mask, position_embeddings=full_rotary, position_ids=position_ids,
+                    past_key_values=cache, use_cache=cache is not None, **kwargs,
+                )
+                text = gather_tokens(merged, text_index)
+                updated = gather_tokens(merged, visual_index)
+                if all(runs):
+                    visual = updated
+                else:
+                    visual = torch.where(~inactive[:, None, None], updated, visual)
+            else:
+                text = decoder_layer(
+                    text, attention_mask=text_mask, position_embeddings=text_rotary, position_ids=text_positions,
+                    past_key_values=cache, use_cache=cache is not None, **kwargs,
+                )
+            if output_hidden_states:
+                hidden_states_out += (merge_streams(text, text_index, visual, visual_index, length),)
+
+            if layer_idx == router_layer and (pending or output_router_logits):
+                router_logits, routing_batch_index = self._router_logits(text, text_ids, text_filled)
+                if pending:
+                    chosen = self._route(router_logits, routing_batch_index, batch)
+                    fallback = tuple(config.default_layers())
+                    for i in pending:
+                        layer_sets[i] = tuple(config.configurations[chosen[i]]) if chosen[i] >= 0 else fallback
+                    pending = []
+
+        if pending:  # the router never ran (no router layer reached): fall back to the default configuration
+            for i in pending:
+                layer_sets[i] = tuple(config.default_layers())
+        self._record_configurations(state, layer_sets)
+        hidden = merge_streams(text, text_index, visual, visual_index, length) if has_visual else text
+        if not has_visual and text.shape[1] != length:
+            hidden = merge_streams(text, text_index, visual, visual_index, length)
+        hidden = self.language_model.norm(hidden)
+        if cache is not None:
+            cache.visor_state = state
+        return VisorModelOutputWithPast(
+            last_hidden_state=hidden,
+            past_key_values=cache,
+            hidden_states=hidden_states_out,
+            image_hidden_states=image_features,
+            router_logits=router_logits,
+            routing_token_batch_index=routing_batch_index,
+            visor_configurations=state.configurations,
+            configuration_index=state.configuration_index,
+        )
+
+    def _record_configurations(self, state: VisorState, layer_sets) -> None:
+        known = {tuple(c): i for i, c in enumerate(self.config.configurations)}
+        state.configurations = [tuple(s) for s in layer_sets]
+        rows = [[layer in s for layer in range(state.active.shape[1])] for s in layer_sets]
+        device = state.active.device
+        state.active = torch.tensor(rows, dtype=torch.bool, device=device).reshape(state.active.shape)
+        state.configuration_index = torch.tensor([known.get(tuple(s), -1) for s in layer_sets], device=device)
+
+    def _decode(self, inputs_embeds, attention_mask, position_ids, cache, output_hidden_states, kwargs):
+        """A step after prefill: every new token is text, whatever its id."""
+        state = cache.visor_state
+        batch, new = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if position_ids is None:
+            position_ids = torch.arange(state.seq_length, state.seq_length + new, device=device)[None]
+        position_ids = position_ids.expand(batch, -1)
+        if attention_mask is not None:
+            if attention_mask.shape[1] != state.seq_length + new:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens; the cache holds {state.seq_length} and "
+                    f"{new} are new: pass the mask of the whole sequence"
+                )
+            new_valid = attention_mask[:, -new:].bool()
+        else:
+            new_valid = torch.ones(batch, new, dtype=torch.bool, device=device)
+        state.text_valid = torch.cat([state.text_valid, new_valid], dim=1)
+        state.full_valid = torch.cat([state.full_valid, new_valid], dim=1)
+        state.full_visual = torch.cat([state.full_visual, torch.zeros_like(new_valid)], dim=1)
+        state.seq_length += new
+
+        text = inputs_embeds
+        rotary = self.language_model.rotary_emb(text, position_ids)
+        layouts = state.layouts
+        masks = {}
+        for layout in set(layouts):
+            layer = layouts.index(layout)
+            masks[layout] = create_causal_mask(
+                config=self.config.text_config, inputs_embeds=text,
+                attention_mask=state.full_valid if layout == FULL else state.text_valid,
+                past_key_values=cache, position_ids=position_ids, layer_idx=layer,
+                allow_is_causal_skip=layout == TEXT,
+            )
+        cross_mask = has_key = None
+        if state.cross_kv:
+            allowed = state.visual_valid[:, None, :].expand(-1, new, -1)
+            has_key = allowed.any(-1, keepdim=True)
+            cross_mask = to_attention_mask(allowed | ~has_key, self.config.text_config._attn_implementation, text.dtype)
+            has_key = has_key.to(text.dtype)
+        hidden_states_out = (text,) if output_hidden_states else None
+
+        for layer_idx, decoder_layer in enumerate(self.language_model.layers[: len(layouts)]):
+            if layer_idx in state.cross_kv:
+                key_states, value_states = state.cross_kv[layer_idx]
+                text = self.cross_attention_blocks[str(layer_idx)](text, key_states, value_states, cross_mask, has_key)
+            mask = masks[layouts[layer_idx]]
+            if layouts[layer_idx] == FULL:
+                # samples for which this layer is off must not see the visual keys it cached
+                mask = block_keys(mask, state.full_visual & ~state.active[:, layer_idx : layer_idx + 1])
+            text = decoder_layer(
+                text, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids,
+                past_key_values=cache, use_cache=True, **kwargs,
+            )
+            if output_hidden_states:
+                hidden_states_out += (text,)
+        return VisorModelOutputWithPast(
+            last_hidden_state=self.language_model.norm(text),
+            past_key_values=cache,
+            hidden_states=hidden_states_out,
+            visor_configurations=state.configurations,
+            configuration_index=state.configuration_index,
+        )
+
+
+class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+
+    def __init__(self, config: VisorConfig):
+        super().__init__(config)
+        self.model = VisorModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(self, pixel_values, image_sizes, **kwargs):
+        return self.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, **kwargs)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_sizes_videos: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        visor_configuration=None,
+        output_router_logits: bool | None = None,
+        **kwargs,
+    ) -> VisorCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels as LLaVA-OneVision takes them (`-100` is ignored).
+        visor_configuration:
+            Which SA layers run (index, list of layers, `"max"`, `"auto"`, or one entry per sample).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            image_sizes=image_sizes,
+            pixel_values_videos=pixel_values_videos,
+            image_sizes_videos=image_sizes_videos,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy,
+            vision_aspect_ratio=vision_aspect_ratio,
+            batch_num_images=batch_num_images,
+            use_cache=use_cache,
+            visor_configuration=visor_configuration,
+            output_router_logits=output_router_logits,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        return VisorCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            image_hidden_states=outputs.image_hidden_states,
+            router_logits=outputs.router_logits,
+            routing_token_batch_index=outputs.routing_token_batch_index,
+            visor_configurations=outputs.visor_configurations,
+            configuration_index=outputs.configuration_index,
+        )
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, VisorCache) and cache.get_seq_length() == 0:
+            model_kwargs["past_key_values"] = VisorCache(config=self.config.text_config)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        request = model_kwargs.get("visor_configuration")
+        if expand_size > 1 and isinstance(request, (list, tuple)) and any(
+            isinstance(v, (list, tuple, str, torch.Tensor)) for v in request
+        ):
+            # a per-sample request follows its sample into the beams / returned sequences
+            model_kwargs["visor_configuration"] = [v for v in request for _ in range(expand_size)]
+        return input_ids, model_kwargs
+
+
+__all__ = [
+    "VisorPreTrainedModel",
+    "VisorModel",
+    "VisorForConditionalGeneration",
+    "VisorModelOutputWithPast",
+    "VisorCausalLMOutputWithPast",
+]

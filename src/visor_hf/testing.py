@@ -1,0 +1,198 @@
+"""Tiny random LLaVA-OneVision and VISOR models for tests, examples and downstream code (no download).
+
+Everything here is built in memory: a SigLIP tower of a few thousand parameters, a Qwen2 LLM with a handful of
+layers, the PIL image processor and a word-level tokenizer whose vocabulary is given in full.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+from .modeling import VisorConfig, VisorForConditionalGeneration
+
+IMAGE_SIZE = 16
+PATCH_SIZE = 4
+GRID_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
+
+# Word-level vocabulary of the tiny tokenizer; ids follow the list order.
+SPECIAL_TOKENS = ["<pad>", "<|im_start|>", "<|im_end|>", "<image>", "<video>", "<route>"]
+WORDS = (
+    "user assistant system what is the colour of background shape in row column how many are there any red green "
+    "blue yellow white black circle square triangle empty yes no zero one two three four five six seven eight nine "
+    "a an picture image describe this ? . , : \n"
+).split(" ")
+VOCAB = SPECIAL_TOKENS + [w for w in WORDS if w]
+PAD_ID, IM_START_ID, IM_END_ID, IMAGE_ID, VIDEO_ID, ROUTE_ID = range(6)
+
+
+def tiny_llava_config(num_layers: int = 6, vocab_size: int | None = None, **text_overrides) -> LlavaOnevisionConfig:
+    """A LLaVA-OneVision config with a 16-px SigLIP tower (patch 4) and a small Qwen2 (hidden 32)."""
+    text_config = {
+        "model_type": "qwen2",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab_size or len(VOCAB) + 8,  # spare rows, as real checkpoints have
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": False,
+        "pad_token_id": PAD_ID,
+    }
+    text_config.update(text_overrides)
+    vision_config = {
+        "model_type": "siglip_vision_model",
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": IMAGE_SIZE,
+        "patch_size": PATCH_SIZE,
+        "vision_use_head": False,
+    }
+    return LlavaOnevisionConfig(
+        text_config=text_config,
+        vision_config=vision_config,
+        image_token_index=IMAGE_ID,
+        video_token_index=VIDEO_ID,
+        image_grid_pinpoints=GRID_PINPOINTS,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+
+
+def tiny_llava(seed: int = 0, attn_implementation: str = "eager", **config_kwargs) -> LlavaOnevisionForConditionalGeneration:
+    """A random tiny `LlavaOnevisionForConditionalGeneration` in float32 and eval mode."""
+    torch.manual_seed(seed)
+    config = tiny_llava_config(**config_kwargs)
+    model = LlavaOnevisionForConditionalGeneration._from_config(config, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def visor_config_from_llava(llava_config: LlavaOnevisionConfig, **layout) -> VisorConfig:
+    """A `VisorConfig` holding the LLaVA-OV config's fields plus the given layout (default: dense)."""
+    fields = llava_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        fields.pop(key, None)
+    fields.update(layout)
+    return VisorConfig(**fields)
+
+
+def visor_from_llava(llava: LlavaOnevisionForConditionalGeneration, attn_implementation: str | None = None, **layout) -> VisorForConditionalGeneration:
+    """Copy a LLaVA-OV model's weights into a VISOR model with the given layout (default: dense).
+
+    New modules start from the library's documented warm start (see `visor_hf.conversion`): each cross-attention
+    block from its host layer's attention and input norm, the conv position embedding at zero (identity).
+    """
+    from .conversion import warm_start_new_modules
+
+    config = visor_config_from_llava(llava.config, **layout)
+    implementation = attn_implementation or llava.config.text_config._attn_implementation
+    visor = VisorForConditionalGeneration._from_config(config, attn_implementation=implementation)
+    missing, unexpected = visor.load_state_dict(llava.state_dict(), strict=False)
+    if unexpected:
+        raise ValueError(f"LLaVA-OV weights with no place in VISOR: {unexpected}")
+    warm_start_new_modules(visor)
+    return visor.to(llava.dtype).eval()
+
+
+def tiny_visor(seed: int = 0, attn_implementation: str = "eager", num_layers: int = 6, **layout) -> VisorForConditionalGeneration:
+    """A tiny VISOR model converted from a random tiny LLaVA-OV (default layout: CA 1, 4; SA 0, 2, 3, 5)."""
+    layout = dict(layout)
+    layout.setdefault("cross_attention_layers", [1, 4])
+    layout.setdefault("self_attention_layers", [0, 2, 3, 5])
+    layout.setdefault("configurations", [[0], [0, 3], [0, 2, 3, 5]])
+    layout.setdefault("router_layer", 1)
+    layout.setdefault("routing_token_id", ROUTE_ID)
+    return visor_from_llava(tiny_llava(seed, attn_implementation, num_layers=num_layers), **layout)
+
+
+def tiny_image_processor() -> LlavaOnevisionImageProcessorPil:
+    return LlavaOnevisionImageProcessorPil(
+        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        image_grid_pinpoints=GRID_PINPOINTS,
+        do_convert_rgb=True,
+    )
+
+
+def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def count_image_tokens(model, pixel_values: torch.Tensor, image_sizes: torch.Tensor) -> list[int]:
+    """Number of placeholder tokens each image expands to, measured on the model's own feature extractor."""
+    with torch.no_grad():
+        features = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
+    return [f.shape[0] for f in features]
+
+
+def build_batch(model, samples: list[dict], padding_side: str = "left", seed: int = 0) -> dict:
+    """Model inputs for a batch of samples, each `{"text": [ids or "<image>"...], "images": [(h, w), ...]}`.
+
+    `"<image>"` items in the text are expanded to the right number of image tokens; images are random pictures of
+    the given sizes, seeded by `sample["seed"]` (default: its index in the batch). Shorter samples are padded on `padding_side`.
+    """
+    processor = tiny_image_processor()
+    rows, pixel_list, size_list = [], [], []
+    for index, sample in enumerate(samples):
+        image_seed = seed * 1000 + sample.get("seed", index) * 10
+        images = [random_image(h, w, seed=image_seed + k) for k, (h, w) in enumerate(sample.get("images", []))]
+        counts = []
+        if images:
+            processed = processor(images, return_tensors="pt")
+            counts = count_image_tokens(model, processed["pixel_values"], processed["image_sizes"])
+            pixel_list.extend(processed["pixel_values"])
+            size_list.extend(processed["image_sizes"])
+        ids, next_image = [], 0
+        for item in sample["text"]:
+            if item == "<image>":
+                ids += [IMAGE_ID] * counts[next_image]
+                next_image += 1
+            else:
+                ids.append(item)
+        if next_image != len(images):
+            raise ValueError(f"sample {index} has {len(images)} images but {next_image} <image> markers")
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        if padding_side == "left":
+            input_ids[i, width - len(ids) :] = torch.tensor(ids)
+            attention_mask[i, width - len(ids) :] = 1
+        else:
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            attention_mask[i, : len(ids)] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+    if pixel_list:
+        patches = max(p.shape[0] for p in pixel_list)
+        pixel_values = torch.zeros((len(pixel_list), patches, *pixel_list[0].shape[1:]))
+        for i, p in enumerate(pixel_list):
+            pixel_values[i, : p.shape[0]] = p
+        batch["pixel_values"] = pixel_values
+        batch["image_sizes"] = torch.stack([torch.as_tensor(s) for s in size_list])
+    return batch
+
+
+def word_ids(text: str) -> list[int]:
+    """Ids of space-separated words of the tiny vocabulary."""
+    return [VOCAB.index(w) for w in text.split()]
+
+
+__all__ = [
+    "tiny_llava_config",
+    "tiny_llava",
+    "tiny_visor",
+    "visor_config_from_llava",
+    "visor_from_llava",
+    "tiny_image_processor",
+    "random_image",
+    "build_batch",
+    "word_ids",
+    "VOCAB",
+]
