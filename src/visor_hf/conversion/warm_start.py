@@ -26,5 +26,5 @@ def warm_start_new_modules(model: VisorForConditionalGeneration) -> None:
                 target.bias.copy_(source.bias)
         block.input_layernorm.weight.copy_(host.input_layernorm.weight)
         block.visual_layernorm.weight.copy_(host.input_layernorm.weight)
-        block.position_embedding.conv.weight.zero_()
-        block.position_embedding.conv.bias.zero_()
+        block.position_embedding.weight.zero_()
+        block.position_embedding.bias.zero_()

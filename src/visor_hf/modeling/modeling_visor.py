@@ -150,13 +150,15 @@ class VisorConvPositionEmbedding(nn.Module):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f"position_embedding_kernel_size must be odd, got {kernel_size}")
-        self.conv = nn.Conv1d(hidden_size, hidden_size, kernel_size, padding=kernel_size // 2, groups=hidden_size)
+        # the parameters of `nn.Conv1d(d, d, kernel_size, padding=kernel_size // 2, groups=d)`
+        self.weight = nn.Parameter(torch.zeros(hidden_size, 1, kernel_size))
+        self.bias = nn.Parameter(torch.zeros(hidden_size))
 
     def forward(self, visual: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """`visual` [B, N, d]; `segments` [B, N] image id of each slot (-1 for an empty slot)."""
-        half = self.conv.kernel_size[0] // 2
-        weight = self.conv.weight[:, 0, :]  # [d, kernel]
-        out = visual + self.conv.bias
+        half = self.weight.shape[-1] // 2
+        weight = self.weight[:, 0, :]  # [d, kernel]
+        out = visual + self.bias
         length = visual.shape[1]
         for offset in range(-half, half + 1):
             if abs(offset) >= length:
@@ -322,8 +324,8 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, VisorConvPositionEmbedding):
             # starts as the identity, so a freshly added CA block sees exactly the visual states
-            nn.init.zeros_(module.conv.weight)
-            nn.init.zeros_(module.conv.bias)
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):

@@ -1,0 +1,415 @@
+"""Core semantics of VisorForConditionalGeneration against independent references.
+
+References: transformers' own LlavaOnevisionForConditionalGeneration (dense equivalence), its Qwen2 LLM run on
+the text alone, and `reference_text_logits` below, a direct per-sample transcription of DESIGN.md section 2 that
+keeps the whole sequence in its original order and uses plain tensor maths for the cross-attention.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+import visor_hf  # noqa: F401  (registers the Auto classes)
+from visor_hf import VisorConfig, VisorForConditionalGeneration, VisorModel
+from visor_hf.testing import (
+    IMAGE_ID,
+    ROUTE_ID,
+    build_batch,
+    tiny_llava,
+    tiny_visor,
+    visor_from_llava,
+    word_ids,
+)
+
+LAYOUT = {
+    "cross_attention_layers": [1, 4],
+    "self_attention_layers": [0, 2, 3, 5],
+    "configurations": [[0], [0, 3], [0, 2, 3, 5]],
+    "router_layer": 1,
+    "routing_token_id": ROUTE_ID,
+}
+
+ONE_IMAGE = {"text": [*word_ids("user"), "<image>", *word_ids("what is the colour of background ?")], "images": [(16, 16)], "seed": 0}
+ANYRES = {"text": ["<image>", *word_ids("describe this picture .")], "images": [(20, 40)], "seed": 1}
+TWO_IMAGES = {
+    "text": [*word_ids("what is this ?"), "<image>", *word_ids("a picture"), "<image>", *word_ids("? yes")],
+    "images": [(16, 16), (40, 24)],
+    "seed": 2,
+}
+TEXT_ONLY = {"text": word_ids("how many red circle are there ?"), "seed": 3}
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return tiny_llava(seed=0)
+
+
+@pytest.fixture(scope="module")
+def dense(llava):
+    return visor_from_llava(llava)
+
+
+@pytest.fixture(scope="module")
+def visor(llava):
+    return visor_from_llava(llava, **LAYOUT)
+
+
+def _text_positions(batch, row=0):
+    return (batch["input_ids"][row] != IMAGE_ID) & batch["attention_mask"][row].bool()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Dense equivalence
+
+
+@pytest.mark.parametrize(
+    "samples",
+    [[ONE_IMAGE], [ANYRES], [TWO_IMAGES], [TEXT_ONLY], [ONE_IMAGE, ANYRES, TWO_IMAGES, TEXT_ONLY]],
+    ids=["one-image", "anyres", "two-images", "text-only", "left-padded-batch"],
+)
+def test_dense_layout_reproduces_llava_onevision(llava, dense, samples):
+    batch = build_batch(llava, samples)
+    with torch.no_grad():
+        expected = llava(**batch).logits
+        actual = dense(**batch).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        want = llava.generate(**batch, max_new_tokens=6, do_sample=False)
+        got = dense.generate(**batch, max_new_tokens=6, do_sample=False)
+    assert torch.equal(got, want)
+
+
+def test_dense_equivalence_with_sdpa():
+    llava = tiny_llava(seed=1, attn_implementation="sdpa")
+    dense = visor_from_llava(llava)
+    assert dense.config.text_config._attn_implementation == "sdpa"
+    batch = build_batch(llava, [ANYRES, TEXT_ONLY, TWO_IMAGES])
+    with torch.no_grad():
+        expected, actual = llava(**batch).logits, dense(**batch).logits
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Semantics of the sparse layout against a direct transcription of the contract
+
+
+def _causal(keys_before: torch.Tensor) -> torch.Tensor:
+    """Additive [1, 1, Q, K] mask from a boolean 'may attend' matrix."""
+    return torch.zeros(keys_before.shape).masked_fill(~keys_before, torch.finfo(torch.float32).min)[None, None]
+
+
+@torch.no_grad()
+def reference_text_logits(model: VisorForConditionalGeneration, batch: dict, sa_layers) -> torch.Tensor:
+    """Logits at the text positions of a single unpadded sample, computed the slow, obvious way."""
+    core, config = model.model, model.config
+    ids = batch["input_ids"][0]
+    embeds = core.get_input_embeddings()(ids)
+    visual = ids == config.image_token_id
+    image_lengths = []
+    if "pixel_values" in batch:
+        features = core.get_image_features(batch["pixel_values"], batch["image_sizes"], return_dict=True).pooler_output
+        image_lengths = [f.shape[0] for f in features]
+        embeds = embeds.clone()
+        embeds[visual] = torch.cat(features)
+    h = embeds.clone()
+    length = ids.shape[0]
+    positions = torch.arange(length)
+    text_at, visual_at = (~visual).nonzero()[:, 0], visual.nonzero()[:, 0]
+    rotary = core.language_model.rotary_emb
+    for index, layer in enumerate(core.language_model.layers):
+        if index in config.cross_attention_layers and len(visual_at):
+            block = core.cross_attention_blocks[str(index)]
+            attn = block.cross_attn
+            v = h[visual_at]
+            # conditional position embedding: depth-wise conv run on each image alone
+            pieces, start = [], 0
+            for n in image_lengths:
+                segment = v[start : start + n].T[None]
+                conv = F.conv1d(segment, block.position_embedding.weight, block.position_embedding.bias, padding=3, groups=v.shape[1])
+                pieces.append(v[start : start + n] + conv[0].T)
+                start += n
+            v = block.visual_layernorm(torch.cat(pieces))
+            t = block.input_layernorm(h[text_at])
+            heads, kv_heads, dim = config.text_config.num_attention_heads, config.text_config.num_key_value_heads, attn.head_dim
+            q = attn.q_proj(t).view(-1, heads, dim).transpose(0, 1)
+            k = attn.k_proj(v).view(-1, kv_heads, dim).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+            val = attn.v_proj(v).view(-1, kv_heads, dim).transpose(0, 1).repeat_interleave(heads // kv_heads, 0)
+            sees = visual_at[None, :] < text_at[:, None]  # only images that come earlier
+            scores = (q @ k.transpose(1, 2)) / math.sqrt(dim)
+            scores = scores.masked_fill(~sees[None], float("-inf"))
+            weights = torch.nan_to_num(scores.softmax(-1))  # a token with no earlier image gets nothing
+            out = (weights @ val).transpose(0, 1).reshape(len(text_at), -1)
+            h[text_at] = h[text_at] + attn.o_proj(out)
+        if index in sa_layers:
+            mask = _causal(positions[None, :] <= positions[:, None])
+            h = layer(h[None], attention_mask=mask, position_embeddings=rotary(h[None], positions[None]))[0]
+        else:
+            tp = positions[text_at]
+            mask = _causal(torch.ones(len(tp), len(tp)).tril().bool())
+            ht = h[text_at][None]
+            h[text_at] = layer(ht, attention_mask=mask, position_embeddings=rotary(ht, tp[None]))[0]
+    h = core.language_model.norm(h)
+    return model.lm_head(h)[text_at]
+
+
+@pytest.mark.parametrize("request_,layers", [(0, (0,)), (1, (0, 3)), ("max", (0, 2, 3, 5)), ([], ()), ([2, 5], (2, 5))])
+@pytest.mark.parametrize("sample", [TWO_IMAGES, ANYRES], ids=["two-images", "anyres"])
+def test_sparse_layout_matches_reference(visor, sample, request_, layers):
+    # a non-trivial position embedding, so the per-image convolution is exercised
+    with torch.no_grad():
+        for block in visor.model.cross_attention_blocks.values():
+            torch.nn.init.normal_(block.position_embedding.weight, std=0.2)
+            torch.nn.init.normal_(block.position_embedding.bias, std=0.02)
+    try:
+        batch = build_batch(visor, [sample])
+        with torch.no_grad():
+            out = visor(**batch, visor_configuration=request_)
+        assert out.visor_configurations == [layers]
+        expected = reference_text_logits(visor, batch, set(layers))
+        torch.testing.assert_close(out.logits[0][_text_positions(batch)], expected, atol=2e-5, rtol=1e-4)
+    finally:
+        with torch.no_grad():
+            for block in visor.model.cross_attention_blocks.values():
+                block.position_embedding.weight.zero_()
+                block.position_embedding.bias.zero_()
+
+
+def test_no_sa_no_ca_equals_qwen2_on_the_text(llava):
+    blind = visor_from_llava(llava, cross_attention_layers=[], self_attention_layers=[0, 1], configurations=[[]])
+    batch = build_batch(llava, [TWO_IMAGES])
+    text = _text_positions(batch)
+    with torch.no_grad():
+        out = blind(**batch, visor_configuration=[]).logits[0][text]
+        qwen = llava.model.language_model(
+            input_ids=batch["input_ids"][:, text],
+            position_ids=text.nonzero()[:, 0][None],
+            # an explicit mask: without one, position gaps would be read as packed sequences
+            attention_mask=torch.ones(1, int(text.sum()), dtype=torch.long),
+        ).last_hidden_state
+        expected = llava.lm_head(qwen)[0]
+        other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
+        changed = blind(**other, visor_configuration=[]).logits[0][text]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(changed, out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"cross_attention_layers": [], "self_attention_layers": [3], "configurations": [[3]]},
+        {"cross_attention_layers": [3], "self_attention_layers": [], "configurations": [[]]},
+    ],
+    ids=["one-sa-layer", "one-ca-layer"],
+)
+def test_changing_the_image_changes_the_answer(llava, layout):
+    model = visor_from_llava(llava, **layout)
+    batch = build_batch(llava, [ONE_IMAGE])
+    other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
+    with torch.no_grad():
+        a, b = model(**batch).logits[0, -1], model(**other).logits[0, -1]
+    assert (a - b).abs().max() > 1e-4
+
+
+def test_cross_attention_never_sees_a_later_image(llava):
+    model = visor_from_llava(llava, cross_attention_layers=[1, 2, 4], self_attention_layers=[0], configurations=[[]])
+    sample = {"text": [*word_ids("what is the colour of"), "<image>", *word_ids("background ?")], "images": [(16, 16)]}
+    batch = build_batch(llava, [sample])
+    other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
+    text = _text_positions(batch)
+    first_image = int((batch["input_ids"][0] == IMAGE_ID).nonzero()[0])
+    before, after = text.clone(), text.clone()
+    before[first_image:] = False
+    after[:first_image] = False
+    with torch.no_grad():
+        a, b = model(**batch).logits[0], model(**other).logits[0]
+    torch.testing.assert_close(a[before], b[before], atol=0, rtol=0)
+    assert (a[after] - b[after]).abs().max() > 1e-4
+
+
+def test_text_only_sample_in_a_mixed_batch_is_plain_qwen2(llava, visor):
+    batch = build_batch(llava, [ANYRES, TEXT_ONLY])
+    row = 1
+    valid = batch["attention_mask"][row].bool()
+    with torch.no_grad():
+        out = visor(**batch, visor_configuration="max").logits[row][valid]
+        ids = batch["input_ids"][row][valid][None]
+        expected = llava.lm_head(llava.model.language_model(input_ids=ids).last_hidden_state)[0]
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_eager_and_sdpa_agree_on_a_sparse_mixed_batch():
+    eager = tiny_visor(seed=2, attn_implementation="eager")
+    sdpa = tiny_visor(seed=2, attn_implementation="sdpa")
+    batch = build_batch(eager, [ANYRES, TEXT_ONLY, TWO_IMAGES])
+    request = [[0], "max", []]
+    with torch.no_grad():
+        a, b = eager(**batch, visor_configuration=request), sdpa(**batch, visor_configuration=request)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(a.logits[valid], b.logits[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(visor):
+    samples = [ANYRES, TEXT_ONLY, TWO_IMAGES, ONE_IMAGE]
+    request = [[0], "max", [], [0, 2]]
+    batch = build_batch(visor, samples)
+    with torch.no_grad():
+        together = visor(**batch, visor_configuration=request)
+    assert together.visor_configurations == [(0,), (0, 2, 3, 5), (), (0, 2)]
+    for row, (sample, wanted) in enumerate(zip(samples, request)):
+        alone = build_batch(visor, [sample])
+        with torch.no_grad():
+            logits = visor(**alone, visor_configuration=wanted).logits[0]
+        length = alone["input_ids"].shape[1]
+        text = _text_positions(alone)
+        torch.testing.assert_close(together.logits[row, -length:][text], logits[text], atol=1e-5, rtol=1e-5)
+
+
+def test_router_output_and_auto_configuration(visor):
+    sample = dict(ONE_IMAGE, text=[*ONE_IMAGE["text"], ROUTE_ID])
+    batch = build_batch(visor, [sample, TEXT_ONLY])
+    with torch.no_grad():
+        visor.model.router.fc2.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))
+        out = visor(**batch, visor_configuration="auto", output_router_logits=True)
+        visor.model.router.fc2.bias.zero_()
+    assert out.router_logits.shape == (1, 3)
+    assert out.routing_token_batch_index.tolist() == [0]
+    # routed sample: configuration 1; the sample without a routing token falls back to the default ("max")
+    assert out.visor_configurations == [(0, 3), (0, 2, 3, 5)]
+    assert out.configuration_index.tolist() == [1, 2]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Training
+
+
+@pytest.mark.parametrize("request_", ["max", 1, []], ids=["max", "partial", "ca-only"])
+def test_a_few_steps_reduce_the_loss(request_):
+    model = tiny_visor(seed=3).train()
+    batch = build_batch(model, [ONE_IMAGE, ANYRES])
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool() | (batch["input_ids"] == IMAGE_ID), -100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(**batch, labels=labels, visor_configuration=request_).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_gradients_reach_the_new_modules():
+    model = tiny_visor(seed=4).train()
+    sample = dict(TWO_IMAGES, text=[*TWO_IMAGES["text"], ROUTE_ID])
+    batch = build_batch(model, [sample])
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_ID, -100)
+    out = model(**batch, labels=labels, visor_configuration="max", output_router_logits=True)
+    router_loss = F.cross_entropy(out.router_logits, torch.tensor([1]))
+    (out.loss + router_loss).backward()
+    for name, block in model.model.cross_attention_blocks.items():
+        for part in (block.cross_attn.q_proj, block.cross_attn.k_proj, block.position_embedding):
+            assert part.weight.grad is not None and part.weight.grad.abs().sum() > 0, name
+    assert model.model.router.fc1.weight.grad.abs().sum() > 0
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing: bool):
+        model = tiny_visor(seed=5).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        batch = build_batch(model, [ANYRES, TEXT_ONLY])
+        labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+        loss = model(**batch, labels=labels, visor_configuration=[[0, 3], "max"]).loss
+        loss.backward()
+        return loss.detach(), model.model.cross_attention_blocks["1"].cross_attn.k_proj.weight.grad.clone()
+
+    (loss_a, grad_a), (loss_b, grad_b) = grads(False), grads(True)
+    torch.testing.assert_close(loss_a, loss_b)
+    torch.testing.assert_close(grad_a, grad_b, atol=1e-6, rtol=1e-5)
+
+
+def test_bfloat16_forward_runs_and_stays_bfloat16():
+    model = tiny_visor(seed=6).to(torch.bfloat16)
+    batch = build_batch(model, [ANYRES, TEXT_ONLY])
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        out = model(**batch, visor_configuration=[[0], "max"])
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Auto classes, loading, device maps
+
+
+def test_auto_classes_and_device_map(tmp_path, visor):
+    config = AutoConfig.for_model("visor", **{k: v for k, v in visor.config.to_dict().items() if k not in ("model_type",)})
+    assert isinstance(config, VisorConfig)
+    assert isinstance(AutoModel.from_config(config), VisorModel)
+    visor.save_pretrained(tmp_path)
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, device_map="auto")
+    assert isinstance(loaded, VisorForConditionalGeneration)
+    batch = build_batch(visor, [ONE_IMAGE])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, visor(**batch).logits)
+
+
+def test_fresh_model_position_embedding_starts_as_identity():
+    model = VisorForConditionalGeneration(tiny_visor().config)
+    for block in model.model.cross_attention_blocks.values():
+        assert block.position_embedding.weight.abs().sum() == 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_image_token_count_must_match_the_features(visor):
+    batch = build_batch(visor, [ONE_IMAGE])
+    ids = batch["input_ids"].clone()
+    ids[0, int((ids[0] == IMAGE_ID).nonzero()[0])] = word_ids("red")[0]
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        visor(**dict(batch, input_ids=ids))
+
+
+def test_image_tokens_without_pixel_values_are_refused(visor):
+    batch = build_batch(visor, [ONE_IMAGE])
+    with pytest.raises(ValueError, match="no pixel_values"):
+        visor(input_ids=batch["input_ids"])
+
+
+@pytest.mark.parametrize(
+    "request_,error",
+    [
+        (7, "unknown configuration index 7"),
+        ([1, 2], r"layers \[1\] are not SA layers"),
+        ("fastest", "unknown visor_configuration 'fastest'"),
+        ([[0], "max", []], "3 per-sample entries for a batch of 2"),
+        (torch.tensor([[0, 1]]), "1-D integer tensor"),
+    ],
+)
+def test_bad_configuration_requests(visor, request_, error):
+    batch = build_batch(visor, [ONE_IMAGE, TEXT_ONLY])
+    with pytest.raises(ValueError, match=error):
+        visor(**batch, visor_configuration=request_)
+
+
+@pytest.mark.parametrize(
+    "layout,error",
+    [
+        ({"cross_attention_layers": [1, 9]}, "layer index 9 out of range"),
+        ({"cross_attention_layers": [1], "self_attention_layers": [1, 2]}, "must be disjoint"),
+        ({"self_attention_layers": [0, 2], "configurations": [[0, 3]]}, r"uses layers \[3\]"),
+        ({"self_attention_layers": [0, 2, 4], "configurations": [[0], [0, 2, 4]], "router_layer": 2}, "must come before"),
+        ({"default_configuration": 5}, "default_configuration 5 is out of range"),
+    ],
+)
+def test_invalid_layouts_are_refused(llava, layout, error):
+    from visor_hf.testing import visor_config_from_llava
+
+    with pytest.raises(Exception, match=error):
+        visor_config_from_llava(llava.config, **layout)
