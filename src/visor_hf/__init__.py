@@ -1,10 +1,10 @@
 """visor_hf: VISOR (VISion On Request) for Hugging Face Transformers.
 
 Importing the package registers the VISOR classes with `AutoConfig`, `AutoModel` and
-`AutoModelForImageTextToText` (and `AutoProcessor` once the processor exists).
+`AutoModelForImageTextToText` and `AutoProcessor`.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling import (
     VisorCache,
@@ -14,12 +14,14 @@ from .modeling import (
     VisorPreTrainedModel,
     uniform_layer_layout,
 )
+from .modeling.processing_visor import VisorProcessor
 
 __version__ = "0.1.0"
 
 AutoConfig.register("visor", VisorConfig, exist_ok=True)
 AutoModel.register(VisorConfig, VisorModel, exist_ok=True)
 AutoModelForImageTextToText.register(VisorConfig, VisorForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(VisorConfig, VisorProcessor, exist_ok=True)
 
 __all__ = [
     "VisorCache",
@@ -27,5 +29,6 @@ __all__ = [
     "VisorForConditionalGeneration",
     "VisorModel",
     "VisorPreTrainedModel",
+    "VisorProcessor",
     "uniform_layer_layout",
 ]

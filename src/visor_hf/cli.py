@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import demo
+from .commands import convert, demo, verify
 
 # Each command module exposes `add_parser(subparsers)`, which registers its subcommand with `func=run`.
-COMMANDS = [demo]
+COMMANDS = [demo, convert, verify]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -196,3 +196,106 @@ __all__ = [
     "word_ids",
     "VOCAB",
 ]
+
+
+# -- tiny tokenizer, processor and on-disk LLaVA-OV checkpoints (conversion tests) ---------------------------------
+
+# LLaVA-OneVision's chat template (Qwen2 turns; images first, then the text of each message).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
+    "{% if message['content'] is string %}{{ '\\n' + message['content'] }}{% else %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}{% endfor %}"
+    "{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+# Stands in for the routing token in a source (LLaVA-OV) tokenizer, which must not know the routing token.
+RESERVED_TOKEN = "<|reserved_5|>"
+
+
+def tiny_tokenizer(with_routing_token: bool = False):
+    """A word-level `PreTrainedTokenizerFast` over `VOCAB`, built in memory (ids = positions in `VOCAB`).
+
+    Without the routing token (the default, as a LLaVA-OV source tokenizer) id 5 holds `RESERVED_TOKEN`; the
+    converter then adds `<route>` on a spare row. Words are split on white space and punctuation.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = list(VOCAB)
+    if not with_routing_token:
+        vocab[ROUTE_ID] = RESERVED_TOKEN
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    specials = [t for t in vocab[: len(SPECIAL_TOKENS)]]
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        eos_token="<|im_end|>",
+        unk_token="<pad>",
+        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+        padding_side="left",
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
+    return tokenizer
+
+
+LLAVA_PROCESSOR_FIELDS = {
+    "processor_class": "LlavaOnevisionProcessor",
+    "num_image_tokens": (IMAGE_SIZE // PATCH_SIZE) ** 2,
+    "vision_feature_select_strategy": "full",
+    "vision_aspect_ratio": "anyres_max_9",
+    "image_token": "<image>",
+    "video_token": "<video>",
+}
+
+
+def save_tiny_llava(path, seed: int = 0, num_layers: int = 6, max_shard_size: str | int = "20KB", **config_kwargs):
+    """Write a complete tiny LLaVA-OV checkpoint folder (llava-hf layout) and return the model.
+
+    The folder holds sharded safetensors weights, `config.json`, the tokenizer (without the routing token), the PIL
+    image processor (`preprocessor_config.json`), `processor_config.json` of a `LlavaOnevisionProcessor` and
+    `chat_template.jinja`. No video processor (it needs torchvision).
+    """
+    import json
+    import os
+
+    model = tiny_llava(seed, num_layers=num_layers, **config_kwargs)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(path)
+    tiny_image_processor().save_pretrained(path)
+    with open(os.path.join(path, "processor_config.json"), "w") as f:
+        json.dump(LLAVA_PROCESSOR_FIELDS, f, indent=2)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(CHAT_TEMPLATE)
+    return model
+
+
+def llava_processor(tokenizer=None):
+    """A stock `LlavaOnevisionProcessor` over the tiny tokenizer and PIL image processor, without a video processor
+    (it needs torchvision): the reference for image-token expansion."""
+    from transformers import LlavaOnevisionProcessor
+
+    class _LlavaOnevisionProcessorNoVideo(LlavaOnevisionProcessor):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None and argument_name == "video_processor":
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    fields = {k: v for k, v in LLAVA_PROCESSOR_FIELDS.items() if k != "processor_class"}
+    return _LlavaOnevisionProcessorNoVideo(
+        image_processor=tiny_image_processor(),
+        tokenizer=tokenizer or tiny_tokenizer(),
+        video_processor=None,
+        chat_template=CHAT_TEMPLATE,
+        **fields,
+    )
+
+
+__all__ += ["tiny_tokenizer", "save_tiny_llava", "llava_processor", "CHAT_TEMPLATE", "RESERVED_TOKEN"]

@@ -1,0 +1,468 @@
+"""LLaVA-OneVision checkpoint (transformers layout) → VISOR checkpoint folder (Hub-ready, with remote code).
+
+See `docs/conversion.md` for the defaults, the initialisation of the new modules and the layout of the output.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+from ..modeling import VisorConfig, VisorForConditionalGeneration, uniform_layer_layout
+from ..modeling.processing_visor import DEFAULT_ROUTING_TOKEN, VisorProcessor
+from .warm_start import warm_start_new_modules
+
+logger = logging.getLogger(__name__)
+
+MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
+
+
+def remote_code_files() -> list[Path]:
+    """The files that ship with every converted checkpoint as remote code: every module of `visor_hf.modeling`
+    (they import each other relatively; the package `__init__.py` is not needed)."""
+    return sorted(p for p in MODELING_DIR.glob("*.py") if p.name != "__init__.py")
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_visor.VisorConfig",
+    "AutoModel": "modeling_visor.VisorModel",
+    "AutoModelForImageTextToText": "modeling_visor.VisorForConditionalGeneration",
+}
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_visor.VisorProcessor"}
+# Files fetched for a Hub id: never pickle weights (*.bin, *.pt, *.pth, *.ckpt).
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "chat_templates/*"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+LLAVA_ONEVISION = "llava_onevision"
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+class ConversionError(ValueError):
+    """The source cannot be converted (not LLaVA-OneVision, missing or corrupt weights, bad layout, ...)."""
+
+
+# -- defaults ------------------------------------------------------------------------------------------------------
+
+
+def spread_order(k: int) -> list[int]:
+    """The indices 0..k-1 in the order a farthest-point walk adds them: start at 0, then repeatedly the index
+    farthest from every index taken so far and from the end k (ties: the lower index)."""
+    order: list[int] = []
+    while len(order) < k:
+        taken = order + [k]
+        order.append(max((i for i in range(k) if i not in order), key=lambda i: (min(abs(i - t) for t in taken), -i)))
+    return order
+
+
+def default_configurations(self_attention_layers: list[int]) -> list[list[int]]:
+    """Nested subsets of the k SA layers by count: 0 (CA only), k/4, k/2, 3k/4 and k (all), rounded down.
+
+    The subset of n layers holds the first n SA layers of `spread_order(k)` (the first SA layer, then the layers
+    farthest from those already chosen), so the layers are spread over depth and every subset holds the smaller ones.
+    """
+    selfs = sorted(self_attention_layers)
+    order = spread_order(len(selfs))
+    k = len(selfs)
+    return [sorted(selfs[i] for i in order[:n]) for n in sorted({0, k // 4, k // 2, (3 * k) // 4, k})]
+
+
+def default_router_layer(config: VisorConfig) -> int | None:
+    """The layer just before the first SA layer that some configuration switches off; `None` when there is nothing to
+    decide (one configuration) or no layer before it."""
+    if len(config.configurations) < 2:
+        return None
+    switchable = config.switchable_layers
+    if not switchable or switchable[0] == 0:
+        return None
+    return switchable[0] - 1
+
+
+def resolve_layout(
+    num_layers: int,
+    cross_attention_layers=None,
+    self_attention_layers=None,
+    configurations=None,
+    router_layer=None,
+    dense: bool = False,
+) -> dict:
+    """The layer layout a conversion writes (see `docs/conversion.md`)."""
+    if dense:
+        if cross_attention_layers or router_layer is not None or configurations is not None:
+            raise ConversionError("--dense takes no CA layers, configurations or router layer: it is the all-SA layout")
+        every = list(range(num_layers))
+        return {"cross_attention_layers": [], "self_attention_layers": every, "configurations": [every], "router_layer": None}
+    if cross_attention_layers is None and self_attention_layers is None:
+        cross, selfs = uniform_layer_layout(num_layers)
+    elif self_attention_layers is None:
+        cross = list(cross_attention_layers)
+        selfs = [i for i in range(num_layers) if i not in set(cross)]
+    else:
+        cross = list(cross_attention_layers or [])
+        selfs = list(self_attention_layers)
+    if configurations is None:
+        configurations = default_configurations(selfs)
+    return {
+        "cross_attention_layers": sorted(int(i) for i in cross),
+        "self_attention_layers": sorted(int(i) for i in selfs),
+        "configurations": [sorted(int(i) for i in c) for c in configurations],
+        "router_layer": router_layer,
+    }
+
+
+# -- the source ----------------------------------------------------------------------------------------------------
+
+
+def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder, or a Hub id resolved through huggingface_hub's cache (offline once cached); pickle weight files
+    are never downloaded."""
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if path.exists():
+        raise ConversionError(f"source {src} is a file, not a checkpoint folder")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=str(src), revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    except Exception as error:  # not a repo id, offline without cache, gated, ...
+        raise ConversionError(
+            f"source {src!r} is neither a local folder nor a Hub model that could be resolved "
+            f"(offline with HF_HUB_OFFLINE=1 a Hub id works only once it is in the local cache): {error}"
+        ) from error
+
+
+def check_source(src: Path) -> dict:
+    """Refuse what is not a LLaVA-OneVision checkpoint in safetensors before loading anything; return its config."""
+    config_file = src / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"source {src} has no config.json: not a transformers checkpoint")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"source {config_file} is not valid JSON: {error}") from error
+    model_type = config.get("model_type")
+    if model_type != LLAVA_ONEVISION:
+        hint = " (it is already a VISOR checkpoint)" if model_type == "visor" else ""
+        raise ConversionError(
+            f"source {src} has model_type {model_type!r}{hint}; only LLaVA-OneVision checkpoints "
+            f"(model_type {LLAVA_ONEVISION!r}, transformers/llava-hf layout) can be converted"
+        )
+    shards = safetensors_files(src)
+    if not shards:
+        pickles = sorted(p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ConversionError(
+                f"source {src} holds only pickle weight files ({', '.join(pickles)}); they are never loaded "
+                "(arbitrary code execution). Convert them to safetensors first."
+            )
+        raise ConversionError(f"source {src} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
+    from safetensors import safe_open
+
+    for shard in shards:
+        if not shard.is_file():
+            raise ConversionError(f"source {src}: the index names the weight file {shard.name}, which is missing")
+        try:
+            with safe_open(str(shard), framework="pt") as handle:
+                handle.keys()
+        except Exception as error:
+            raise ConversionError(f"source weight file {shard} is corrupt or truncated: {error}") from error
+    return config
+
+
+def safetensors_files(src: Path) -> list[Path]:
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ConversionError(f"source index {index} is not a valid safetensors index: {error}") from error
+        return [src / name for name in sorted(set(weight_map.values()))]
+    single = src / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
+def load_source_model(src: Path, dtype: torch.dtype | str | None):
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    try:
+        model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
+            str(src), dtype=dtype or "auto", use_safetensors=True, output_loading_info=True, attn_implementation="eager"
+        )
+    except Exception as error:
+        raise ConversionError(f"source {src} could not be loaded as LLaVA-OneVision: {error}") from error
+    problems = []
+    if info.get("missing_keys"):
+        problems.append(f"missing tensors {sorted(info['missing_keys'])[:8]}")
+    if info.get("unexpected_keys"):
+        problems.append(f"unexpected tensors {sorted(info['unexpected_keys'])[:8]}")
+    if info.get("mismatched_keys"):
+        problems.append(f"tensors of the wrong shape {sorted(info['mismatched_keys'])[:8]}")
+    if info.get("error_msgs"):
+        problems.append(f"errors {info['error_msgs'][:4]}")
+    if problems:
+        raise ConversionError(f"source {src} is not a complete LLaVA-OneVision checkpoint: " + "; ".join(problems))
+    return model.eval()
+
+
+def load_source_processor(src: Path, tokenizer, routing_token: str) -> VisorProcessor:
+    """A VisorProcessor from the source's image processor, processor settings and chat template."""
+    from transformers import AutoImageProcessor
+
+    fields = {}
+    processor_file = src / "processor_config.json"
+    if processor_file.is_file():
+        fields = json.loads(processor_file.read_text())
+    try:
+        image_processor = AutoImageProcessor.from_pretrained(str(src))
+    except Exception as error:
+        raise ConversionError(f"source {src} has no usable image processor (preprocessor_config.json): {error}") from error
+    keep = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token", "video_token")
+    kwargs = {k: fields[k] for k in keep if k in fields}
+    config = json.loads((src / "config.json").read_text())
+    vision = config.get("vision_config", {})
+    if kwargs.get("num_image_tokens") is None and "image_size" in vision and "patch_size" in vision:
+        kwargs["num_image_tokens"] = (vision["image_size"] // vision["patch_size"]) ** 2
+    if kwargs.get("vision_feature_select_strategy") is None:
+        kwargs["vision_feature_select_strategy"] = config.get("vision_feature_select_strategy", "full")
+    chat_template = None
+    if (src / "chat_template.jinja").is_file():
+        chat_template = (src / "chat_template.jinja").read_text()
+    elif (src / "chat_template.json").is_file():
+        chat_template = json.loads((src / "chat_template.json").read_text()).get("chat_template")
+    else:
+        chat_template = getattr(tokenizer, "chat_template", None)
+    video_processor = None
+    if "video_processor" in VisorProcessor.get_attributes():  # torchvision is installed: carry a video processor over
+        from transformers import AutoVideoProcessor, LlavaOnevisionVideoProcessor
+
+        try:
+            video_processor = AutoVideoProcessor.from_pretrained(str(src))
+        except Exception:  # the source has none: LLaVA-OV's defaults
+            video_processor = LlavaOnevisionVideoProcessor()
+    return VisorProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        chat_template=chat_template,
+        routing_token=routing_token,
+        **kwargs,
+    )
+
+
+# -- the routing token ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def add_routing_token(model, tokenizer, routing_token: str) -> int:
+    """Add the routing token to the tokenizer and give it an embedding row and an LM-head row.
+
+    The row is a spare one when the embedding matrix is longer than the tokenizer (every other row, spare ones
+    included, keeps its values); otherwise the matrices grow by one row. Both rows are initialised to the mean
+    of the rows of the source tokenizer's tokens (computed in float32).
+    """
+    vocab = tokenizer.get_vocab()
+    if routing_token in vocab:
+        raise ConversionError(
+            f"the source tokenizer already holds the routing token {routing_token!r} (id {vocab[routing_token]}); "
+            "convert a LLaVA-OneVision checkpoint, or choose another routing token (--routing-token)"
+        )
+    num_source_tokens = len(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": [routing_token]}, replace_extra_special_tokens=False)
+    token_id = tokenizer.convert_tokens_to_ids(routing_token)
+    embeddings = model.get_input_embeddings()
+    if token_id >= embeddings.weight.shape[0]:
+        model.resize_token_embeddings(token_id + 1, mean_resizing=False)
+        embeddings = model.get_input_embeddings()
+    rows = min(num_source_tokens, embeddings.weight.shape[0])
+    embeddings.weight[token_id] = embeddings.weight[:rows].float().mean(0).to(embeddings.weight.dtype)
+    head = model.get_output_embeddings()
+    if head is not None and head.weight.data_ptr() != embeddings.weight.data_ptr():
+        head.weight[token_id] = head.weight[:rows].float().mean(0).to(head.weight.dtype)
+        if getattr(head, "bias", None) is not None:
+            head.bias[token_id] = head.bias[:rows].float().mean(0).to(head.bias.dtype)
+    return token_id
+
+
+# -- the conversion ------------------------------------------------------------------------------------------------
+
+
+def visor_config_from_source(llava_config, layout: dict, routing_token_id: int) -> VisorConfig:
+    fields = llava_config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        fields.pop(key, None)
+    fields.update(layout)
+    fields["routing_token_id"] = routing_token_id
+    try:
+        config = VisorConfig(**fields)
+        config.validate_architecture()
+    except ConversionError:
+        raise
+    except Exception as error:
+        raise ConversionError(f"invalid VISOR layout: {error}") from error
+    if config.router_layer is None and layout.get("router_layer") is None:
+        router = default_router_layer(config)
+        if router is not None:
+            config.router_layer = router
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["VisorForConditionalGeneration"]
+    return config
+
+
+def build_visor(llava, config: VisorConfig) -> VisorForConditionalGeneration:
+    """A VISOR model holding every LLaVA-OneVision tensor unchanged plus the warm-started new modules."""
+    visor = VisorForConditionalGeneration._from_config(config, dtype=llava.dtype, attn_implementation="eager")
+    missing, unexpected = visor.load_state_dict(llava.state_dict(), strict=False)
+    if unexpected:
+        raise ConversionError(f"LLaVA-OneVision tensors with no place in VISOR: {unexpected[:8]}")
+    new = ("model.cross_attention_blocks.", "model.router.")
+    tied = {"lm_head.weight"} if config.get_text_config().tie_word_embeddings or config.tie_word_embeddings else set()
+    leftover = [k for k in missing if not k.startswith(new) and k not in tied]
+    if leftover:
+        raise ConversionError(f"VISOR tensors that the source does not provide: {leftover[:8]}")
+    warm_start_new_modules(visor)
+    return visor.eval()
+
+
+def model_card(src_name: str, config: VisorConfig, routing_token: str) -> str:
+    text = config.get_text_config()
+    configurations = "\n".join(f"| {i} | {c} | {len(c)} |" for i, c in enumerate(config.configurations))
+    return f"""---
+library_name: transformers
+pipeline_tag: image-text-to-text
+base_model: {src_name}
+tags:
+- visor
+- llava-onevision
+- custom_code
+---
+
+# VISOR (VISion On Request) model converted from `{src_name}`
+
+A LLaVA-OneVision model whose language model meets the visual tokens only at a few layers: cross-attention (CA)
+layers (text queries, visual keys/values) and switchable self-attention (SA) layers; a router picks, per sample,
+which SA layers run. Every weight of `{src_name}` is kept unchanged; the cross-attention blocks start from their
+host layer's attention and norm weights, the position convolutions at zero, the router at random. **The new modules
+are untrained**: fine-tune (stage 1: new modules, stage 2: everything) and train the router before use.
+
+## Layer layout
+
+- LLM layers: {text.num_hidden_layers}
+- cross-attention layers: {config.cross_attention_layers}
+- self-attention layers: {config.self_attention_layers}
+- router layer: {config.router_layer} (reads the routing token `{routing_token}`, id {config.routing_token_id})
+- default configuration without a router decision: {config.default_configuration!r}
+
+| configuration | SA layers | count |
+|---|---|---|
+{configurations}
+
+## Loading
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("path/or/repo", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("path/or/repo", trust_remote_code=True)
+conversation = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown?"}}]}}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)  # carries {routing_token}
+inputs = processor(images=[image], text=prompt, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=32)  # visor_configuration="auto" | "max" | index | [layers]
+```
+
+With the `visor_hf` package installed, `import visor_hf` registers the classes and `trust_remote_code` is not needed.
+"""
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    cross_attention_layers: list[int] | None = None,
+    self_attention_layers: list[int] | None = None,
+    configurations: list[list[int]] | None = None,
+    router_layer: int | None = None,
+    dense: bool = False,
+    dtype: torch.dtype | str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    routing_token: str = DEFAULT_ROUTING_TOKEN,
+    revision: str | None = None,
+) -> Path:
+    """Convert a LLaVA-OneVision checkpoint (local folder or Hub id) into a VISOR checkpoint folder `dst`.
+
+    Layout defaults (paper): |CA| = |SA| = L/3 spread uniformly (`uniform_layer_layout`), configurations nested by
+    SA count (`default_configurations`), router just before the first switchable SA layer. `dense=True` writes the
+    all-SA layout (no CA layer, no router) that reproduces LLaVA-OneVision. `dtype` casts the weights (default:
+    the source's). The output is written to a temporary folder next to `dst` and renamed at the end; an existing
+    `dst` is refused unless `overwrite`. Returns the output folder.
+    """
+    dst = Path(dst).expanduser().resolve()
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"output {dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ConversionError(f"unknown dtype {dtype!r} (float32, float16, bfloat16)")
+        dtype = getattr(torch, dtype)
+    src_path = resolve_source(src, revision)
+    if dst == src_path or src_path in dst.parents:
+        raise ConversionError(f"output {dst} must not be the source folder or inside it")
+    source_config = check_source(src_path)
+
+    from transformers import AutoTokenizer
+
+    llava = load_source_model(src_path, dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(src_path))
+    except Exception as error:
+        raise ConversionError(f"source {src_path} has no usable tokenizer: {error}") from error
+    routing_token_id = add_routing_token(llava, tokenizer, routing_token)
+    processor = load_source_processor(src_path, tokenizer, routing_token)
+    num_layers = llava.config.get_text_config().num_hidden_layers
+    layout = resolve_layout(num_layers, cross_attention_layers, self_attention_layers, configurations, router_layer, dense)
+    config = visor_config_from_source(llava.config, layout, routing_token_id)
+    visor = build_visor(llava, config)
+    del llava
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        visor.save_pretrained(str(tmp), max_shard_size=max_shard_size)
+        if (src_path / "generation_config.json").is_file():
+            shutil.copyfile(src_path / "generation_config.json", tmp / "generation_config.json")
+        processor.auto_map = dict(PROCESSOR_AUTO_MAP)
+        processor.save_pretrained(str(tmp))
+        for path in remote_code_files():
+            shutil.copyfile(path, tmp / path.name)
+        name = str(src) if not Path(str(src)).expanduser().is_dir() else (source_config.get("_name_or_path") or src_path.name)
+        (tmp / "README.md").write_text(model_card(name, config, routing_token))
+        for leftover in tmp.iterdir():
+            if leftover.suffix in PICKLE_SUFFIXES:
+                raise ConversionError(f"internal error: a pickle file {leftover.name} was written")
+        if dst.exists():
+            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
+            dst.rename(old)
+            tmp.rename(dst)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("wrote VISOR checkpoint %s", dst)
+    return dst
+
+
+__all__ = [
+    "ConversionError",
+    "convert",
+    "default_configurations",
+    "default_router_layer",
+    "resolve_layout",
+    "resolve_source",
+    "check_source",
+    "add_routing_token",
+]
