@@ -2,6 +2,7 @@
 
 from .cache_visor import VisorCache, VisorState
 from .configuration_visor import VisorConfig, uniform_layer_layout
+from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, vision_flops
 from .modeling_visor import (
     VisorCausalLMOutputWithPast,
     VisorForConditionalGeneration,
@@ -12,6 +13,11 @@ from .modeling_visor import (
 )
 
 __all__ = [
+    "FlopsShape",
+    "VisorFlopsReport",
+    "decode_flops",
+    "prefill_flops",
+    "vision_flops",
     "VisorCache",
     "VisorState",
     "VisorConfig",

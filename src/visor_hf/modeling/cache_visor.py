@@ -49,6 +49,16 @@ class VisorState:
     seq_length: int = 0
     # cross-attention keys/values per CA layer: (key, value, has_key) with key/value [B, kv_heads, N_vis, head_dim]
     cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    # host-side per-sample bookkeeping for the FLOPs report, filled once at prefill (no sync while decoding):
+    # real (non-padding) text and visual tokens of each prompt, and the logical prompt length
+    prompt_text: list[int] = field(default_factory=list)
+    prompt_visual: list[int] = field(default_factory=list)
+    prompt_length: int = 0
+    # per sample: FLOPs of the first decoding step, and how much each further cached token adds (set lazily)
+    decode_base: list[int] = field(default_factory=list)
+    decode_increment: list[int] = field(default_factory=list)
+
+    HOST_LISTS = ("configurations", "prompt_text", "prompt_visual", "decode_base", "decode_increment")
 
     def _batch_tensors(self):
         for f in fields(self):
@@ -62,14 +72,25 @@ class VisorState:
             setattr(self, name, fn(value))
         self.cross_kv = {layer: (fn(k), fn(v)) for layer, (k, v) in self.cross_kv.items()}
 
+    def _map_host(self, fn) -> None:
+        for name in self.HOST_LISTS:
+            values = getattr(self, name)
+            if values:
+                setattr(self, name, fn(values))
+
     def select(self, indices: torch.Tensor) -> None:
         self.map_batch(lambda t: t.index_select(0, indices.to(t.device)))
         host = indices.tolist()
-        self.configurations = [self.configurations[i] for i in host]
+        self._map_host(lambda values: [values[i] for i in host])
 
     def repeat_interleave(self, repeats: int) -> None:
         self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-        self.configurations = [c for c in self.configurations for _ in range(repeats)]
+        self._map_host(lambda values: [v for v in values for _ in range(repeats)])
+
+    @property
+    def decode_steps(self) -> int:
+        """Tokens fed after the prompt (the logical length beyond the prefill)."""
+        return self.seq_length - self.prompt_length
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last `tokens_to_remove` (text) tokens; they were appended to both layouts."""
@@ -103,8 +124,8 @@ class VisorCache(DynamicCache):
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
         if self.visor_state is not None:
-            # Beams of one sample share its configuration and beam_idx never crosses samples, so the host-side
-            # `configurations` list stays valid; reordering it would need a host sync at every step.
+            # Beams of one sample share its configuration and prompt and beam_idx never crosses samples, so the
+            # host-side lists (`HOST_LISTS`) stay valid; reordering them would need a host sync at every step.
             self.visor_state.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int):
@@ -134,6 +155,26 @@ class VisorCache(DynamicCache):
         if self.visor_state is None:
             return 0
         return sum(t.numel() * t.element_size() for kv in self.visor_state.cross_kv.values() for t in kv)
+
+    def layer_report(self) -> list[dict]:
+        """Per LLM layer: its layout, how many positions its slot caches, and its bytes (cross-attention K/V apart)."""
+        layouts = self.visor_state.layouts if self.visor_state is not None else []
+        sizes = self.layer_layout_bytes()
+        report = []
+        for index, layer in enumerate(self.layers):
+            keys = getattr(layer, "keys", None)
+            entry = {
+                "layer": index,
+                "layout": layouts[index] if index < len(layouts) else None,
+                "cached_positions": keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0,
+                "bytes": sizes[index],
+            }
+            if self.visor_state is not None and index in self.visor_state.cross_kv:
+                cross = self.visor_state.cross_kv[index]
+                entry["cross_attention_positions"] = cross[0].shape[-2]
+                entry["cross_attention_bytes"] = sum(t.numel() * t.element_size() for t in cross)
+            report.append(entry)
+        return report
 
     def memory_bytes(self) -> int:
         """Total bytes of cached keys/values (self-attention and cross-attention)."""

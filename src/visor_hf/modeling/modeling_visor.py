@@ -33,6 +33,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 
 from .cache_visor import FULL, TEXT, VisorCache, VisorState
 from .configuration_visor import VisorConfig
+from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, select_by_budget
 
 AUTO = "auto"
 
@@ -66,6 +67,9 @@ class VisorCausalLMOutputWithPast(ModelOutput):
 
     logits: `[B, T, vocab]` like LLaVA-OV's. Text positions are VISOR's predictions; visual positions come from the
         visual tokens' last states (meaningful only when the last layer is an active SA layer, as in the dense layout).
+    flops: `[B]` int64 (CPU): analytical LLM FLOPs of this forward for each sample as if it ran alone (prefill: the
+        prompt with its configuration and the LM head on the logits kept; decoding: this step). See `flops_visor`.
+        None in training mode.
     """
 
     loss: torch.Tensor | None = None
@@ -78,6 +82,7 @@ class VisorCausalLMOutputWithPast(ModelOutput):
     routing_token_batch_index: torch.Tensor | None = None
     visor_configurations: list[tuple[int, ...]] | None = None
     configuration_index: torch.Tensor | None = None
+    flops: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -448,6 +453,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
 
+        if use_cache is None and past_key_values is not None:
+            use_cache = True  # a cache passed in is used (and a filled one continues the generation)
         if past_key_values is not None and not isinstance(past_key_values, VisorCache):
             if past_key_values.get_seq_length() > 0:
                 raise ValueError(f"VISOR needs a VisorCache; got a filled {type(past_key_values).__name__}")
@@ -527,9 +534,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
 
         def full_mask(materialize: bool):
             if materialize not in full_masks:
+                # built lazily, when earlier layers may already have filled the cache: size it on the prompt alone
+                # (the cache is empty at prefill), not on what the cache holds by then
                 full_masks[materialize] = create_causal_mask(
                     config=config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    past_key_values=cache, position_ids=position_ids, layer_idx=0, allow_is_causal_skip=not materialize,
+                    past_key_values=None, position_ids=position_ids, layer_idx=0, allow_is_causal_skip=not materialize,
                 )
             return full_masks[materialize]
 
@@ -661,7 +670,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 config=self.config.text_config, inputs_embeds=text,
                 attention_mask=state.full_valid if layout == FULL else state.text_valid,
                 past_key_values=cache, position_ids=position_ids, layer_idx=layer,
-                allow_is_causal_skip=layout == TEXT,
+                # no SDPA "is causal" shortcut: checking whether it applies costs a host sync at every step
+                allow_is_causal_skip=False,
             )
         cross_mask = has_key = None
         if state.cross_kv:
@@ -731,6 +741,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         visor_configuration=None,
         output_router_logits: bool | None = None,
+        visor_budget: float | list[float] | torch.Tensor | None = None,
         **kwargs,
     ) -> VisorCausalLMOutputWithPast:
         r"""
@@ -738,7 +749,17 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             Next-token labels as LLaVA-OneVision takes them (`-100` is ignored).
         visor_configuration:
             Which SA layers run (index, list of layers, `"max"`, `"auto"`, or one entry per sample).
+        visor_budget (`float`, or one per sample, *optional*):
+            Compute budget as a fraction of the dense LLaVA-OV prefill FLOPs of each sample: each sample runs the
+            most expensive configuration of `config.configurations` within it (see `flops_visor.select_by_budget`).
+            Replaces the router; read at prefill only.
         """
+        prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
+        # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
+        wants_counts = prefill and (visor_budget is not None or not self.training)
+        counts = self._prompt_token_counts(input_ids, attention_mask) if wants_counts else None
+        if prefill and visor_budget is not None:
+            visor_configuration = self._budget_request(visor_budget, visor_configuration, counts)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -763,6 +784,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
+        flops = self._forward_flops(outputs, prefill, counts, hidden_states.shape[1], logits_to_keep)
         return VisorCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -773,24 +795,191 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             routing_token_batch_index=outputs.routing_token_batch_index,
             visor_configurations=outputs.visor_configurations,
             configuration_index=outputs.configuration_index,
+            flops=flops,
         )
+
+    # -- FLOPs accounting and compute budget (see flops_visor.py) ---------------------------------------------------
+
+    last_visor_report: VisorFlopsReport | None = None
+    _visor_generation_cache = None
+
+    def _prompt_token_counts(self, input_ids, attention_mask) -> tuple[list[int], list[int]] | None:
+        """Real text and visual tokens of each prompt (one host sync, at prefill only); None without input_ids."""
+        if input_ids is None:
+            return None
+        visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
+        counts = torch.stack([(valid & ~visual).sum(1), (valid & visual).sum(1)]).tolist()
+        return counts[0], counts[1]
+
+    def _budget_request(self, budget, request, counts) -> list:
+        if request is not None and not (isinstance(request, str) and request == AUTO):
+            raise ValueError("pass either visor_configuration or visor_budget, not both")
+        if counts is None:
+            raise ValueError("visor_budget needs input_ids (to count the text and visual tokens of each sample)")
+        batch = len(counts[0])
+        if isinstance(budget, torch.Tensor):
+            budget = budget.tolist()
+        budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * batch
+        if len(budgets) != batch:
+            raise ValueError(f"visor_budget has {len(budgets)} entries for a batch of {batch}")
+        return [select_by_budget(self.config, b, t, v) for b, t, v in zip(budgets, *counts)]
+
+    def _forward_flops(self, outputs, prefill, counts, kept_positions, logits_to_keep):
+        cache = outputs.past_key_values
+        state = cache.visor_state if isinstance(cache, VisorCache) else None
+        configurations = outputs.visor_configurations
+        if configurations is None or self.training:
+            return None
+        shape = FlopsShape.from_config(self.config)
+        cross = self.config.cross_attention_layers
+        if prefill:
+            if counts is None and state is not None:
+                visual = state.full_valid & state.full_visual
+                counts = tuple(torch.stack([state.text_valid.sum(1), visual.sum(1)]).tolist())
+            if counts is None:
+                return None
+            if state is not None:
+                state.prompt_text, state.prompt_visual = list(counts[0]), list(counts[1])
+                state.prompt_length = state.seq_length
+            flops = []
+            for layers, n_text, n_visual in zip(configurations, *counts):
+                # the LM head runs on the positions whose logits are kept (padding excluded)
+                head = n_text + n_visual
+                if not isinstance(logits_to_keep, int) or logits_to_keep > 0:
+                    head = min(head, kept_positions)
+                flops.append(prefill_flops(shape, n_text, n_visual, layers, cross, lm_head_tokens=head))
+            return torch.tensor(flops, dtype=torch.long)
+        if state is None or not state.prompt_text:
+            return None
+        if not state.decode_base:
+            for layers, n_text, n_visual in zip(state.configurations, state.prompt_text, state.prompt_visual):
+                base = decode_flops(shape, n_text, n_visual, layers, cross)
+                state.decode_base.append(base)
+                state.decode_increment.append(decode_flops(shape, n_text + 1, n_visual, layers, cross) - base)
+        new = outputs.last_hidden_state.shape[1]
+        before = state.decode_steps - new
+        steps = sum(before + j for j in range(new))
+        return torch.tensor([new * b + steps * i for b, i in zip(state.decode_base, state.decode_increment)], dtype=torch.long)
+
+    def visor_flops(self, n_text: int, n_visual: int, visor_configuration="max", decode_context: int = 0) -> dict:
+        """Analytical LLM FLOPs of one sample with `n_text` text and `n_visual` visual tokens.
+
+        Returns `prefill`, `decode_step` (one new token after the prompt and `decode_context` generated tokens) and
+        the same for dense LLaVA-OV (`dense_prefill`, `dense_decode_step`). `visor_configuration`: index, layer list
+        or `"max"`. The vision tower is apart: `flops_visor.vision_flops(model.config, num_crops)`.
+        """
+        layers = _resolve_one(self.config, visor_configuration, has_router=False)
+        shape = FlopsShape.from_config(self.config)
+        cross = self.config.cross_attention_layers
+        context = n_text + decode_context
+        return {
+            "configuration": layers,
+            "prefill": prefill_flops(shape, n_text, n_visual, layers, cross),
+            "decode_step": decode_flops(shape, context, n_visual, layers, cross),
+            "dense_prefill": prefill_flops(shape, n_text, n_visual),
+            "dense_decode_step": decode_flops(shape, context, n_visual),
+        }
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, plus the per-sample VISOR report.
+
+        After the call, `model.last_visor_report` (and `output.visor_report` when `return_dict_in_generate=True`)
+        is a `VisorFlopsReport`: configuration and analytical FLOPs (prefill, every decoding step, dense reference)
+        of each returned sequence. None when generating without a cache.
+        """
+        self.last_visor_report = None
+        self._visor_generation_cache = None
+        try:
+            output = super().generate(*args, **kwargs)
+            cache = self._visor_generation_cache
+        finally:
+            self._visor_generation_cache = None
+        prompt = kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds", args[0] if args else None)))
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        report = self._generation_report(cache, prompt.shape[0] if prompt is not None else None, sequences.shape[0])
+        self.last_visor_report = report
+        if isinstance(output, ModelOutput):
+            output["visor_report"] = report
+        return output
+
+    def _expand_images_per_sample(self, expand_size, input_ids, model_kwargs) -> dict:
+        """Expand `pixel_values`/`image_sizes` sample by sample (all images of a sample, then again for each copy).
+
+        `generate` repeats every tensor row by row, which is right only with one image per sample: with several, the
+        copies of a sample would get the images in the wrong order. Images per sample come from `batch_num_images`
+        or from the runs of image tokens in `input_ids`. Pops and returns the expanded tensors (empty: nothing to do).
+        """
+        pixel_values = model_kwargs.get("pixel_values")
+        if expand_size <= 1 or not isinstance(pixel_values, torch.Tensor) or input_ids is None:
+            return {}
+        counts = model_kwargs.get("batch_num_images")
+        if counts is not None:
+            counts = torch.as_tensor(counts).tolist()
+        else:
+            image = input_ids == self.config.image_token_id
+            starts = image & ~nn.functional.pad(image[:, :-1], (1, 0), value=False)
+            counts = starts.sum(1).tolist()  # once per generate call
+        if sum(counts) != pixel_values.shape[0] or all(c == 1 for c in counts):
+            return {}
+        first = [sum(counts[:i]) for i in range(len(counts))]
+        order = [first[i] + k for i, c in enumerate(counts) for _ in range(expand_size) for k in range(c)]
+        order = torch.tensor(order, device=pixel_values.device)
+        expanded = {"pixel_values": model_kwargs.pop("pixel_values").index_select(0, order)}
+        if isinstance(model_kwargs.get("image_sizes"), torch.Tensor):
+            sizes = model_kwargs.pop("image_sizes")
+            expanded["image_sizes"] = sizes.index_select(0, order.to(sizes.device))
+        return expanded
+
+    def _generation_report(self, cache, prompts: int | None, rows: int) -> VisorFlopsReport | None:
+        state = cache.visor_state if isinstance(cache, VisorCache) else None
+        if state is None or not state.prompt_text:
+            return None
+        held = len(state.configurations)
+        if held == rows or not prompts or held % prompts or rows % prompts:
+            index = list(range(min(held, rows)))
+        else:  # beam search: `held` beams per prompt, `rows` returned sequences per prompt
+            index = [(r // (rows // prompts)) * (held // prompts) for r in range(rows)]
+        shape = FlopsShape.from_config(self.config)
+        cross = self.config.cross_attention_layers
+        known = {tuple(c): i for i, c in enumerate(self.config.configurations)}
+        steps = state.decode_steps
+        report = VisorFlopsReport([], [], [], [], [], [], [], [])
+        for i in index:
+            layers, n_text, n_visual = state.configurations[i], state.prompt_text[i], state.prompt_visual[i]
+            report.configurations.append(tuple(layers))
+            report.configuration_index.append(known.get(tuple(layers), -1))
+            report.num_text_tokens.append(n_text)
+            report.num_visual_tokens.append(n_visual)
+            report.prefill_flops.append(prefill_flops(shape, n_text, n_visual, layers, cross))
+            report.dense_prefill_flops.append(prefill_flops(shape, n_text, n_visual))
+            report.decode_flops.append([decode_flops(shape, n_text + k, n_visual, layers, cross) for k in range(steps)])
+            report.dense_decode_flops.append([decode_flops(shape, n_text + k, n_visual) for k in range(steps)])
+        return report
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if cache is not None and not isinstance(cache, VisorCache) and cache.get_seq_length() == 0:
             model_kwargs["past_key_values"] = VisorCache(config=self.config.text_config)
+        # kept for the report that `generate` builds when it returns (dropped right after)
+        self._visor_generation_cache = model_kwargs.get("past_key_values")
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        images = self._expand_images_per_sample(expand_size, input_ids, model_kwargs)
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size, is_encoder_decoder, input_ids, **model_kwargs
         )
+        model_kwargs.update(images)
         request = model_kwargs.get("visor_configuration")
         if expand_size > 1 and isinstance(request, (list, tuple)) and any(
             isinstance(v, (list, tuple, str, torch.Tensor)) for v in request
         ):
             # a per-sample request follows its sample into the beams / returned sequences
             model_kwargs["visor_configuration"] = [v for v in request for _ in range(expand_size)]
+        budget = model_kwargs.get("visor_budget")
+        if expand_size > 1 and isinstance(budget, (list, tuple)):
+            model_kwargs["visor_budget"] = [b for b in budget for _ in range(expand_size)]
         return input_ids, model_kwargs
 
 
