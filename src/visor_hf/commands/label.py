@@ -1,0 +1,36 @@
+"""`visor-hf label`: pseudo-labels for the router (every configuration on a training subset; docs/training.md)."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "label",
+        help="run every configuration on a training subset and label each sample with the cheapest adequate one",
+        description="Writes pseudo_label_table.jsonl (per sample and configuration: correct, loss, FLOPs), "
+        "pseudo_labels.jsonl and pseudo_label_summary.json. Label: the cheapest configuration keeping >= --keep of "
+        "the maximal configuration's accuracy (ties: fewer layers, then lower loss); see docs/training.md.",
+    )
+    parser.add_argument("--model", required=True, help="VISOR checkpoint folder (after search / universal fine-tuning)")
+    parser.add_argument("--data", required=True, help="training records")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--keep", type=float, default=0.99, help="fraction of the maximal configuration's accuracy to keep")
+    parser.add_argument("--limit", type=int, default=None, help="label the first N records")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-root", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--attn-implementation", default=None)
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..training import pseudo_label
+
+    report = pseudo_label(
+        args.model, args.data, args.output_dir, keep=args.keep, limit=args.limit, batch_size=args.batch_size,
+        image_root=args.image_root, dtype=args.dtype, attn_implementation=args.attn_implementation,
+    )
+    print(json.dumps({k: v for k, v in report.items() if k != "moved_to_cheapest"}, indent=2))
+    return 0

@@ -1,0 +1,257 @@
+"""Training data: LLaVA-style conversation records and the collator that turns them into VISOR inputs.
+
+A record is a dict in the LLaVA format::
+
+    {"image": "path/to/picture.jpg",            # or a list of paths, or absent (text-only sample)
+     "conversations": [{"from": "human", "value": "<image>\\nWhat colour is the ball?"},
+                       {"from": "gpt", "value": "Red."}, ...]}
+
+Accepted variants: `"images"` instead of `"image"`; images given as `PIL.Image` objects (a `datasets` dataset with
+an `Image` column) or as paths relative to `image_root`; roles `human`/`user` and `gpt`/`assistant`/`model`; a
+`"messages"` list of `{"role", "content"}` dicts instead of `"conversations"`.
+
+The collator renders each record with the processor's chat template (images first in the user turn that held the
+`<image>` markers, as LLaVA-OneVision does), lets the [`VisorProcessor`] expand the image placeholders and put the
+routing token after every user question, and builds `labels` that hold the assistant answers (and their end-of-turn
+token) only: the prompt, the images, the routing tokens and the padding are `-100`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+IGNORE_INDEX = -100
+USER_ROLES = {"human": "user", "user": "user"}
+ASSISTANT_ROLES = {"gpt": "assistant", "assistant": "assistant", "model": "assistant", "bot": "assistant"}
+IMAGE_MARKER = "<image>"
+
+
+# -- loading -------------------------------------------------------------------------------------------------------
+
+
+def load_records(source, image_root: str | os.PathLike | None = None, limit: int | None = None):
+    """A list-like dataset of records from a JSON file (a list), a JSONL file, a folder saved with
+    `datasets.Dataset.save_to_disk`, a `datasets.Dataset`, or a list of dicts. `limit` keeps the first records.
+
+    Relative image paths of a file source are resolved against `image_root` (default: the file's folder).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir():
+            import datasets
+
+            records = datasets.load_from_disk(str(path))
+        elif path.suffix == ".jsonl":
+            with open(path) as f:
+                records = [json.loads(line) for line in f if line.strip()]
+        elif path.suffix == ".json":
+            with open(path) as f:
+                records = json.load(f)
+        else:
+            raise ValueError(f"unsupported data file {path}: use .json (a list of records), .jsonl or a saved `datasets` folder")
+        if image_root is None and not path.is_dir():
+            image_root = path.parent
+    else:
+        records = source
+    if limit is not None:
+        records = records.select(range(min(limit, len(records)))) if hasattr(records, "select") else records[:limit]
+    return RecordDataset(records, image_root)
+
+
+class RecordDataset(torch.utils.data.Dataset):
+    """Records with their index (`__index__`), and image paths made absolute (a `torch` map-style dataset)."""
+
+    def __init__(self, records, image_root: str | os.PathLike | None = None):
+        self.records = records
+        self.image_root = Path(image_root) if image_root is not None else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        record = dict(self.records[int(index)])
+        record["__index__"] = int(index)
+        if self.image_root is not None:
+            images = record_images(record)
+            record["images"] = [str(self.image_root / i) if isinstance(i, str) and not os.path.isabs(i) else i for i in images]
+            record.pop("image", None)
+        return record
+
+
+def record_images(record: dict) -> list:
+    images = record.get("images", record.get("image"))
+    if images is None:
+        return []
+    if isinstance(images, (str, os.PathLike)) or hasattr(images, "convert"):
+        return [images]
+    return list(images)
+
+
+def open_image(image):
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        with Image.open(image) as opened:
+            return opened.convert("RGB")
+    if isinstance(image, dict) and ("bytes" in image or "path" in image):  # a `datasets` Image feature, undecoded
+        import io
+
+        data = image.get("bytes")
+        return Image.open(io.BytesIO(data)).convert("RGB") if data else open_image(image["path"])
+    return image.convert("RGB")
+
+
+def record_messages(record: dict) -> list[dict]:
+    """The record as chat messages (`[{"role", "content": [...]}]`); `<image>` markers become image entries placed
+    first in their turn. A record whose turns hold no marker gets its images at the start of the first user turn."""
+    turns = record.get("conversations")
+    if turns is None:
+        turns = record.get("messages")
+    if not turns:
+        raise ValueError(f"record {record.get('__index__', '?')} has no 'conversations' (or 'messages')")
+    num_images = len(record_images(record))
+    messages, placed = [], 0
+    for turn in turns:
+        role = turn.get("from", turn.get("role"))
+        value = turn.get("value", turn.get("content"))
+        if role in USER_ROLES:
+            role = "user"
+        elif role in ASSISTANT_ROLES:
+            role = "assistant"
+        elif role != "system":
+            raise ValueError(f"unknown role {role!r} in record {record.get('__index__', '?')}")
+        if not isinstance(value, str):  # already in the chat-content format
+            messages.append({"role": role, "content": value})
+            placed += sum(1 for c in value if isinstance(c, dict) and c.get("type") == "image")
+            continue
+        markers = value.count(IMAGE_MARKER) if role == "user" else 0
+        text = value.replace(IMAGE_MARKER, "").strip() if markers else value
+        content = [{"type": "image"} for _ in range(markers)] + [{"type": "text", "text": text}]
+        messages.append({"role": role, "content": content})
+        placed += markers
+    if placed == 0 and num_images:
+        first_user = next(m for m in messages if m["role"] == "user")
+        first_user["content"] = [{"type": "image"} for _ in range(num_images)] + first_user["content"]
+    elif placed != num_images:
+        raise ValueError(f"record {record.get('__index__', '?')} has {num_images} images but {placed} <image> markers")
+    return messages
+
+
+# -- the collator --------------------------------------------------------------------------------------------------
+
+
+def _find(sequence: list[int], pattern: list[int], start: int) -> int:
+    width = len(pattern)
+    for i in range(start, len(sequence) - width + 1):
+        if sequence[i : i + width] == pattern:
+            return i
+    return -1
+
+
+class VisorDataCollator:
+    """Batches of VISOR training inputs from conversation records.
+
+    processor: a [`VisorProcessor`] (or any LLaVA-OneVision-style processor with a chat template, a `tokenizer` and
+        an image processor; it must put the routing token after each question itself).
+    max_length: sequences longer than this are cut on the right (`None`: no cut). A cut never removes image tokens
+        (that would break the image features): make it larger than the longest prompt.
+    assistant_header / turn_end: the text that opens an assistant turn and closes a turn in the rendered template
+        (Qwen2 / LLaVA-OV: `"<|im_start|>assistant"` and `"<|im_end|>"`). The label span of an answer starts after the
+        header (and the white space the template puts after it) and ends with `turn_end`, included, so the model
+        learns to stop.
+    The output holds `input_ids`, `attention_mask`, `labels`, the image tensors (`pixel_values`, `image_sizes`,
+    `batch_num_images`) when the batch has images, and `sample_index` (the dataset index of each row; the trainers
+    remove it before the forward).
+    """
+
+    def __init__(self, processor, max_length: int | None = None, assistant_header: str = "<|im_start|>assistant", turn_end: str = "<|im_end|>"):
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.max_length = max_length
+        self.header_ids = self.tokenizer(assistant_header, add_special_tokens=False)["input_ids"]
+        self.end_ids = self.tokenizer(turn_end, add_special_tokens=False)["input_ids"]
+        # white space after the header ("\n" in Qwen2) belongs to the prompt
+        self.space_ids = {i for w in ("\n", " ", "\n\n", " \n") for i in self.tokenizer(w, add_special_tokens=False)["input_ids"]}
+        if not self.header_ids or not self.end_ids:
+            raise ValueError("assistant_header and turn_end must tokenize to at least one token")
+
+    def render(self, record: dict) -> str:
+        return self.processor.apply_chat_template(record_messages(record), tokenize=False, add_generation_prompt=False)
+
+    def answer_mask(self, ids: list[int]) -> list[bool]:
+        """True at the tokens of every assistant answer (its text and its end-of-turn token)."""
+        mask = [False] * len(ids)
+        position = 0
+        while True:
+            start = _find(ids, self.header_ids, position)
+            if start < 0:
+                return mask
+            begin = start + len(self.header_ids)
+            while begin < len(ids) and ids[begin] in self.space_ids:
+                begin += 1
+            end = _find(ids, self.end_ids, begin)
+            stop = len(ids) if end < 0 else end + len(self.end_ids)
+            for i in range(begin, stop):
+                mask[i] = True
+            position = stop
+
+    def __call__(self, records: Sequence[dict]) -> dict:
+        texts, images = [], []
+        for record in records:
+            texts.append(self.render(record))
+            images.extend(open_image(i) for i in record_images(record))
+        kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
+        if images:
+            kwargs["images"] = images
+        batch = dict(self.processor(**kwargs))
+        input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row in range(input_ids.shape[0]):
+            ids = input_ids[row].tolist()
+            mask = self.answer_mask(ids)
+            for i, (m, valid) in enumerate(zip(mask, attention_mask[row].tolist())):
+                if m and valid:
+                    labels[row, i] = ids[i]
+        if self.max_length is not None and input_ids.shape[1] > self.max_length:
+            # cut the tail of right-padded rows / the end of every row (keeps the images, which come first)
+            keep = self.max_length
+            if getattr(self.tokenizer, "padding_side", "right") == "left":
+                raise ValueError("max_length cuts need right padding: set processor.tokenizer.padding_side = 'right'")
+            batch["input_ids"], batch["attention_mask"], labels = input_ids[:, :keep], attention_mask[:, :keep], labels[:, :keep]
+        batch["labels"] = labels
+        batch["sample_index"] = torch.tensor([r.get("__index__", -1) for r in records], dtype=torch.long)
+        return batch
+
+
+def load_processor(path: str | os.PathLike):
+    """The processor of a VISOR checkpoint (`AutoProcessor`, the `VisorProcessor` registered by `import visor_hf`)."""
+    from transformers import AutoProcessor
+
+    import visor_hf  # noqa: F401  (registers the auto classes)
+
+    return AutoProcessor.from_pretrained(str(path))
+
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images", "labels")
+
+
+def model_inputs(batch: dict, keep_labels: bool = True) -> dict:
+    """The entries of a collated batch that the model's forward takes."""
+    keys = MODEL_INPUT_KEYS if keep_labels else MODEL_INPUT_KEYS[:-1]
+    return {k: batch[k] for k in keys if k in batch}
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "RecordDataset",
+    "VisorDataCollator",
+    "load_processor",
+    "load_records",
+    "model_inputs",
+    "record_messages",
+]

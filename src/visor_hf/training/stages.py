@@ -1,0 +1,352 @@
+"""Stage training (stage 1, stage 2, universal fine-tuning) on the HF `Trainer`.
+
+- stage `"1"`: every converted LLaVA-OV weight frozen; the new modules (cross-attention blocks with their norms and
+  conv position embedding) train; maximal configuration.
+- stage `"2"`: the LLM, the projector and the CA blocks train (full fine-tuning) or LoRA adapters on the LLM's
+  attention/MLP projections and the CA blocks' projections (PEFT); maximal configuration. The vision tower is
+  frozen unless `train_vision_tower`.
+- stage `"universal"`: as stage 2, but each optimisation step runs one configuration of `config.configurations`
+  drawn by a [`UniversalConfigurationSampler`] from `(seed, global_step)`.
+
+The router never trains here (it gets no gradient from the language-modelling loss; see `router.py`). Multi-GPU,
+mixed precision, gradient accumulation, checkpoints and resumption, logging and progress bars are the `Trainer`'s.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainingArguments
+
+from ..modeling import VisorForConditionalGeneration
+from .data import VisorDataCollator, load_processor, load_records, model_inputs
+from .universal import ConfigurationLogCallback, UniversalConfigurationSampler
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("1", "2", "universal")
+
+# PEFT matches a regex against the full module name: the LLM's attention and MLP projections and the cross-attention
+# blocks' projections. SigLIP's `vision_tower...self_attn.q_proj` does not match (it is not under `language_model`).
+LORA_TARGET_MODULES = (
+    r".*model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+    r"|.*model\.cross_attention_blocks\.\d+\.cross_attn\.(q|k|v|o)_proj"
+)
+# Added to the targets when the vision tower trains under LoRA.
+LORA_VISION_TARGET_MODULES = r"|.*model\.vision_tower\..*\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
+LORA_MODULES_TO_SAVE = ["router"]
+
+NEW_MODULE_PREFIXES = ("model.cross_attention_blocks.",)
+ROUTER_PREFIX = "model.router."
+VISION_PREFIX = "model.vision_tower."
+
+
+@dataclass
+class LoraOptions:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: str = LORA_TARGET_MODULES
+    modules_to_save: tuple[str, ...] = tuple(LORA_MODULES_TO_SAVE)
+    merge: bool = True  # write the merged model (and the adapter in `adapter/`)
+
+
+# -- freezing ------------------------------------------------------------------------------------------------------
+
+
+def _base_name(name: str) -> str:
+    """A parameter name without a PEFT wrapper prefix."""
+    return re.sub(r"^base_model\.model\.", "", name)
+
+
+def set_trainable(model, stage: str, train_vision_tower: bool = False) -> list[str]:
+    """Set `requires_grad` for a stage on a plain (non-PEFT) model; returns the names of the trainable parameters.
+
+    stage `"1"`: the new modules only; `"2"` / `"universal"`: everything but the router (and the vision tower unless
+    `train_vision_tower`); `"router"`: the router only.
+    """
+    if stage not in (*STAGES, "router"):
+        raise ValueError(f"unknown stage {stage!r}: use one of {(*STAGES, 'router')}")
+    trainable = []
+    for name, parameter in model.named_parameters():
+        base = _base_name(name)
+        if stage == "1":
+            on = base.startswith(NEW_MODULE_PREFIXES)
+        elif stage == "router":
+            on = base.startswith(ROUTER_PREFIX)
+        else:
+            on = not base.startswith(ROUTER_PREFIX) and (train_vision_tower or not base.startswith(VISION_PREFIX))
+        parameter.requires_grad_(on)
+        if on:
+            trainable.append(name)
+    if not trainable:
+        raise ValueError(f"stage {stage}: the model has no parameter to train (no CA block or router?)")
+    return trainable
+
+
+def apply_lora(model, options: LoraOptions, train_vision_tower: bool = False):
+    """Wrap the model with PEFT LoRA adapters (LLM attention/MLP, CA blocks; vision tower too if asked); the router
+    is a `modules_to_save` copy. Everything else is frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = options.target_modules + (LORA_VISION_TARGET_MODULES if train_vision_tower else "")
+    config = LoraConfig(
+        r=options.r,
+        lora_alpha=options.alpha,
+        lora_dropout=options.dropout,
+        target_modules=targets,
+        modules_to_save=list(options.modules_to_save),
+    )
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    peft_model = get_peft_model(model, config)
+    # the router copy gets no LM gradient anyway; keep it frozen until router training
+    for name, parameter in peft_model.named_parameters():
+        if "router" in name:
+            parameter.requires_grad_(False)
+    return peft_model
+
+
+# -- the trainer ---------------------------------------------------------------------------------------------------
+
+
+class VisorTrainer(Trainer):
+    """`Trainer` that runs a fixed VISOR configuration (default `"max"`) or, with a `sampler`, the configuration that
+    the sampler gives for the current optimisation step (`state.global_step`, equal for every micro-batch of a
+    gradient-accumulation step and restored on resume). `configuration_trace` records `(step, configuration)` for
+    every micro-batch of this process."""
+
+    def __init__(self, *args, visor_configuration="max", sampler: UniversalConfigurationSampler | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.visor_configuration = visor_configuration
+        self.sampler = sampler
+        self.configuration_trace: list[tuple[int, object]] = []
+
+    def current_configuration(self):
+        if self.sampler is not None:
+            return self.sampler(self.state.global_step)
+        return self.visor_configuration
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = model_inputs(inputs)
+        # evaluation runs the fixed configuration ("max"); training the step's configuration
+        configuration = self.current_configuration() if model.training else self.visor_configuration
+        if model.training:
+            self.configuration_trace.append((self.state.global_step, configuration))
+        inputs["visor_configuration"] = configuration
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+
+    def _remove_unused_columns(self, dataset, description=None):  # records are raw dicts; the collator picks fields
+        return dataset
+
+
+def make_training_arguments(output_dir, training_args=None, **overrides) -> TrainingArguments:
+    """`TrainingArguments` from a dict (or a `TrainingArguments`, returned as is) with VISOR's defaults:
+    `remove_unused_columns=False` (the collator reads raw records), `prediction_loss_only=True` (evaluation
+    reports the loss; use `visor-hf evaluate` for accuracy and FLOPs) and no reporting integration."""
+    if isinstance(training_args, TrainingArguments):
+        return training_args
+    fields = {"output_dir": str(output_dir), "remove_unused_columns": False, "report_to": "none", "prediction_loss_only": True}
+    fields.update({k: v for k, v in overrides.items() if v is not None})
+    fields.update(training_args or {})
+    return TrainingArguments(**fields)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+
+
+def load_model(path, dtype=None, attn_implementation: str | None = None) -> VisorForConditionalGeneration:
+    import visor_hf  # noqa: F401
+
+    kwargs = {}
+    if dtype is not None:
+        kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    return VisorForConditionalGeneration.from_pretrained(str(path), **kwargs)
+
+
+def save_checkpoint(model, processor, output_dir, extra: dict | None = None) -> Path:
+    """Write a complete VISOR checkpoint folder: weights (safetensors), config, processor and the remote code
+    (`model=None`: the weights and config are already there)."""
+    from ..conversion.convert import AUTO_MAP, PROCESSOR_AUTO_MAP, remote_code_files
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if model is not None:
+        model.config.auto_map = dict(AUTO_MAP)
+        model.config.architectures = ["VisorForConditionalGeneration"]
+        model.save_pretrained(str(output_dir))
+    if processor is not None:
+        processor.auto_map = dict(PROCESSOR_AUTO_MAP)
+        processor.save_pretrained(str(output_dir))
+    for path in remote_code_files():
+        shutil.copyfile(path, output_dir / path.name)
+    if extra:
+        with open(output_dir / "visor_training.json", "w") as f:
+            json.dump(extra, f, indent=2)
+    return output_dir
+
+
+def save_trained(trainer, processor, output_dir, summary: dict, lora: LoraOptions | None = None) -> None:
+    """Write the trained model as a complete checkpoint folder, from every process (collective).
+
+    `Trainer.save_model` gathers the weights that DeepSpeed ZeRO-3 / FSDP shard over the ranks; the main process
+    then adds the processor, the remote code and `visor_training.json`, and removes the `Trainer`'s pickled
+    `training_args.bin` (the arguments are in `visor_training.json`; checkpoint-N folders keep theirs for resuming).
+    With LoRA, the adapter goes to `output_dir/adapter` and, if `lora.merge`, the merged model to `output_dir`
+    (merging needs the full weights on the main process: with ZeRO-3 / FSDP use `merge=False` and merge afterwards).
+    """
+    from ..conversion.convert import AUTO_MAP, PROCESSOR_AUTO_MAP
+
+    output_dir = Path(output_dir)
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    base = unwrapped.get_base_model() if lora is not None else unwrapped
+    base.config.auto_map = dict(AUTO_MAP)
+    base.config.architectures = ["VisorForConditionalGeneration"]
+    processor.auto_map = dict(PROCESSOR_AUTO_MAP)
+    summary = {**summary, "training_args": trainer.args.to_dict()}
+    if lora is None:
+        trainer.save_model(str(output_dir))
+        if trainer.is_world_process_zero():
+            save_checkpoint(None, processor, output_dir, summary)
+    else:
+        trainer.save_model(str(output_dir / "adapter"))
+        if trainer.is_world_process_zero():
+            (output_dir / "adapter" / "training_args.bin").unlink(missing_ok=True)
+            if lora.merge:
+                save_checkpoint(unwrapped.merge_and_unload(), processor, output_dir, summary)
+            else:
+                (output_dir / "visor_training.json").write_text(json.dumps(summary, indent=2))
+    if trainer.is_world_process_zero():
+        (output_dir / "training_args.bin").unlink(missing_ok=True)
+    trainer.accelerator.wait_for_everyone()
+
+
+# -- the stages ----------------------------------------------------------------------------------------------------
+
+
+def train_stage(
+    model_path,
+    data,
+    output_dir,
+    stage: str,
+    *,
+    eval_data=None,
+    training_args: dict | TrainingArguments | None = None,
+    lora: LoraOptions | None = None,
+    train_vision_tower: bool = False,
+    seed: int = 0,
+    sampling: str = "cycle",
+    configurations: list[int] | None = None,
+    resume_from_checkpoint: str | bool | None = None,
+    image_root=None,
+    max_length: int | None = None,
+    limit: int | None = None,
+    dtype=None,
+    attn_implementation: str | None = None,
+    callbacks: list | None = None,
+):
+    """Train one stage and write the result to `output_dir` (a complete VISOR checkpoint; with LoRA the merged
+    model, and the adapter in `output_dir/adapter`). Returns the `VisorTrainer` (its `state`, `configuration_trace`).
+
+    `configurations` (universal only): indices into `config.configurations` to sample from (default: all).
+    `training_args`: `TrainingArguments` or a dict of its fields (`output_dir` defaults to `output_dir`).
+    """
+    stage = str(stage)
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
+    if stage == "1" and lora is not None:
+        raise ValueError("stage 1 trains the new modules fully; LoRA is for stage 2 and universal fine-tuning")
+    args = make_training_arguments(output_dir, training_args, seed=seed)
+    model = load_model(model_path, dtype, attn_implementation)
+    processor = load_processor(model_path)
+    config = model.config
+
+    sampler = None
+    if stage == "universal":
+        pool = list(range(len(config.configurations))) if configurations is None else [int(i) for i in configurations]
+        bad = [i for i in pool if not 0 <= i < len(config.configurations)]
+        if bad or not pool:
+            raise ValueError(f"configurations {configurations} must be indices into the model's {len(config.configurations)} configurations")
+        sampler = _IndexedSampler(UniversalConfigurationSampler(len(pool), seed=seed, strategy=sampling), pool)
+        if len(pool) == 1:
+            logger.warning("universal fine-tuning with a single configuration: run `visor-hf search` first")
+
+    if lora is not None:
+        model = apply_lora(model, lora, train_vision_tower)
+    else:
+        set_trainable(model, stage, train_vision_tower)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("stage %s: %d of %d parameters train (%.2f %%)", stage, trainable, total, 100 * trainable / max(total, 1))
+
+    train_dataset = load_records(data, image_root, limit)
+    eval_dataset = load_records(eval_data, image_root) if eval_data is not None else None
+    collator = VisorDataCollator(processor, max_length=max_length)
+    callbacks = list(callbacks or [])
+    if sampler is not None:
+        callbacks.append(ConfigurationLogCallback(sampler, config.configurations))
+    trainer = VisorTrainer(
+        model=model,
+        args=args,
+        data_collator=collator,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=processor,
+        callbacks=callbacks,
+        visor_configuration="max",
+        sampler=sampler,
+    )
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    trainer.log_metrics("train", result.metrics)
+
+    summary = {
+        "stage": stage,
+        "source": str(model_path),
+        "global_step": trainer.state.global_step,
+        "trainable_parameters": trainable,
+        "lora": None if lora is None else {"r": lora.r, "alpha": lora.alpha, "target_modules": lora.target_modules, "merged": lora.merge},
+        "train_vision_tower": train_vision_tower,
+        "train_metrics": result.metrics,
+    }
+    if sampler is not None:
+        summary["universal"] = {"seed": seed, "strategy": sampling, "configurations": sampler.pool}
+    save_trained(trainer, processor, output_dir, summary, lora=lora)
+    trainer.accelerator.wait_for_everyone()
+    return trainer
+
+
+class _IndexedSampler:
+    """A sampler over a subset `pool` of the configuration indices."""
+
+    def __init__(self, sampler: UniversalConfigurationSampler, pool: list[int]):
+        self.sampler, self.pool = sampler, pool
+
+    def __call__(self, step: int) -> int:
+        return self.pool[self.sampler(step)]
+
+    def sequence(self, start: int, stop: int) -> list[int]:
+        return [self(k) for k in range(start, stop)]
+
+
+__all__ = [
+    "LORA_MODULES_TO_SAVE",
+    "LORA_TARGET_MODULES",
+    "LoraOptions",
+    "STAGES",
+    "VisorTrainer",
+    "apply_lora",
+    "load_model",
+    "make_training_arguments",
+    "save_checkpoint",
+    "save_trained",
+    "set_trainable",
+    "train_stage",
+]

@@ -1,0 +1,300 @@
+"""End-to-end training pipeline on a tiny converted LLaVA-OV and a synthetic dataset (CPU, offline):
+convert -> stage 1 -> stage 2 (LoRA and full) -> search -> universal -> label -> router -> evaluate, each through the
+`visor-hf` command line, plus stage-1 freezing, gradient accumulation and resumption of the universal schedule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from visor_hf.cli import main
+from visor_hf.conversion import convert
+from visor_hf.testing import save_tiny_llava
+from visor_hf.training import UniversalConfigurationSampler, make_synthetic_dataset, train_stage
+
+COMMON = ["--use-cpu", "--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1", "--report-to", "none"]
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out
+
+
+def changed(before: dict, after: dict) -> set[str]:
+    assert set(before) == set(after)
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    save_tiny_llava(root / "llava")
+    convert(root / "llava", root / "visor")  # CA 0, 3; SA 2, 4; configurations [], [2], [2, 4]; router layer 1
+    make_synthetic_dataset(root / "data", num_samples=12, seed=0)
+    make_synthetic_dataset(root / "eval", num_samples=8, seed=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def stage1(workdir):
+    out = workdir / "stage1"
+    assert main(["train", "--stage", "1", "--model", str(workdir / "visor"), "--data", str(workdir / "data/data.jsonl"),
+                 "--output-dir", str(out), "--max-steps", "3", *COMMON]) == 0
+    return out
+
+
+def test_stage1_changes_only_the_new_modules(workdir, stage1):
+    before, after = weights(workdir / "visor"), weights(stage1)
+    diff = changed(before, after)
+    assert diff, "stage 1 did not train anything"
+    assert all(k.startswith("model.cross_attention_blocks.") for k in diff), sorted(diff)
+    # every CA block trained (its projections moved)
+    assert {k.split(".")[2] for k in diff} == {"0", "3"}
+    assert (stage1 / "visor_training.json").is_file() and (stage1 / "modeling_visor.py").is_file()
+    assert not list(stage1.glob("*.bin")) and not list(stage1.glob("*.pt"))  # the final folder holds no pickle
+    assert (stage1 / "processor_config.json").is_file() or (stage1 / "preprocessor_config.json").is_file()
+
+
+def test_stage2_full_freezes_the_vision_tower_and_router(workdir, stage1):
+    out = workdir / "stage2_full"
+    assert main(["train", "--stage", "2", "--model", str(stage1), "--data", str(workdir / "data/data.jsonl"),
+                 "--output-dir", str(out), "--max-steps", "2", *COMMON]) == 0
+    diff = changed(weights(stage1), weights(out))
+    assert any(k.startswith("model.language_model.layers.") for k in diff)
+    assert any(k.startswith("model.cross_attention_blocks.") for k in diff)
+    assert not any(k.startswith(("model.vision_tower.", "model.router.")) for k in diff)
+
+
+def test_pipeline_end_to_end(workdir, stage1):
+    data = str(workdir / "data/data.jsonl")
+    eval_data = str(workdir / "eval/data.jsonl")
+
+    # stage 2 with LoRA: the merged model and the adapter
+    stage2 = workdir / "stage2"
+    assert main(["train", "--stage", "2", "--model", str(stage1), "--data", data, "--output-dir", str(stage2),
+                 "--max-steps", "2", "--lora", "--lora-r", "4", "--lora-alpha", "8", *COMMON]) == 0
+    assert (stage2 / "adapter" / "adapter_config.json").is_file()
+    adapter = json.loads((stage2 / "adapter" / "adapter_config.json").read_text())
+    assert "router" in adapter["modules_to_save"]
+    diff = changed(weights(stage1), weights(stage2))
+    assert diff and not any("vision_tower" in k for k in diff)
+    assert not any("lora" in k for k in weights(stage2))  # merged
+    assert not list(stage2.glob("*.bin")) and not list((stage2 / "adapter").glob("*.bin"))
+
+    # search: exhaustive over the switchable layers (2 and 4), every candidate viable with threshold 1
+    searched = workdir / "search"
+    assert main(["search", "--model", str(stage2), "--data", eval_data, "--output-dir", str(searched), "--threshold", "1.0"]) == 0
+    results = [json.loads(line) for line in (searched / "search_results.jsonl").read_text().splitlines()]
+    assert sorted(r["layers"] for r in results) == [[], [2], [2, 4], [4]]
+    for r in results:
+        assert {"accuracy", "loss", "average_flops", "flops_ratio_to_max", "viable"} <= set(r)
+    flops = {tuple(r["layers"]): r["average_flops"] for r in results}
+    assert flops[()] < flops[(2,)] == flops[(4,)] < flops[(2, 4)]
+    config = json.loads((searched / "config.json").read_text())
+    assert config["configurations"] == [[], [2], [4], [2, 4]]
+    assert weights(searched)["model.router.fc2.weight"].shape[0] == 4
+
+    # universal fine-tuning with gradient accumulation: one configuration per optimisation step
+    universal = workdir / "universal"
+    trainer = train_stage(searched, data, universal, "universal", seed=3, training_args={
+        "max_steps": 4, "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2, "learning_rate": 1e-3,
+        "use_cpu": True, "report_to": "none", "save_strategy": "no", "logging_steps": 1,
+    })
+    sampler = UniversalConfigurationSampler(4, seed=3)
+    steps = {}
+    for step, configuration in trainer.configuration_trace:
+        steps.setdefault(step, set()).add(configuration)
+    assert sorted(steps) == [0, 1, 2, 3]
+    assert all(len(v) == 1 for v in steps.values())  # every micro-batch of a step: the same configuration
+    assert [steps[k].pop() for k in range(4)] == sampler.sequence(0, 4)
+    assert sorted(sampler.sequence(0, 4)) == [0, 1, 2, 3]  # the first cycle covers every viable configuration
+    log = [json.loads(line) for line in (universal / "universal_configurations.jsonl").read_text().splitlines()]
+    assert [e["configuration"] for e in log] == sampler.sequence(0, 4)
+    assert changed(weights(searched), weights(universal))
+
+    # pseudo-labels: a table of every configuration on every sample, one label per sample
+    labelled = workdir / "labels"
+    assert main(["label", "--model", str(universal), "--data", data, "--output-dir", str(labelled), "--limit", "8"]) == 0
+    table = [json.loads(line) for line in (labelled / "pseudo_label_table.jsonl").read_text().splitlines()]
+    assert len(table) == 8 * 4 and {"index", "configuration", "correct", "loss", "flops"} <= set(table[0])
+    labels = [json.loads(line) for line in (labelled / "pseudo_labels.jsonl").read_text().splitlines()]
+    assert [entry["index"] for entry in labels] == list(range(8))
+    assert json.loads((labelled / "pseudo_label_summary.json").read_text())["samples"] == 8
+
+    # router training: only the router changes; the report compares with always-max
+    routed = workdir / "router"
+    assert main(["train-router", "--model", str(universal), "--data", data, "--labels", str(labelled),
+                 "--output-dir", str(routed), "--max-steps", "3", *COMMON]) == 0
+    diff = changed(weights(universal), weights(routed))
+    assert diff and all(k.startswith("model.router.") for k in diff)
+    report = json.loads((routed / "router_report.json").read_text())
+    assert 0.0 <= report["router_accuracy"] <= 1.0
+    assert report["average_flops_router"] <= report["average_flops_max"]
+
+    # evaluation with the router and with a fixed configuration
+    for configuration, name in (("auto", "eval_router"), ("max", "eval_max"), ("0", "eval_ca_only")):
+        assert main(["evaluate", "--model", str(routed), "--data", eval_data, "--configuration", configuration,
+                     "--output-dir", str(workdir / name)]) == 0
+    router_summary = json.loads((workdir / "eval_router/summary.json").read_text())
+    max_summary = json.loads((workdir / "eval_max/summary.json").read_text())
+    ca_only = json.loads((workdir / "eval_ca_only/summary.json").read_text())
+    assert sum(router_summary["configuration_histogram"].values()) == 8
+    assert max_summary["configuration_histogram"] == {"[2, 4]": 8}
+    assert ca_only["configuration_histogram"] == {"[]": 8}
+    assert ca_only["average_flops"] < max_summary["average_flops"] == max_summary["average_flops_max"]
+    assert len((workdir / "eval_router/per_sample.jsonl").read_text().splitlines()) == 8
+
+
+def test_resume_continues_the_configuration_sequence(workdir, stage1):
+    data = str(workdir / "data/data.jsonl")
+    searched = workdir / "search_resume"
+    assert main(["search", "--model", str(stage1), "--data", data, "--output-dir", str(searched), "--threshold", "1.0", "--limit", "4"]) == 0
+    straight, resumed = workdir / "universal_straight", workdir / "universal_resumed"
+    args = ["train", "--stage", "universal", "--model", str(searched), "--data", data, "--seed", "5", "--max-steps", "6",
+            "--save-steps", "3", *COMMON]
+    assert main([*args, "--output-dir", str(straight)]) == 0
+    assert (straight / "checkpoint-3").is_dir()
+    assert main([*args, "--output-dir", str(resumed), "--resume-from-checkpoint", str(straight / "checkpoint-3")]) == 0
+
+    def schedule(folder):
+        return [(e["step"], e["configuration"]) for e in map(json.loads, (folder / "universal_configurations.jsonl").read_text().splitlines())]
+
+    full = schedule(straight)
+    assert [s for s, _ in full] == list(range(6))
+    assert schedule(resumed) == full[3:]  # the resumed run picks up at step 3 with the same configurations
+    assert full == [(k, UniversalConfigurationSampler(4, seed=5)(k)) for k in range(6)]
+    # and ends with the same weights as the run that was not interrupted
+    a, b = weights(straight), weights(resumed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+DDP_SCRIPT = """
+import json, os, sys, torch
+torch.set_num_threads(1)
+from visor_hf.training import train_stage
+model, data, out = sys.argv[1:4]
+trainer = train_stage(model, data, out, "universal", seed=2, training_args=dict(
+    max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2, use_cpu=True, save_strategy="no",
+    report_to="none", disable_tqdm=True, ddp_backend="gloo"))
+with open(os.path.join(out, "trace_rank%s.json" % os.environ.get("RANK", "0")), "w") as f:
+    json.dump({"world_size": trainer.args.world_size, "trace": trainer.configuration_trace}, f)
+"""
+
+
+@pytest.mark.slow
+def test_universal_on_two_ddp_processes_draws_the_same_configurations(workdir, stage1, tmp_path):
+    """Two real processes (torchrun, gloo on the CPU): same configuration at every step on both ranks, no hang."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+
+    searched = workdir / "search_ddp"
+    assert main(["search", "--model", str(stage1), "--data", str(workdir / "eval/data.jsonl"), "--output-dir", str(searched),
+                 "--threshold", "1.0", "--limit", "2"]) == 0
+    script = tmp_path / "ddp_universal.py"
+    script.write_text(DDP_SCRIPT)
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+               str(script), str(searched), str(workdir / "data/data.jsonl"), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    traces = [json.loads((out / f"trace_rank{r}.json").read_text()) for r in range(2)]
+    assert [t["world_size"] for t in traces] == [2, 2]
+    assert traces[0]["trace"] == traces[1]["trace"]
+    assert {s for s, _ in traces[0]["trace"]} == {0, 1, 2, 3}
+    sampler = UniversalConfigurationSampler(4, seed=2)
+    assert all(c == sampler(s) for s, c in traces[0]["trace"])
+
+
+def test_scores_match_the_models_own_loss_and_argmax(workdir):
+    """Per-sample loss / exact match of `score_dataset` (logits only at answer positions) against a full forward."""
+    from visor_hf.training import VisorDataCollator, load_model, load_processor, load_records, score_dataset
+    from visor_hf.training.data import model_inputs
+
+    model = load_model(workdir / "visor").eval()
+    collator = VisorDataCollator(load_processor(workdir / "visor"))
+    dataset = load_records(workdir / "data/data.jsonl", limit=6)
+    for configuration in ("max", [], 1):
+        results = score_dataset(model, dataset, collator, configuration, batch_size=3, progress=False)
+        assert [r["index"] for r in results] == list(range(6))
+        for result in results:
+            batch = collator([dataset[result["index"]]])
+            with torch.no_grad():
+                out = model(**model_inputs(batch), visor_configuration=configuration)
+            assert result["loss"] == pytest.approx(out.loss.item(), rel=1e-4)
+            labels = batch["labels"][0, 1:]
+            predicted = out.logits[0, :-1].argmax(-1)
+            answer = labels != -100
+            assert result["correct"] == bool((predicted[answer] == labels[answer]).all())
+            assert result["answer_tokens"] == int(answer.sum())
+            assert result["flops"] <= result["flops_max"] <= result["flops_dense"] or result["n_visual"] == 0
+
+
+@pytest.mark.slow
+def test_a_model_that_learns_gives_consistent_search_labels_and_router_reports(workdir, tmp_path):
+    """Stage 2 long enough for the tiny model to answer about half of the synthetic questions, then search, labels
+    and router on real (non-zero) accuracies."""
+    from visor_hf.training import (
+        VisorDataCollator,
+        evaluate,
+        load_model,
+        load_processor,
+        load_records,
+        pseudo_label,
+        score_dataset,
+        search,
+        train_router,
+    )
+    from visor_hf.training.data import model_inputs
+
+    data = make_synthetic_dataset(tmp_path / "data", num_samples=32, seed=4)
+    trained = tmp_path / "trained"
+    train_stage(workdir / "visor", data, trained, "2", training_args={
+        "max_steps": 60, "per_device_train_batch_size": 8, "learning_rate": 3e-3, "warmup_steps": 5, "use_cpu": True,
+        "report_to": "none", "save_strategy": "no", "disable_tqdm": True,
+    })
+    summary = evaluate(trained, data, visor_configuration="max")
+    assert summary["accuracy"] > 0.25
+
+    # exact match from the answer-only logits agrees with a full forward, on correct and wrong samples alike
+    model = load_model(trained).eval()
+    collator = VisorDataCollator(load_processor(trained))
+    dataset = load_records(data)
+    results = score_dataset(model, dataset, collator, "max", batch_size=8, progress=False)
+    assert {r["correct"] for r in results} == {True, False}
+    for result in results[:12]:
+        batch = collator([dataset[result["index"]]])
+        with torch.no_grad():
+            out = model(**model_inputs(batch), visor_configuration="max")
+        labels, predicted = batch["labels"][0, 1:], out.logits[0, :-1].argmax(-1)
+        assert result["correct"] == bool((predicted[labels != -100] == labels[labels != -100]).all())
+
+    result = search(trained, data, tmp_path / "searched", threshold=0.2)
+    reference = result["reference"]["accuracy"]
+    for candidate in result["candidates"]:
+        assert candidate["viable"] == (candidate["accuracy"] >= 0.8 * reference - 1e-12 or candidate["layers"] == [2, 4])
+    assert [2, 4] in result["written"]
+
+    if len(result["written"]) > 1:
+        report = pseudo_label(tmp_path / "searched", data, tmp_path / "labels")
+        assert report["label_accuracy"] >= 0.99 * report["max_accuracy"] - 1e-12
+        assert report["average_flops_labels"] <= report["average_flops_max"]
+        router = train_router(tmp_path / "searched", data, tmp_path / "labels", tmp_path / "router", training_args={
+            "max_steps": 20, "per_device_train_batch_size": 8, "learning_rate": 1e-2, "use_cpu": True, "report_to": "none",
+            "save_strategy": "no", "disable_tqdm": True,
+        })
+        assert 0 <= router["router_accuracy"] <= 1
+        assert router["average_flops_router"] <= router["average_flops_max"]
