@@ -1,0 +1,302 @@
+"""The toy VISOR, end to end, in one command (CPU, one torch thread):
+
+    HF_HUB_OFFLINE=1 python examples/toy/train_toy.py --out runs/toy [--ship]
+
+1. trains a tiny LLaVA-OneVision from scratch on the synthetic visual questions of `visor_hf.toy` (train_llava.py);
+2. converts it to VISOR with `visor_hf.conversion.convert` (8 layers: CA 0, 2, 5; SA 1, 3, 6, 7; router after 0);
+3. runs the VISOR stages (train_visor.py): stage 1, stage 2, configuration search, universal fine-tuning,
+   per-sample labels, router;
+4. evaluates dense LLaVA-OV, token pooling 2x/4x on it, every kept VISOR configuration and the router on a
+   held-out set, and writes `results.json`, `results.md` and `accuracy_vs_flops.png` to `--out`.
+
+`--ship` also copies the trained VISOR checkpoint to `src/visor_hf/assets/toy-visor/` and the table and plot to
+`docs/`. Every random draw is seeded: the pictures by their index, the model initialisations and data orders by
+`--seed`. (Float summation order on other machines may still change the last digits.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import dump, fmt, log, set_seed  # noqa: E402
+from train_llava import evaluate_llava, train_llava  # noqa: E402
+from train_visor import LABEL_SEED_BASE, VISOR_TRAIN_SEED_BASE, evaluate_visor, load, report, trainer_args, write_records  # noqa: E402
+from transformers import LlavaOnevisionForConditionalGeneration  # noqa: E402
+
+from visor_hf.modeling.flops_visor import FlopsShape, prefill_flops  # noqa: E402
+from visor_hf.toy.data import eval_set  # noqa: E402
+from visor_hf.toy.model import IMAGE_ID, PAD_ID, encode_batch, num_pooled_tokens, toy_image_processor  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CROSS = [0, 2, 5]
+SELF = [1, 3, 6, 7]
+ROUTER_LAYER = 0
+TEST_SEED, TEST_IMAGES = 2, 200  # the held-out set of the results table (1000 questions)
+CI_SEED, CI_IMAGES = 3, 40  # the fixed held-out set of the CI test (200 questions)
+SEARCH_SEED_BASE, SEARCH_IMAGES = 40_000_000, 60
+
+
+def dense_report(llava, examples, pool: int) -> dict:
+    acc, correct = evaluate_llava(llava, examples, pool)
+    shape = FlopsShape.from_config(llava.config)
+    flops = []
+    for chunk_start in range(0, len(examples), 100):
+        batch = encode_batch(examples[chunk_start : chunk_start + 100], None, toy_image_processor())
+        for row in batch["input_ids"]:
+            n_visual = int((row == IMAGE_ID).sum())
+            n_text = int((row != PAD_ID).sum()) - n_visual
+            flops.append(prefill_flops(shape, n_text, num_pooled_tokens(pool)))
+    dense = [prefill_flops(shape, f_text, 88) for f_text in _text_counts(examples)]
+    mean, dmean = float(np.mean(flops)), float(np.mean(dense))
+    return {"accuracy": acc, "flops": mean, "dense_flops": dmean, "flops_ratio": mean / dmean, "saving": dmean / mean}
+
+
+def _text_counts(examples) -> list[int]:
+    counts = []
+    for e in examples:
+        counts.append(2 + len(e.question.text.split()) + 3)  # <|im_start|> user ... <|im_end|> <|im_start|> assistant
+    return counts
+
+
+def soft_labels(model_path, data, output_dir, keep: float = 0.99) -> dict:
+    """Router labels with the project's rule (`visor_hf.training.assign_labels`: the cheapest configuration that
+    keeps the sample, ties by loss) on a per-sample *expected* accuracy: a configuration keeps a sample when its
+    probability of the reference answer, exp(-loss) over the answer and its <|im_end|>, is at least `keep` times the
+    maximal configuration's. (On one-word answers the greedy 0/1 correctness of a single sample is mostly chance for
+    the cheap configurations: with it, 80 % of the counting questions were labelled CA-only and the router learned to
+    pick CA-only for everything.) Writes `pseudo_label_table.jsonl`, `pseudo_labels.jsonl` and the summary."""
+    import json
+    import math
+
+    from visor_hf.training import assign_labels, build_table
+    from visor_hf.training.data import VisorDataCollator, load_processor, load_records
+    from visor_hf.training.evaluation import write_jsonl
+    from visor_hf.training.stages import load_model
+
+    model = load_model(model_path, attn_implementation="sdpa").eval()
+    processor = load_processor(model_path)
+    table = build_table(model, load_records(data), VisorDataCollator(processor), batch_size=50)
+    configurations = model.config.configurations
+    max_index = max(range(len(configurations)), key=lambda c: (len(configurations[c]), c))
+    best = {r["index"]: r for r in table if r["configuration"] == max_index}
+    for r in table:
+        p = math.exp(-r["loss"] * r["answer_tokens"])
+        p_max = math.exp(-best[r["index"]]["loss"] * best[r["index"]]["answer_tokens"])
+        r["greedy_correct"] = r["correct"]
+        r["correct"] = p >= keep * p_max
+    labels, summary = assign_labels(table, keep=keep, max_configuration=max_index, spend_slack=False)
+    summary["rule"] = f"cheapest configuration with p(answer) >= {keep} x p_max(answer); ties: lowest loss"
+    summary["configurations"] = configurations
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(output_dir / "pseudo_label_table.jsonl", table)
+    write_jsonl(output_dir / "pseudo_labels.jsonl",
+                [{"index": i, "label": c, "layers": configurations[c]} for i, c in sorted(labels.items())])
+    (output_dir / "pseudo_label_summary.json").write_text(json.dumps(summary, indent=2))
+    return {k: v for k, v in summary.items() if k != "moved_to_cheapest"}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, diff in zip(axes, ("easy", "hard")):
+        xs, ys = [], []
+        for name, r in results["rows"].items():
+            x, y = r["flops_ratio"], r["accuracy"][diff]
+            if name.startswith("VISOR ["):
+                xs.append(x)
+                ys.append(y)
+                marker, colour = "o", "tab:blue"
+            elif name == "VISOR router":
+                marker, colour = "*", "tab:red"
+            elif name.startswith("LLaVA-OV pool"):
+                marker, colour = "s", "tab:green"
+            else:
+                marker, colour = "D", "black"
+            ax.scatter([x], [y], marker=marker, color=colour, s=120 if marker == "*" else 40, zorder=3)
+            label = {"VISOR []": "CA only", "LLaVA-OV (dense)": "LLaVA-OV"}.get(name, name.replace("VISOR [", "SA ["))
+            ax.annotate(label.replace("LLaVA-OV pool", "pool"), (x, y), fontsize=7,
+                        xytext=(4, -11) if name == "VISOR router" else (3, 4), textcoords="offset points")
+        order = np.argsort(xs)
+        ax.plot(np.array(xs)[order], np.array(ys)[order], color="tab:blue", alpha=0.5)
+        ax.set_xlabel("LLM prefill FLOPs / dense LLaVA-OV")
+        ax.set_title(f"{diff} questions")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("exact-match accuracy")
+    fig.suptitle("Toy VISOR: accuracy vs FLOPs (held-out set, 1000 questions)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(results: dict) -> str:
+    lines = ["| model | SA layers | easy | hard | background | any red | count shape | count colour | cell | "
+             "mean prefill FLOPs (M) | FLOPs vs dense | saving |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["rows"].items():
+        a = r["accuracy"]
+        sa = r.get("sa_layers_text", "all")
+        lines.append(f"| {name} | {sa} | {a['easy']:.3f} | {a['hard']:.3f} | {a['background']:.3f} | {a['red']:.3f} | "
+                     f"{a['count_shape']:.3f} | {a['count_colour']:.3f} | {a['cell']:.3f} | {r['flops'] / 1e6:.1f} | "
+                     f"{r['flops_ratio']:.3f} | {r['saving']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/toy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--llava-steps", type=int, default=1500)
+    parser.add_argument("--stage1-steps", type=int, default=150)
+    parser.add_argument("--stage2-steps", type=int, default=200)
+    parser.add_argument("--universal-steps", type=int, default=300)
+    parser.add_argument("--label-images", type=int, default=300)
+    parser.add_argument("--router-steps", type=int, default=200)
+    parser.add_argument("--images-per-step", type=int, default=8)
+    parser.add_argument("--reuse-llava", action="store_true", help="skip step 1 when OUT/llava exists")
+    parser.add_argument("--ship", action="store_true", help="copy the checkpoint to src/visor_hf/assets and results to docs")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = out / "log.txt"
+    timings = {}
+    start = time.time()
+
+    # 1. LLaVA-OV from scratch
+    llava_dir = out / "llava"
+    if not (args.reuse_llava and (llava_dir / "config.json").is_file()):
+        t = time.time()
+        train_llava(str(llava_dir), steps=args.llava_steps, seed=args.seed, logfile=logfile)
+        timings["llava"] = round(time.time() - t, 1)
+
+    # 2. conversion
+    from visor_hf.conversion import convert
+
+    set_seed(args.seed)
+    converted = out / "visor-converted"
+    convert(llava_dir, converted, cross_attention_layers=CROSS, self_attention_layers=SELF,
+            configurations=[[], [1], [1, 6], [1, 3, 6], SELF], router_layer=ROUTER_LAYER, overwrite=True)
+    log(f"converted: CA {CROSS}, SA {SELF}, router layer {ROUTER_LAYER}", logfile)
+
+    # 3. VISOR stages with the project's training pipeline (visor_hf.training, HF Trainer)
+    from visor_hf.training import search, train_router, train_stage
+
+    data = out / "data"
+    images = args.images_per_step
+    batch = images * 5  # one question of each kind per picture
+    t = time.time()
+    stage_data = {name: write_records(data / name, steps * images, base)
+                  for name, steps, base in (("stage1", args.stage1_steps, VISOR_TRAIN_SEED_BASE),
+                                            ("stage2", args.stage2_steps, VISOR_TRAIN_SEED_BASE + 1_000_000),
+                                            ("universal", args.universal_steps, VISOR_TRAIN_SEED_BASE + 2_000_000))}
+    search_data = write_records(data / "search", SEARCH_IMAGES, SEARCH_SEED_BASE)
+    label_data = write_records(data / "labels", args.label_images, LABEL_SEED_BASE)
+    timings["data"] = round(time.time() - t, 1)
+    stages = out / "stages"
+    for stage, source, steps, lr in (("1", converted, args.stage1_steps, 1e-3), ("2", stages / "stage1", args.stage2_steps, 3e-4)):
+        t = time.time()
+        train_stage(source, stage_data[f"stage{stage}"], stages / f"stage{stage}", stage, seed=args.seed,
+                    attn_implementation="sdpa", training_args=trainer_args(steps, lr, batch, min(50, steps // 5), args.seed))
+        timings[f"stage{stage}"] = round(time.time() - t, 1)
+        log(f"stage {stage}: {timings[f'stage{stage}']} s", logfile)
+    # search: every subset of the SA layers on held-out records; every candidate counts as viable (threshold 1.0) and
+    # the kept set is thinned to the maximal configuration plus the best one per SA-layer count
+    t = time.time()
+    found = search(stages / "stage2", search_data, stages / "search", threshold=1.0, max_configurations=len(SELF) + 1,
+                   batch_size=50, seed=args.seed, attn_implementation="sdpa")
+    search_summary = [{k: c[k] for k in ("layers", "accuracy", "loss", "flops_ratio_to_max") if k in c} for c in found["candidates"]]
+    for c in search_summary:
+        log(f"search {c}", logfile)
+    kept = found["written"]
+    timings["search"] = round(time.time() - t, 1)
+    log(f"kept configurations: {kept}", logfile)
+    t = time.time()
+    train_stage(stages / "search", stage_data["universal"], stages / "universal", "universal", seed=args.seed,
+                attn_implementation="sdpa",
+                training_args=trainer_args(args.universal_steps, 2e-4, batch, min(50, args.universal_steps // 5), args.seed))
+    timings["universal"] = round(time.time() - t, 1)
+    t = time.time()
+    label_report = soft_labels(stages / "universal", label_data, stages / "labels", keep=0.99)
+    log(f"labels: {label_report}", logfile)
+    router_report = train_router(stages / "universal", label_data, stages / "labels", stages / "router", seed=args.seed,
+                                 attn_implementation="sdpa", batch_size=50,
+                                 training_args=trainer_args(args.router_steps, 3e-3, 64, 10, args.seed))
+    log(f"router: {router_report}", logfile)
+    timings["labels_router"] = round(time.time() - t, 1)
+    final = stages / "router"
+
+    # 4. evaluation
+    t = time.time()
+    test = eval_set(TEST_SEED, TEST_IMAGES)
+    rows = {}
+    llava = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_dir, attn_implementation="sdpa").float().eval()
+    rows["LLaVA-OV (dense)"] = dense_report(llava, test, 1)
+    rows["LLaVA-OV pool 2x"] = dense_report(llava, test, 2)
+    rows["LLaVA-OV pool 4x"] = dense_report(llava, test, 4)
+    model = load(final)
+    for c, layers in enumerate(model.config.configurations):
+        r = report(evaluate_visor(model, test, c), test)
+        r["sa_layers_text"] = str(layers)
+        rows[f"VISOR {layers}"] = r
+    routed = evaluate_visor(model, test, "auto")
+    r = report(routed, test)
+    r["sa_layers_text"] = "router"
+    r["configuration_histogram"] = {d: {str(list(c)): sum(1 for cc, e in zip(routed["configurations"], test)
+                                                          if cc == tuple(c) and e.question.difficulty == d)
+                                        for c in model.config.configurations} for d in ("easy", "hard")}
+    rows["VISOR router"] = r
+    for name, r in rows.items():
+        log(f"{name}: {fmt(r['accuracy'])} flops x{r['flops_ratio']:.3f}", logfile)
+    ci_set = eval_set(CI_SEED, CI_IMAGES)
+    ci = report(evaluate_visor(model, ci_set, "auto"), ci_set)
+    timings["evaluation"] = round(time.time() - t, 1)
+    timings["total"] = round(time.time() - start, 1)
+    results = {
+        "layout": {"cross_attention_layers": CROSS, "self_attention_layers": SELF, "router_layer": ROUTER_LAYER,
+                   "configurations": model.config.configurations},
+        "test_set": {"seed": TEST_SEED, "images": TEST_IMAGES, "questions": len(test)},
+        "rows": rows,
+        "ci": {"seed": CI_SEED, "images": CI_IMAGES, **ci},
+        "search": search_summary,
+        "labels": label_report,
+        "router_training": router_report,
+        "timings_seconds": timings,
+        "args": vars(args),
+    }
+    dump(out / "results.json", results)
+    (out / "results.md").write_text(table(results))
+    plot(results, out / "accuracy_vs_flops.png")
+    log(f"done in {timings['total']:.0f} s: {out / 'results.md'}", logfile)
+    print(table(results))
+
+    if args.ship:
+        assets = REPO / "src" / "visor_hf" / "assets" / "toy-visor"
+        if assets.exists():
+            shutil.rmtree(assets)
+        assets.mkdir(parents=True)
+        for path in final.iterdir():
+            if path.is_file() and path.suffix != ".py":  # the package holds the modeling code itself
+                shutil.copyfile(path, assets / path.name)
+        shutil.copyfile(out / "results.json", assets / "results.json")
+        shutil.copyfile(out / "accuracy_vs_flops.png", REPO / "docs" / "toy_accuracy_vs_flops.png")
+        shutil.copyfile(out / "results.md", REPO / "docs" / "toy_results.md")
+        log(f"shipped to {assets}", logfile)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Helpers of the toy recipe's VISOR part: LLaVA-style JSONL data sets for `visor_hf.training` (the project's
+training pipeline, which runs stage 1, stage 2, search, universal fine-tuning, pseudo-labels and the router) and
+the evaluation of a VISOR checkpoint under any configuration (accuracy per question kind, analytical FLOPs).
+"""
+
+from __future__ import annotations
+
+from visor_hf.modeling import VisorForConditionalGeneration
+from visor_hf.toy.data import make_scene, sample_questions
+from visor_hf.toy.evaluation import evaluate_visor, report  # noqa: F401  (re-exported for train_toy.py)
+
+VISOR_TRAIN_SEED_BASE = 20_000_000  # VISOR training pictures
+LABEL_SEED_BASE = 30_000_000  # router labelling pictures
+
+
+def load(path) -> VisorForConditionalGeneration:
+    model = VisorForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa")
+    return model.float().eval()
+
+
+# -- the project's training pipeline (visor_hf.training) -----------------------------------------------------------
+
+
+def write_records(folder, num_images: int, base_seed: int, filename: str = "data.jsonl") -> str:
+    """A LLaVA-style JSONL data set for `visor_hf.training`: one record per question (one of each kind per picture),
+    pictures as PNG files next to it. Returns the file path."""
+    import json
+    from pathlib import Path
+
+    from visor_hf.toy.data import render
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(num_images):
+        scene = make_scene(base_seed + i)
+        name = f"images/{base_seed + i}.png"
+        render(scene).save(folder / name)
+        for q in sample_questions(scene):
+            records.append({"image": name, "kind": q.kind, "conversations": [
+                {"from": "human", "value": "<image>\n" + q.text}, {"from": "gpt", "value": q.answer}]})
+    path = folder / filename
+    with open(path, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def trainer_args(steps: int, lr: float, batch: int, warmup: int, seed: int) -> dict:
+    return {"max_steps": steps, "learning_rate": lr, "per_device_train_batch_size": batch, "warmup_steps": warmup,
+            "lr_scheduler_type": "cosine", "weight_decay": 0.0, "adam_beta2": 0.98, "max_grad_norm": 1.0,
+            "logging_steps": 25, "save_strategy": "no", "use_cpu": True, "dataloader_num_workers": 0, "seed": seed,
+            "data_seed": seed, "disable_tqdm": True}

@@ -1,0 +1,82 @@
+"""`visor-hf toy`: adaptive inference with the shipped toy VISOR checkpoint on freshly generated pictures."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "toy",
+        help="answer synthetic visual questions with the shipped toy VISOR (router picks the SA layers per question)",
+        description="Generate new pictures, ask easy (background colour, any red) and hard (counting, cell content) "
+        "questions, and answer them with the toy VISOR checkpoint that ships with the package. Prints per question "
+        "the answer, the truth, the SA layers the router chose and the LLM prefill FLOPs against dense LLaVA-OV.",
+    )
+    parser.add_argument("--images", type=int, default=4, help="number of new pictures (5 questions each)")
+    parser.add_argument("--seed", type=int, default=None, help="picture seed (default: a random one, printed)")
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped toy-visor)")
+    parser.add_argument("--configuration", default="auto",
+                        help="'auto' (router, default), 'max', or a configuration index")
+    parser.add_argument("--save-images", default=None, help="folder to write the pictures to (PNG)")
+    parser.add_argument("--quiet", action="store_true", help="print the summary only")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    from ..toy.inference import DEFAULT_CHECKPOINT, answer_examples, fresh_examples, load_toy
+
+    torch.set_num_threads(args.threads)
+    seed = args.seed if args.seed is not None else random.randrange(1_000_000)
+    configuration = args.configuration
+    if configuration not in ("auto", "max"):
+        configuration = int(configuration)
+    model, processor = load_toy(args.model)
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    print(f"toy VISOR from {args.model or DEFAULT_CHECKPOINT}: {params / 1e6:.2f} M parameters, "
+          f"{config.text_config.num_hidden_layers} LLM layers, CA {config.cross_attention_layers}, "
+          f"SA {config.self_attention_layers}, router after layer {config.router_layer}")
+    print(f"configurations: {config.configurations}; pictures seed {seed} (--seed {seed} repeats this run)\n")
+    examples = fresh_examples(seed, args.images)
+    if args.save_images:
+        os.makedirs(args.save_images, exist_ok=True)
+    answers = answer_examples(model, processor, examples, visor_configuration=configuration)
+    current = None
+    for a in answers:
+        e = a.example
+        if e.scene.seed != current:
+            current = e.scene.seed
+            where = ""
+            if args.save_images:
+                where = os.path.join(args.save_images, f"toy-{e.scene.seed}.png")
+                e.image.save(where)
+                where = f" -> {where}"
+            if not args.quiet:
+                print(f"picture {e.scene.seed}{where}")
+        if not args.quiet:
+            mark = "ok " if a.correct else "BAD"
+            print(f"  [{e.question.difficulty}] {e.question.text:42s} answer {a.answer:9s} truth {e.question.answer:9s} "
+                  f"{mark} SA layers {list(a.sa_layers)!s:13s} FLOPs {a.flops_ratio:.2f}x dense")
+    print()
+    for diff in ("easy", "hard"):
+        part = [a for a in answers if a.example.question.difficulty == diff]
+        if not part:
+            continue
+        acc = sum(a.correct for a in part) / len(part)
+        layers = sum(len(a.sa_layers) for a in part) / len(part)
+        ratio = sum(a.prefill_flops for a in part) / sum(a.dense_prefill_flops for a in part)
+        print(f"{diff:4s}: accuracy {acc:.3f} ({sum(a.correct for a in part)}/{len(part)}), "
+              f"mean SA layers {layers:.2f}, FLOPs {ratio:.2f}x dense")
+    total = sum(a.prefill_flops for a in answers)
+    dense = sum(a.dense_prefill_flops for a in answers)
+    acc = sum(a.correct for a in answers) / len(answers)
+    print(f"all : accuracy {acc:.3f}, LLM prefill FLOPs {total / len(answers) / 1e6:.1f} M vs dense "
+          f"{dense / len(answers) / 1e6:.1f} M per question: average saving {dense / total:.2f}x")
+    return 0

@@ -1,0 +1,95 @@
+"""Adaptive inference with the shipped toy VISOR checkpoint (what `visor-hf toy` runs)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import Example, make_scene, render, sample_questions
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "toy-visor"
+
+
+def load_toy(path: str | Path | None = None, attn_implementation: str = "sdpa"):
+    """The toy VISOR model and its processor (`from_pretrained` on the shipped folder by default)."""
+    from transformers import AutoProcessor
+
+    import visor_hf  # noqa: F401  (registers the VISOR classes with the Auto classes)
+
+    from ..modeling import VisorForConditionalGeneration
+
+    path = str(path or DEFAULT_CHECKPOINT)
+    model = VisorForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation).eval()
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+@dataclass
+class Answer:
+    example: Example
+    answer: str
+    sa_layers: tuple
+    prefill_flops: int
+    dense_prefill_flops: int
+
+    @property
+    def correct(self) -> bool:
+        return self.answer == self.example.question.answer
+
+    @property
+    def flops_ratio(self) -> float:
+        return self.prefill_flops / self.dense_prefill_flops
+
+
+def prompt(processor, question: str) -> str:
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(conversation, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def answer_examples(model, processor, examples: list[Example], visor_configuration="auto", batch_size: int = 25) -> list[Answer]:
+    """Greedy answers with `generate` (a left-padded batch; every sample gets its own configuration), the SA layers
+    that ran and the analytical prefill FLOPs of the LLM against dense LLaVA-OV on the same tokens."""
+    from ..modeling.flops_visor import FlopsShape, prefill_flops
+
+    tokenizer = processor.tokenizer
+    shape = FlopsShape.from_config(model.config)
+    cross = model.config.cross_attention_layers
+    image_id = model.config.image_token_id
+    results = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        texts = [prompt(processor, e.question.text) for e in chunk]
+        inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
+        out = model.generate(**inputs, max_new_tokens=2, do_sample=False, visor_configuration=visor_configuration,
+                             pad_token_id=tokenizer.pad_token_id)
+        report = model.last_visor_report
+        new = out[:, inputs["input_ids"].shape[1] :]
+        for i, e in enumerate(chunk):
+            words = tokenizer.decode(new[i], skip_special_tokens=True).split()
+            ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()]
+            n_visual = int((ids == image_id).sum())
+            n_text = len(ids) - n_visual
+            layers = tuple(report.configurations[i])
+            results.append(Answer(
+                example=e,
+                answer=words[0] if words else "",
+                sa_layers=layers,
+                prefill_flops=prefill_flops(shape, n_text, n_visual, layers, cross),
+                dense_prefill_flops=prefill_flops(shape, n_text - 1, n_visual),  # LLaVA-OV has no routing token
+            ))
+    return results
+
+
+def fresh_examples(seed: int, num_images: int) -> list[Example]:
+    """One question of each kind on each of `num_images` new pictures (picture seeds derived from `seed`)."""
+    examples = []
+    for i in range(num_images):
+        scene = make_scene(50_000_000 + seed * 1000 + i)
+        examples += [Example(scene, q) for q in sample_questions(scene)]
+    return examples
+
+
+__all__ = ["DEFAULT_CHECKPOINT", "Answer", "answer_examples", "fresh_examples", "load_toy", "render"]
