@@ -112,6 +112,22 @@ def test_shipped_checkpoint_loads_offline_and_matches_the_recorded_accuracy(toy)
 
 
 @needs_checkpoint
+@pytest.mark.parametrize("trust_remote_code", [False, True])
+def test_shipped_checkpoint_loads_through_the_auto_classes(trust_remote_code):
+    """The shipped folder holds no modeling files (the package is the code), so it carries no `auto_map` either:
+    the Auto classes resolve the registered VISOR classes with or without `trust_remote_code`."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from visor_hf.modeling import VisorForConditionalGeneration
+    from visor_hf.modeling.processing_visor import VisorProcessor
+
+    assert "auto_map" not in json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())
+    model = AutoModelForImageTextToText.from_pretrained(DEFAULT_CHECKPOINT, trust_remote_code=trust_remote_code)
+    processor = AutoProcessor.from_pretrained(DEFAULT_CHECKPOINT, trust_remote_code=trust_remote_code)
+    assert type(model) is VisorForConditionalGeneration and type(processor) is VisorProcessor
+
+
+@needs_checkpoint
 def test_processor_inputs_match_the_training_encoding(toy):
     from visor_hf.toy.inference import prompt
     from visor_hf.toy.model import encode_batch

@@ -155,6 +155,18 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def strip_auto_map(folder: Path) -> None:
+    """The shipped folder loads through the installed package's registered classes, not remote code: drop the
+    `auto_map` entries that would point `trust_remote_code=True` at modeling files the folder does not hold."""
+    import json
+
+    for name in ("config.json", "processor_config.json"):
+        path = folder / name
+        data = json.loads(path.read_text())
+        if data.pop("auto_map", None) is not None:
+            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/toy")
@@ -292,6 +304,7 @@ def main() -> None:
         for path in final.iterdir():
             if path.is_file() and path.suffix != ".py":  # the package holds the modeling code itself
                 shutil.copyfile(path, assets / path.name)
+        strip_auto_map(assets)
         shutil.copyfile(out / "results.json", assets / "results.json")
         shutil.copyfile(out / "accuracy_vs_flops.png", REPO / "docs" / "toy_accuracy_vs_flops.png")
         shutil.copyfile(out / "results.md", REPO / "docs" / "toy_results.md")

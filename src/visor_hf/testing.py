@@ -214,22 +214,15 @@ CHAT_TEMPLATE = (
 RESERVED_TOKEN = "<|reserved_5|>"
 
 
-def tiny_tokenizer(with_routing_token: bool = False):
-    """A word-level `PreTrainedTokenizerFast` over `VOCAB`, built in memory (ids = positions in `VOCAB`).
-
-    Without the routing token (the default, as a LLaVA-OV source tokenizer) id 5 holds `RESERVED_TOKEN`; the
-    converter then adds `<route>` on a spare row. Words are split on white space and punctuation.
-    """
+def word_level_tokenizer(vocab: list[str], special_tokens: list[str], model_max_length: int = 2048):
+    """A word-level `PreTrainedTokenizerFast` over `vocab` (ids = positions), built in memory with LLaVA-OV's chat
+    template. Words are split on white space and punctuation; decoding joins them with spaces."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = list(VOCAB)
-    if not with_routing_token:
-        vocab[ROUTE_ID] = RESERVED_TOKEN
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    specials = [t for t in vocab[: len(SPECIAL_TOKENS)]]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
@@ -237,11 +230,23 @@ def tiny_tokenizer(with_routing_token: bool = False):
         unk_token="<pad>",
         extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
         chat_template=CHAT_TEMPLATE,
-        model_max_length=2048,
+        model_max_length=model_max_length,
         padding_side="left",
     )
-    tokenizer.add_special_tokens({"additional_special_tokens": specials}, replace_extra_special_tokens=False)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(special_tokens)}, replace_extra_special_tokens=False)
     return tokenizer
+
+
+def tiny_tokenizer(with_routing_token: bool = False):
+    """A word-level `PreTrainedTokenizerFast` over `VOCAB`, built in memory (ids = positions in `VOCAB`).
+
+    Without the routing token (the default, as a LLaVA-OV source tokenizer) id 5 holds `RESERVED_TOKEN`; the
+    converter then adds `<route>` on a spare row.
+    """
+    vocab = list(VOCAB)
+    if not with_routing_token:
+        vocab[ROUTE_ID] = RESERVED_TOKEN
+    return word_level_tokenizer(vocab, vocab[: len(SPECIAL_TOKENS)])
 
 
 LLAVA_PROCESSOR_FIELDS = {
@@ -254,6 +259,23 @@ LLAVA_PROCESSOR_FIELDS = {
 }
 
 
+def write_llava_folder(path, model, tokenizer, image_processor, processor_fields: dict, max_shard_size=None) -> None:
+    """Write a complete LLaVA-OV checkpoint folder (llava-hf layout): safetensors weights, config, tokenizer, image
+    processor, `processor_config.json` (`processor_fields`) and `chat_template.jinja`."""
+    import json
+    import os
+
+    os.makedirs(path, exist_ok=True)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(path, **kwargs)
+    tokenizer.save_pretrained(path)
+    image_processor.save_pretrained(path)
+    with open(os.path.join(path, "processor_config.json"), "w") as f:
+        json.dump(processor_fields, f, indent=2)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(CHAT_TEMPLATE)
+
+
 def save_tiny_llava(path, seed: int = 0, num_layers: int = 6, max_shard_size: str | int = "20KB", **config_kwargs):
     """Write a complete tiny LLaVA-OV checkpoint folder (llava-hf layout) and return the model.
 
@@ -261,19 +283,9 @@ def save_tiny_llava(path, seed: int = 0, num_layers: int = 6, max_shard_size: st
     image processor (`preprocessor_config.json`), `processor_config.json` of a `LlavaOnevisionProcessor` and
     `chat_template.jinja`. No video processor (it needs torchvision).
     """
-    import json
-    import os
 
     model = tiny_llava(seed, num_layers=num_layers, **config_kwargs)
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path, max_shard_size=max_shard_size)
-    tokenizer = tiny_tokenizer()
-    tokenizer.save_pretrained(path)
-    tiny_image_processor().save_pretrained(path)
-    with open(os.path.join(path, "processor_config.json"), "w") as f:
-        json.dump(LLAVA_PROCESSOR_FIELDS, f, indent=2)
-    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
-        f.write(CHAT_TEMPLATE)
+    write_llava_folder(path, model, tiny_tokenizer(), tiny_image_processor(), LLAVA_PROCESSOR_FIELDS, max_shard_size)
     return model
 
 
@@ -298,4 +310,4 @@ def llava_processor(tokenizer=None):
     )
 
 
-__all__ += ["tiny_tokenizer", "save_tiny_llava", "llava_processor", "CHAT_TEMPLATE", "RESERVED_TOKEN"]
+__all__ += ["word_level_tokenizer", "write_llava_folder", "tiny_tokenizer", "save_tiny_llava", "llava_processor", "CHAT_TEMPLATE", "RESERVED_TOKEN"]

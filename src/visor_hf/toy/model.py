@@ -7,13 +7,13 @@ crops (88 image tokens: 16 base + 64 grid + 8 newlines), and an 8-layer Qwen2.
 
 from __future__ import annotations
 
-import json
 import os
 
 import torch
 from transformers import LlavaOnevisionConfig
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
+from ..testing import word_level_tokenizer, write_llava_folder
 from .data import vocabulary
 
 TOWER_SIZE = 64
@@ -27,16 +27,6 @@ PAD_ID, IM_START_ID, IM_END_ID, IMAGE_ID, VIDEO_ID, RESERVED_ID = range(6)
 USER_ID, ASSISTANT_ID = 6, 7
 ROUTING_TOKEN = "<route>"
 
-# LLaVA-OneVision's chat template (Qwen2 turns; images first, then the text of each message).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}"
-    "{% if message['content'] is string %}{{ '\\n' + message['content'] }}{% else %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>' }}{% endfor %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ '\\n' + content['text'] }}{% endfor %}"
-    "{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 PROCESSOR_FIELDS = {
     "processor_class": "LlavaOnevisionProcessor",
     "num_image_tokens": (TOWER_SIZE // TOWER_PATCH) ** 2,
@@ -50,24 +40,7 @@ PROCESSOR_FIELDS = {
 def toy_tokenizer():
     """A word-level `PreTrainedTokenizerFast` over `VOCAB` (ids = positions), without the routing token (the VISOR
     conversion adds it on a spare embedding row)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(VOCAB)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        eos_token="<|im_end|>",
-        unk_token="<pad>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
-        padding_side="left",
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)}, replace_extra_special_tokens=False)
-    return tokenizer
+    return word_level_tokenizer(VOCAB, SPECIAL_TOKENS, model_max_length=4096)
 
 
 def toy_image_processor() -> LlavaOnevisionImageProcessorPil:
@@ -121,14 +94,7 @@ def toy_llava_config(num_layers: int = 8) -> LlavaOnevisionConfig:
 def save_llava_checkpoint(model, path: str | os.PathLike) -> None:
     """A complete LLaVA-OV checkpoint folder (llava-hf layout): weights, config, tokenizer, image processor,
     processor settings and chat template."""
-    os.makedirs(path, exist_ok=True)
-    model.save_pretrained(path)
-    toy_tokenizer().save_pretrained(path)
-    toy_image_processor().save_pretrained(path)
-    with open(os.path.join(path, "processor_config.json"), "w") as f:
-        json.dump(PROCESSOR_FIELDS, f, indent=2)
-    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
-        f.write(CHAT_TEMPLATE)
+    write_llava_folder(path, model, toy_tokenizer(), toy_image_processor(), PROCESSOR_FIELDS)
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------------
