@@ -313,9 +313,16 @@ def visor_config_from_source(llava_config, layout: dict, routing_token_id: int) 
 
 
 def build_visor(llava, config: VisorConfig) -> VisorForConditionalGeneration:
-    """A VISOR model holding every LLaVA-OneVision tensor unchanged plus the warm-started new modules."""
-    visor = VisorForConditionalGeneration._from_config(config, dtype=llava.dtype, attn_implementation="eager")
-    missing, unexpected = visor.load_state_dict(llava.state_dict(), strict=False)
+    """A VISOR model holding every LLaVA-OneVision tensor unchanged plus the warm-started new modules.
+
+    The VISOR skeleton is built on the meta device and takes the source's tensors themselves (`assign=True`), so the
+    conversion holds one copy of the weights, not two; only the new modules get fresh storage.
+    """
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        visor = VisorForConditionalGeneration._from_config(config, dtype=llava.dtype, attn_implementation="eager")
+    missing, unexpected = visor.load_state_dict(llava.state_dict(), strict=False, assign=True)
     if unexpected:
         raise ConversionError(f"LLaVA-OneVision tensors with no place in VISOR: {unexpected[:8]}")
     new = ("model.cross_attention_blocks.", "model.router.")
@@ -323,8 +330,29 @@ def build_visor(llava, config: VisorConfig) -> VisorForConditionalGeneration:
     leftover = [k for k in missing if not k.startswith(new) and k not in tied]
     if leftover:
         raise ConversionError(f"VISOR tensors that the source does not provide: {leftover[:8]}")
+    visor.tie_weights()
+    materialize_new_modules(visor, device=llava.get_input_embeddings().weight.device, dtype=llava.dtype)
     warm_start_new_modules(visor)
     return visor.eval()
+
+
+@torch.no_grad()
+def materialize_new_modules(model: VisorForConditionalGeneration, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every parameter still on the meta device (the new modules) real storage and the model's own
+    initialisation (`_init_weights`), as `_from_config` would have."""
+    for module in model.modules():
+        fresh = False
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.is_meta:
+                module._parameters[name] = torch.nn.Parameter(
+                    torch.empty(param.shape, device=device, dtype=dtype), requires_grad=param.requires_grad
+                )
+                fresh = True
+        if fresh:
+            model._init_weights(module)
+    still_meta = [name for name, tensor in model.state_dict().items() if tensor.is_meta]
+    if still_meta:
+        raise ConversionError(f"internal error: tensors left without storage {still_meta[:8]}")
 
 
 def model_card(src_name: str, config: VisorConfig, routing_token: str) -> str:
