@@ -221,6 +221,26 @@ def test_paper_layout_loads_runs_forward_and_generate(workdir):
     assert generated.shape == forced.shape == (1, inputs["input_ids"].shape[1] + 3)
 
 
+def test_conversion_holds_one_copy_of_the_weights():
+    """`build_visor` takes the source's tensors themselves (no second copy in memory); only the new modules are
+    allocated, and they hold real, finite values."""
+    from visor_hf.conversion.convert import build_visor, visor_config_from_source
+    from visor_hf.testing import tiny_llava
+
+    llava = tiny_llava(0, num_layers=6)
+    layout = resolve_layout(6)
+    visor = build_visor(llava, visor_config_from_source(llava.config, layout, routing_token_id=5))
+    source = llava.state_dict()
+    target = visor.state_dict()
+    for name, tensor in source.items():
+        assert target[name].data_ptr() == tensor.data_ptr(), name
+    new = [n for n in target if n not in source]
+    assert new and all(n.startswith(("model.cross_attention_blocks.", "model.router.")) for n in new)
+    for name in new:
+        assert not target[name].is_meta and torch.isfinite(target[name]).all(), name
+    assert target["model.router.fc1.weight"].std() > 0
+
+
 def test_resize_when_the_embedding_has_no_spare_row(tmp_path):
     llava = save_tiny_llava(tmp_path / "src", vocab_size=len(VOCAB))
     dst = convert(tmp_path / "src", tmp_path / "dst")
