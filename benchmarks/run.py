@@ -19,7 +19,7 @@ Plus a batch of 4 with mixed VISOR configurations, against the dense batch and t
 Every prefill passes ``logits_to_keep=1``; timings are medians of ``--repeats`` runs after one warm-up run, run
 round-robin over the rows (so background load hits every row alike).
 
-    python benchmarks/run.py                      # the full run (about 25 min on 2 CPU cores)
+    python benchmarks/run.py                      # the full run (about 13 min on 2 idle CPU cores)
     python benchmarks/run.py --quick              # smoke test (small sizes, 1 repeat)
     python benchmarks/run.py --device cuda --dtype bfloat16
 """
