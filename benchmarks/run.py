@@ -12,21 +12,26 @@ Rows, per visual-token count (batch 1, one image, 64 text tokens around it):
 - ``visor_sa1/2/4``: 1, 2, 4 SA layers active (evenly spread over the 8 SA layers);
 - ``visor_max``: all 8 SA layers (= "max");
 - ``pool2x``/``pool4x``: dense LLaVA-OV on visual tokens average-pooled 2x / 4x (consecutive tokens) before the LLM;
-- ``fastv``: dense LLaVA-OV with FastV pruning: after layer 2 (K=2) keep the 50 % visual tokens that received
-  the most attention in layer 2 (mean over heads of the attention from the text tokens after the image).
-Plus a batch of 4 with mixed VISOR configurations, against the dense batch and the four samples run alone.
+- ``fastv``: dense LLaVA-OV with FastV pruning (K=2, R=50 %): layers 0-1 run over every token; before layer 2
+  the 50 % of visual tokens that received the most attention in layer 1 (mean over heads of the attention from
+  the text tokens after the image) are kept, with their original positions, for layers 2-23 and their cache.
+Plus a batch of 4 with mixed VISOR configurations, against the dense batch and the four samples run alone, and
+(unless ``--no-7b``) FLOPs-only rows for LLaVA-OV 7B shapes.
 
 Every prefill passes ``logits_to_keep=1``; timings are medians of ``--repeats`` runs after one warm-up run, run
-round-robin over the rows (so background load hits every row alike).
+round-robin over the rows (so background load hits every row alike). Device-agnostic: every timing and memory
+reading synchronises CUDA first; peak memory is `max_memory_allocated` on CUDA, the heap in use on CPU.
 
-    python benchmarks/run.py                      # the full run (about 13 min on 2 idle CPU cores)
-    python benchmarks/run.py --quick              # smoke test (small sizes, 1 repeat)
+    python benchmarks/run.py --profile            # the full run (about 13 min on 2 idle CPU cores)
+    python benchmarks/run.py --quick              # smoke test (small sizes, 1 repeat) into results/quick/
     python benchmarks/run.py --device cuda --dtype bfloat16
+    python benchmarks/run.py --from-json benchmarks/results/results.json --recompute-flops   # re-render
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -43,7 +48,7 @@ from transformers import DynamicCache, LlavaOnevisionConfig, LlavaOnevisionForCo
 from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
 
 from visor_hf.modeling import uniform_layer_layout
-from visor_hf.modeling.flops_visor import FlopsShape, decode_flops, prefill_flops, vision_flops
+from visor_hf.modeling.flops_visor import FlopsShape, decode_flops, prefill_flops, projector_flops, vision_flops
 from visor_hf.testing import visor_from_llava
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,13 +88,40 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use_reader():
+    """glibc's `mallinfo2`: bytes of heap in use (arenas + mmapped chunks), which falls when memory is freed (unlike
+    the resident set, which keeps freed heap pages). None where glibc >= 2.33 is not there."""
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None
+    mallinfo2.restype = _MallInfo2
+
+    def read() -> int:
+        info = mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    return read
+
+
 class PeakMemory:
-    """Peak memory above the level at entry. CUDA: `max_memory_allocated`. CPU: resident set size polled every
-    2 ms from /proc (an approximation: allocator caching and the poll interval blur it)."""
+    """Peak memory allocated during the block, above the level at entry. CUDA: `max_memory_allocated`. CPU: the
+    heap bytes in use (glibc `mallinfo2`: what PyTorch's CPU allocator holds, freed memory excluded) polled every
+    1 ms, so a peak shorter than the poll interval can be missed; without glibc's `mallinfo2`, the resident set
+    (which never shrinks after a free, so an earlier, larger run hides a later peak)."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.peak = 0
+        self.method = "cuda.max_memory_allocated" if device.type == "cuda" else "mallinfo2"
+        self._read = _heap_in_use_reader() if device.type != "cuda" else None
+        if device.type != "cuda" and self._read is None:
+            self.method, self._read = "rss", self._rss
 
     @staticmethod
     def _rss() -> int:
@@ -102,14 +134,14 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.base = torch.cuda.memory_allocated(self.device)
             return self
-        self.base = self._rss()
+        self.base = self._read()
         self.high = self.base
         self.stop = threading.Event()
 
         def poll():
             while not self.stop.is_set():
-                self.high = max(self.high, self._rss())
-                time.sleep(0.002)
+                self.high = max(self.high, self._read())
+                time.sleep(0.001)
 
         self.thread = threading.Thread(target=poll, daemon=True)
         self.thread.start()
@@ -120,7 +152,7 @@ class PeakMemory:
             sync(self.device)
             self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
             return
-        self.high = max(self.high, self._rss())
+        self.high = max(self.high, self._read())
         self.stop.set()
         self.thread.join()
         self.peak = self.high - self.base
@@ -181,7 +213,7 @@ def fastv_prefill(llava, input_ids, features, n_visual: int, k: int = 2, keep_ra
     previous = hidden
     for index, layer in enumerate(lm.layers):
         if index == k:
-            scores = fastv_scores(lm.layers[k - 1], previous, rotary, n_visual)
+            scores = fastv_scores(lm.layers[k - 1], previous, rotary, cache.layers[k - 1].keys, n_visual)
             keep = max(1, int(round(n_visual * keep_ratio)))
             chosen = scores.topk(keep).indices.sort().values + TEXT_BEFORE
             device = input_ids.device
@@ -200,19 +232,18 @@ def fastv_prefill(llava, input_ids, features, n_visual: int, k: int = 2, keep_ra
     return logits, cache, length
 
 
-def fastv_scores(layer, hidden, rotary, n_visual: int) -> torch.Tensor:
+def fastv_scores(layer, hidden, rotary, key, n_visual: int) -> torch.Tensor:
     """Attention each visual token receives in `layer` from the text tokens after the image (mean over heads and
-    queries). Only those query rows are computed (the full N x N map would not fit at 7k tokens)."""
+    queries). Only those query rows are computed (the full N x N map would not fit at 7k tokens); the keys are the
+    layer's own cached keys (after RoPE), so the only extra work is the query projection of those rows and their
+    scores, which a FastV kernel returning its attention map would have computed anyway."""
     attn = layer.self_attn
-    normed = layer.input_layernorm(hidden)
-    batch, length, _ = normed.shape
-    shape = (batch, length, -1, attn.head_dim)
-    query = attn.q_proj(normed).view(shape).transpose(1, 2)
-    key = attn.k_proj(normed).view(shape).transpose(1, 2)
-    cos, sin = rotary
-    query, key = apply_rotary_pos_emb(query, key, cos, sin)
     start = TEXT_BEFORE + n_visual
-    query = query[:, :, start:]
+    length = hidden.shape[1]
+    normed = layer.input_layernorm(hidden[:, start:])
+    query = attn.q_proj(normed).view(*normed.shape[:2], -1, attn.head_dim).transpose(1, 2)
+    cos, sin = rotary
+    query, _ = apply_rotary_pos_emb(query, query, cos[:, start:], sin[:, start:])
     key = key.repeat_interleave(attn.num_key_value_groups, dim=1)
     logits = (query @ key.transpose(-1, -2)) * attn.scaling  # [B, H, n_after, N]
     rows = torch.arange(start, length, device=hidden.device)[:, None]
@@ -235,13 +266,15 @@ def fastv_decode_step(llava, token, cache, position: int):
 
 def fastv_flops(shape: FlopsShape, n_text: int, n_visual: int, k: int = 2, keep_ratio: float = 0.5):
     """Prefill and first-decode-step FLOPs of FastV (layers < k over everything, the rest over the kept tokens).
-    The scoring pass (text queries x all keys at layer k-1) is added; it is < 0.1 % here."""
+    The scoring pass (query projection of the text after the image, its scores against all keys of layer k-1) is
+    added; it is < 0.1 % here."""
     full = n_text + n_visual
     kept = n_text + max(1, int(round(n_visual * keep_ratio)))
     pairs = lambda n: n * (n + 1) // 2  # noqa: E731
     prefill = k * (shape.projections(full) + shape.attention(pairs(full)))
     prefill += (shape.num_layers - k) * (shape.projections(kept) + shape.attention(pairs(kept)))
-    prefill += shape.attention(TEXT_AFTER * full) // 2 + shape.lm_head(1)
+    scoring = 2 * TEXT_AFTER * shape.hidden_size * shape.num_heads * shape.head_dim + shape.attention(TEXT_AFTER * full) // 2
+    prefill += scoring + shape.lm_head(1)
     decode = k * (shape.projections(1) + shape.attention(full + 1))
     decode += (shape.num_layers - k) * (shape.projections(1) + shape.attention(kept + 1)) + shape.lm_head(1)
     return prefill, decode
@@ -300,6 +333,7 @@ def build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, 
         rows.append(Row(name, label, run_visor(layers), visor_step,
                         prefill_flops(shape, n_text, n_visual, layers, ca),
                         decode_flops(shape, n_text, n_visual, layers, ca), n_visual))
+        rows[-1].result["sa_layers"] = list(layers)
     for factor in (2, 4):
         pooled = pool_features(features, factor)
         ids = make_inputs(pooled.shape[0], 1, device)
@@ -336,6 +370,7 @@ def measure_size(rows, repeats, new_tokens, device, log):
             seconds, (logits, cache, length) = timed(row.prefill, device)
         row.result["warmup_prefill_s"] = seconds
         row.result["peak_prefill_bytes"] = memory.peak
+        row.result["peak_memory_method"] = memory.method
         row.result["kv_cache_bytes"] = cache_bytes(cache)
         steps = []
         token = torch.full((1, 1), 1234, dtype=torch.long, device=device)
@@ -442,9 +477,15 @@ def markdown(report) -> str:
     lines = []
     for size in report["sizes"]:
         n_visual = size["n_visual"]
-        lines.append(f"#### {n_visual} visual tokens ({n_visual // TOKENS_PER_CROP} crops) + {size['n_text']} text tokens, "
-                     f"batch 1 — vision tower (not in the rows): {size['vision_gflops']:.0f} GFLOPs, "
-                     f"~{size['vision_s_estimate']:.1f} s")
+        crops = size.get("crops", max(1, math.ceil(n_visual / TOKENS_PER_CROP)))
+        vision = f"{size['vision_gflops']:.0f} GFLOPs"
+        if "projector_gflops" in size:
+            vision = f"tower {size['vision_gflops']:.0f} GFLOPs + projector {size['projector_gflops']:.1f} GFLOPs"
+        seconds = size.get("vision_s_estimate")
+        if seconds is not None and math.isfinite(seconds):
+            vision += f", ~{seconds:.1f} s"
+        lines.append(f"#### {n_visual} visual tokens ({crops} crops of {TOKENS_PER_CROP}) + {size['n_text']} text "
+                     f"tokens, batch 1 — vision (not in the rows): {vision}")
         lines.append("")
         lines.append("| method | visual tokens in LLM | prefill ms median (min) | speedup measured median (min) | "
                      "speedup FLOPs | measured / FLOPs, median (min) | speedup in CPU time | decode ms/token | decode speedup (time / FLOPs) | KV cache MiB | "
@@ -595,16 +636,27 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="torch.profiler of VISOR CA-only and 2 SA, largest size")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 small sizes, 1 repeat, 4 new tokens")
     parser.add_argument("--rows", help="comma-separated subset of rows (default: all), e.g. dense,visor_ca,visor_sa2")
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--from-json", help="only re-render the table and plots of a results.json")
+    parser.add_argument("--no-7b", action="store_true", help="leave out the FLOPs-only rows for LLaVA-OV 7B shapes")
+    parser.add_argument("--out", help=f"output folder (default {RESULTS}; with --quick, {RESULTS / 'quick'})")
+    parser.add_argument("--from-json", help="only re-render the table and plots of a results.json (into --out, "
+                        "default: its folder)")
+    parser.add_argument("--recompute-flops", action="store_true",
+                        help="with --from-json: recompute every analytical FLOPs column with the current flops_visor")
     args = parser.parse_args(argv)
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
-        write_outputs(report, Path(args.out), report["machine"]["torch_threads"], report["dtype"])
+        if args.recompute_flops:
+            recompute_flops(report)
+        out = Path(args.out) if args.out else Path(args.from_json).parent
+        write_outputs(report, out, report["machine"]["torch_threads"], report["dtype"])
         return
+    if args.recompute_flops:
+        parser.error("--recompute-flops goes with --from-json")
     if args.quick:
         args.visual_tokens, args.repeats, args.new_tokens, args.batch_repeats = "64,256", "1", 4, 1
         args.batch_visual_tokens = 64
+    # a smoke test never overwrites the results of a full run
+    args.out = args.out or str(RESULTS / "quick" if args.quick else RESULTS)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     if device.type == "cpu":
@@ -617,6 +669,7 @@ def main(argv=None):
     directory = Path(args.out)
     directory.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    load_at_start = os.getloadavg()  # before this process builds anything
 
     def log(message):
         print(f"[{time.time() - started:7.1f}s] {message}", flush=True)
@@ -653,7 +706,7 @@ def main(argv=None):
 
     report = {
         "command": " ".join([os.path.basename(sys.executable), "benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(device, args.threads), "dtype": args.dtype,
+        "machine": {**machine(device, args.threads), "load_average_at_start": load_at_start}, "dtype": args.dtype,
         "model": {"text": QWEN2_0_5B, "vision": SIGLIP_SO400M, "cross_attention_layers": ca,
                   "self_attention_layers": sa},
         "text_tokens": {"before_image": TEXT_BEFORE, "after_image": TEXT_AFTER},
@@ -672,8 +725,9 @@ def main(argv=None):
         results = measure_size(rows, repeat, args.new_tokens, device, log)
         report["sizes"].append({
             "n_visual": n_visual, "n_text": TEXT_BEFORE + TEXT_AFTER, "repeats": repeat, "crops": crops,
-            "vision_gflops": vision_flops(config, crops) / 1e9,
-            "vision_s_estimate": crops * (vision_one_crop_s or float("nan")), "rows": results,
+            "vision_gflops": vision_flops(config, crops, projector_out=0) / 1e9,
+            "projector_gflops": projector_flops(config, crops) / 1e9,
+            "vision_s_estimate": crops * vision_one_crop_s if vision_one_crop_s else None, "rows": results,
         })
         profile_candidates = rows
         (directory / "results.json").write_text(json.dumps(report, indent=1))
@@ -683,17 +737,8 @@ def main(argv=None):
         report["mixed_batch"] = measure_mixed_batch(llava, visor, args.batch_visual_tokens, configurations,
                                                     args.batch_repeats, device, dtype, shape, ca, log)
         (directory / "results.json").write_text(json.dumps(report, indent=1))
-    # 7B shapes: FLOPs only
-    shape7 = FlopsShape.from_config(llava_config(QWEN2_7B))
-    ca7, sa7 = uniform_layer_layout(QWEN2_7B["num_hidden_layers"])
-    spread7 = lambda k: [sa7[i] for i in range(0, len(sa7), max(1, len(sa7) // k))][:k]  # noqa: E731
-    sets7 = [("CA only", []), ("1 SA", spread7(1)), ("2 SA", spread7(2)), ("4 SA", spread7(4)), (f"max ({len(sa7)} SA)", sa7)]
-    n_text = TEXT_BEFORE + TEXT_AFTER
-    report["flops_only_7b"] = {
-        "cross_attention_layers": ca7, "self_attention_layers": sa7, "labels": [name for name, _ in sets7],
-        "rows": {n: [prefill_flops(shape7, n_text, n) / prefill_flops(shape7, n_text, n, s, ca7) for _, s in sets7]
-                 for n in sizes},
-    }
+    if not args.no_7b:
+        report["flops_only_7b"] = flops_only_7b(sizes)
     if args.profile and profile_candidates:
         chosen = [r for r in profile_candidates if r.name in ("visor_ca", "visor_sa2")]
         report["profiles"] = profile_rows(chosen, directory, device, log)
@@ -702,6 +747,66 @@ def main(argv=None):
     (directory / "results.json").write_text(json.dumps(report, indent=1))
     write_outputs(report, directory, args.threads, args.dtype)
     log(f"written to {directory}")
+
+
+def flops_only_7b(sizes) -> dict:
+    """Dense / VISOR prefill FLOPs ratios for LLaVA-OV 7B shapes (Qwen2-7B, paper layout), no model built."""
+    shape7 = FlopsShape.from_config(llava_config(QWEN2_7B))
+    ca7, sa7 = uniform_layer_layout(QWEN2_7B["num_hidden_layers"])
+    spread7 = lambda k: [sa7[i] for i in range(0, len(sa7), max(1, len(sa7) // k))][:k]  # noqa: E731
+    sets7 = [("CA only", []), ("1 SA", spread7(1)), ("2 SA", spread7(2)), ("4 SA", spread7(4)), (f"max ({len(sa7)} SA)", sa7)]
+    n_text = TEXT_BEFORE + TEXT_AFTER
+    return {
+        "cross_attention_layers": ca7, "self_attention_layers": sa7, "labels": [name for name, _ in sets7],
+        "configurations": [layers for _, layers in sets7],
+        "rows": {n: [prefill_flops(shape7, n_text, n) / prefill_flops(shape7, n_text, n, s, ca7) for _, s in sets7]
+                 for n in sizes},
+    }
+
+
+def recompute_flops(report) -> None:
+    """Recompute every analytical column of a results.json with the current `flops_visor` (timings untouched)."""
+    config = llava_config(QWEN2_0_5B)
+    shape = FlopsShape.from_config(config)
+    ca = report["model"]["cross_attention_layers"]
+    for size in report["sizes"]:
+        n_visual, n_text = size["n_visual"], size["n_text"]
+        size["vision_gflops"] = vision_flops(config, size["crops"], projector_out=0) / 1e9
+        size["projector_gflops"] = projector_flops(config, size["crops"]) / 1e9
+        dense = prefill_flops(shape, n_text, n_visual), decode_flops(shape, n_text, n_visual)
+        for row in size["rows"]:
+            name = row["name"]
+            if name == "dense":
+                flops = dense
+            elif name == "fastv":
+                flops = fastv_flops(shape, n_text, n_visual)
+            elif name.startswith("pool"):
+                pooled = row["llm_visual_tokens"]
+                flops = prefill_flops(shape, n_text, pooled), decode_flops(shape, n_text, pooled)
+            else:
+                layers = row.get("sa_layers", parse_layers(row["label"]))
+                flops = prefill_flops(shape, n_text, n_visual, layers, ca), decode_flops(shape, n_text, n_visual, layers, ca)
+            row["flops_prefill"], row["flops_decode"] = flops
+            row["speedup_flops"] = dense[0] / flops[0]
+            row["decode_speedup_flops"] = dense[1] / flops[1]
+            row["efficiency"] = row["speedup_time"] / row["speedup_flops"]
+    mixed = report.get("mixed_batch")
+    if mixed:
+        n_visual, n_text, configurations = mixed["n_visual"], mixed["n_text"], mixed["configurations"]
+        dense = mixed["batch"] * prefill_flops(shape, n_text, n_visual)
+        mixed["speedup_flops_as_alone"] = dense / sum(prefill_flops(shape, n_text, n_visual, c, ca) for c in configurations)
+        union = sorted(set().union(*map(set, configurations)))
+        mixed["speedup_flops_executed_masking"] = dense / (mixed["batch"] * prefill_flops(shape, n_text, n_visual, union, ca))
+    if "flops_only_7b" in report:
+        report["flops_only_7b"] = flops_only_7b([int(n) for n in report["flops_only_7b"]["rows"]])
+    report["flops_recomputed_with"] = "benchmarks/run.py --from-json --recompute-flops"
+
+
+def parse_layers(label: str) -> list[int]:
+    """The SA layers of a VISOR row from its label ("VISOR 2 SA [2, 14]", "VISOR CA only", "VISOR max (8 SA [...])")."""
+    if "[" not in label:
+        return []
+    return json.loads(label[label.index("[") : label.index("]") + 1])
 
 
 def write_outputs(report, directory: Path, threads, dtype) -> None:

@@ -46,7 +46,7 @@ LABEL_SAMPLES=${LABEL_SAMPLES:-50000}
 LAUNCH=${LAUNCH:-"accelerate launch --num_processes ${NUM_GPUS} -m visor_hf.cli"}
 ROOT_ARG=()
 [[ -n "$IMAGE_ROOT" ]] && ROOT_ARG=(--image-root "$IMAGE_ROOT")
-COMMON=("$PRECISION" --gradient-checkpointing --per-device-train-batch-size "$PER_DEVICE" --gradient-accumulation-steps "$ACCUM"
+COMMON=("$PRECISION" --activation-checkpointing --per-device-train-batch-size "$PER_DEVICE" --gradient-accumulation-steps "$ACCUM"
         --weight-decay 0 --lr-scheduler-type cosine --warmup-steps 0.03 --logging-steps 10 --save-steps 1000
         --save-total-limit 2 --dataloader-num-workers "$WORKERS" --report-to "$REPORT_TO" "${ROOT_ARG[@]}")
 

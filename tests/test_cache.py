@@ -178,7 +178,8 @@ def test_prefill_and_decode_flops_by_hand():
     assert prefill_flops(shape, n_text, n_visual, sa_layers=[0, 1]) == dense  # all SA, no CA = dense
     text_layer = 3 * per_token + attention(6)
     assert prefill_flops(shape, n_text, n_visual, sa_layers=[0]) == (8 * per_token + attention(36)) + text_layer + 80
-    cross = 2 * 3 * (16 + 16) + 2 * 5 * 2 * 8 + attention(15)  # q, o over text; k, v over visual; 3 x 5 pairs
+    # q, o over text; position conv (kernel 7, depth-wise) and k, v over visual; 3 x 5 pairs
+    cross = 2 * 3 * (16 + 16) + 2 * 7 * 4 * 5 + 2 * 5 * 2 * 8 + attention(15)
     assert prefill_flops(shape, n_text, n_visual, sa_layers=[], ca_layers=[1]) == 2 * text_layer + cross + 80
     assert prefill_flops(shape, n_text, 0, sa_layers=[0], ca_layers=[1]) == 2 * text_layer + 80  # text only
     assert prefill_flops(shape, n_text, n_visual, lm_head_tokens=8) == dense + 7 * 80

@@ -83,7 +83,16 @@ def test_output_folder_layout(workdir):
     assert config["auto_map"]["AutoConfig"] == "configuration_visor.VisorConfig"
     assert json.loads((dst / "processor_config.json").read_text())["auto_map"] == {"AutoProcessor": "processing_visor.VisorProcessor"}
     card = (dst / "README.md").read_text()
-    assert "base_model:" in card and "cross-attention layers: [0, 3]" in card and "trust_remote_code=True" in card
+    assert "cross-attention layers: [0, 3]" in card and "trust_remote_code=True" in card
+    # a local source is named in the text; Hub metadata `base_model` must be a Hub id (see the Hub id test)
+    assert "converted from `src`" in card and "base_model:" not in card
+    assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: image-text-to-text\ntags:\n")
+    for index, configuration in enumerate(config["configurations"]):  # the configurations table
+        assert f"| {index} | {configuration} | {len(configuration)} |" in card
+    assert f"router layer: {config['router_layer']}" in card and f"`<route>`, id {config['routing_token_id']}" in card
+    assert "**The new modules are untrained**" in card
+    dense_card = (workdir / "dense" / "README.md").read_text()
+    assert "**Dense layout**" in dense_card and "cross-attention layers: []" in dense_card
     assert not [p for p in workdir.iterdir() if ".tmp-" in p.name]
 
 
@@ -127,12 +136,9 @@ def test_every_source_tensor_unchanged_and_exact_new_names(workdir, source_model
     for name, tensor in source.items():
         assert name in out, f"{name} missing from the output"
         assert out[name].dtype == tensor.dtype and out[name].shape == tensor.shape, name
-        if name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
-            keep = torch.arange(tensor.shape[0]) != route
-            assert torch.equal(out[name][keep], tensor[keep]), name  # every other row (spare ones too) unchanged
-            assert torch.allclose(out[name][route], tensor[: len(VOCAB)].mean(0), atol=1e-6)  # mean of the tokenizer's rows
-        else:
-            assert torch.equal(out[name], tensor), name
+        # bit-identical, the embedding and LM head included: the routing token took a spare row as it is
+        assert torch.equal(out[name], tensor), name
+    assert route == len(VOCAB) < source["model.language_model.embed_tokens.weight"].shape[0]
     config = json.loads((dst / "config.json").read_text())
     expected_new = {f"model.cross_attention_blocks.{layer}.{suffix}" for layer in config["cross_attention_layers"] for suffix in CA_SUFFIXES}
     expected_new |= set(ROUTER_NAMES)
@@ -185,14 +191,15 @@ def test_dense_layout_reproduces_llava(workdir, source_model):
         {"text": ["<image>"] + word_ids("describe") + ["<image>"] + word_ids("how many ?"), "images": [(32, 16), (16, 16)]},
         {"text": word_ids("is there any red circle ?")},
     ]
-    batch = build_batch(source_model, samples)
     route = routing_id(workdir / "dense")
-    keep = torch.arange(source_model.config.text_config.vocab_size) != route
+    samples[0]["text"].append(route)  # the routing token is a spare row of the source, unchanged: same logits too
+    batch = build_batch(source_model, samples)
     with torch.no_grad():
         reference = source_model(**batch).logits
         logits = dense(**batch).logits
+    assert logits.shape == reference.shape  # every logit column, the routing token's included
     mask = batch["attention_mask"].bool()
-    torch.testing.assert_close(logits[mask][:, keep], reference[mask][:, keep], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[mask], reference[mask], atol=1e-5, rtol=1e-5)
     with torch.no_grad():
         expected = source_model.generate(**batch, max_new_tokens=5, do_sample=False)
         got = dense.generate(**batch, max_new_tokens=5, do_sample=False)
@@ -255,6 +262,46 @@ def test_resize_when_the_embedding_has_no_spare_row(tmp_path):
     model = AutoModelForImageTextToText.from_pretrained(dst)
     with torch.no_grad():
         assert model(input_ids=torch.tensor([word_ids("what is") + [config["routing_token_id"]]])).logits.shape[-1] == len(VOCAB) + 1
+
+
+def test_routing_token_init_mean_on_a_spare_row(tmp_path, workdir, source_model):
+    """`--routing-token-init mean`: the spare row (embedding and LM head) becomes the mean of the tokenizer's rows;
+    every other row is unchanged."""
+    assert cli_main(["convert", str(workdir / "src"), str(tmp_path / "mean"), "--dense", "--routing-token-init", "mean"]) == 0
+    out, source = read_folder_tensors(tmp_path / "mean"), source_model.state_dict()
+    route = routing_id(tmp_path / "mean")
+    assert route == len(VOCAB)
+    for name in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        keep = torch.arange(source[name].shape[0]) != route
+        assert out[name].shape == source[name].shape and torch.equal(out[name][keep], source[name][keep]), name
+        torch.testing.assert_close(out[name][route], source[name][: len(VOCAB)].mean(0))
+        assert not torch.equal(out[name][route], source[name][route])
+    with pytest.raises(ConversionError, match="routing token initialisation"):
+        convert(workdir / "src", tmp_path / "bad", routing_token_init="zero")
+
+
+def test_dense_without_spare_row_has_no_routing_token(tmp_path):
+    """The dense layout has no router: with no spare row it takes no routing token, so no shape changes and its
+    processor gives LLaVA-OV's inputs."""
+    from transformers import AutoProcessor
+
+    from visor_hf.testing import llava_processor, random_image
+
+    llava = save_tiny_llava(tmp_path / "src", vocab_size=len(VOCAB))
+    dst = convert(tmp_path / "src", tmp_path / "dst", dense=True)
+    config = json.loads((dst / "config.json").read_text())
+    assert config["routing_token_id"] is None and config["text_config"]["vocab_size"] == len(VOCAB)
+    out = read_folder_tensors(dst)
+    assert all(torch.equal(out[name], tensor) for name, tensor in llava.state_dict().items())
+    processor = AutoProcessor.from_pretrained(dst)
+    assert processor.routing_token is None and "<route>" not in processor.tokenizer.get_vocab()
+    text = "<|im_start|>user <image>\nwhat is the colour ?<|im_end|>\n<|im_start|>assistant\n"
+    ours = processor(text=text, images=[random_image(16, 32)], return_tensors="pt")
+    theirs = llava_processor()(text=text, images=[random_image(16, 32)], return_tensors="pt")
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+    model = AutoModelForImageTextToText.from_pretrained(dst, attn_implementation="eager").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ours).logits, llava(**theirs).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_dtype_option(tmp_path, workdir):
@@ -344,6 +391,17 @@ def test_missing_tensor_is_refused(tmp_path):
     assert no_leftovers(tmp_path / "dst")
 
 
+def test_index_naming_an_absent_tensor_is_refused(tmp_path, workdir):
+    src = _copy_source(workdir, tmp_path)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[-1]
+    index["weight_map"]["language_model.model.layers.0.mlp.extra.weight"] = shard
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ConversionError, match=f"places tensors .*extra.weight.* in {shard}, which lacks them"):
+        convert(src, tmp_path / "dst")
+    assert no_leftovers(tmp_path / "dst")
+
+
 def test_shape_mismatch_is_refused(tmp_path):
     src = _single_file_source(tmp_path)
     tensors = load_file(str(src / "model.safetensors"))
@@ -399,6 +457,22 @@ def test_hub_id_resolves_through_the_cache(tmp_path, workdir, monkeypatch):
     assert calls["repo_id"] == "someone/tiny-llava-ov"
     assert not any(p.endswith((".bin", ".pt", ".pth")) for p in calls["allow_patterns"])
     assert "base_model: someone/tiny-llava-ov" in (dst / "README.md").read_text()
+
+
+def test_hub_id_from_a_real_offline_cache(tmp_path, workdir, monkeypatch, capsys):
+    """A Hub id resolves offline (HF_HUB_OFFLINE=1) from huggingface_hub's cache layout, for convert and verify."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE
+    repo = tmp_path / "hub" / "models--someone--tiny-llava-ov"
+    shutil.copytree(workdir / "src", repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    dst = convert("someone/tiny-llava-ov", tmp_path / "dst", dense=True)
+    assert "base_model: someone/tiny-llava-ov" in (dst / "README.md").read_text()
+    assert cli_main(["verify", str(dst), "--against", "someone/tiny-llava-ov", "--max-new-tokens", "2"]) == 0
+    assert "max |logit difference| 0 " in capsys.readouterr().out
 
 
 # -- the command line ----------------------------------------------------------------------------------------------

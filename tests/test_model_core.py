@@ -17,6 +17,7 @@ from visor_hf import VisorConfig, VisorForConditionalGeneration, VisorModel
 from visor_hf.testing import (
     IMAGE_ID,
     ROUTE_ID,
+    VIDEO_ID,
     build_batch,
     tiny_llava,
     tiny_visor,
@@ -40,6 +41,8 @@ TWO_IMAGES = {
     "seed": 2,
 }
 TEXT_ONLY = {"text": word_ids("how many red circle are there ?"), "seed": 3}
+# two images with no text between them (LLaVA-OV's chat template puts a message's images side by side)
+ADJACENT_IMAGES = {"text": [*word_ids("user"), "<image>", "<image>", *word_ids("what is this ?")], "images": [(16, 16), (24, 40)], "seed": 4}
 
 
 @pytest.fixture(scope="module")
@@ -105,17 +108,31 @@ def _causal(keys_before: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def reference_text_logits(model: VisorForConditionalGeneration, batch: dict, sa_layers) -> torch.Tensor:
-    """Logits at the text positions of a single unpadded sample, computed the slow, obvious way."""
+    """Logits at the text positions of a single unpadded sample, computed the slow, obvious way.
+
+    `batch` may hold `pixel_values` (images) and `pixel_values_videos` (videos, one segment per video); the features
+    fill the placeholder tokens in order, each image/video a segment of its own for the position convolution.
+    """
     core, config = model.model, model.config
     ids = batch["input_ids"][0]
-    embeds = core.get_input_embeddings()(ids)
-    visual = ids == config.image_token_id
-    image_lengths = []
+    assert bool(batch.get("attention_mask", torch.ones_like(batch["input_ids"])).all()), "one unpadded sample"
+    embeds = core.get_input_embeddings()(ids).clone()
+    segment = torch.full(ids.shape, -1)
+    count = 0
+    sources = []
     if "pixel_values" in batch:
-        features = core.get_image_features(batch["pixel_values"], batch["image_sizes"], return_dict=True).pooler_output
-        image_lengths = [f.shape[0] for f in features]
-        embeds = embeds.clone()
-        embeds[visual] = torch.cat(features)
+        sources.append((config.image_token_id, core.get_image_features(batch["pixel_values"], batch["image_sizes"], return_dict=True).pooler_output))
+    if "pixel_values_videos" in batch:
+        sources.append((config.video_token_id, list(core.get_video_features(batch["pixel_values_videos"], return_dict=True).pooler_output)))
+    for token_id, features in sources:
+        slots = (ids == token_id).nonzero()[:, 0].tolist()
+        assert len(slots) == sum(f.shape[0] for f in features)
+        for f in features:
+            taken, slots = slots[: f.shape[0]], slots[f.shape[0] :]
+            embeds[taken] = f
+            segment[taken] = count
+            count += 1
+    visual = segment >= 0
     h = embeds.clone()
     length = ids.shape[0]
     positions = torch.arange(length)
@@ -125,15 +142,14 @@ def reference_text_logits(model: VisorForConditionalGeneration, batch: dict, sa_
         if index in config.cross_attention_layers and len(visual_at):
             block = core.cross_attention_blocks[str(index)]
             attn = block.cross_attn
-            v = h[visual_at]
-            # conditional position embedding: depth-wise conv run on each image alone
-            pieces, start = [], 0
-            for n in image_lengths:
-                segment = v[start : start + n].T[None]
-                conv = F.conv1d(segment, block.position_embedding.weight, block.position_embedding.bias, padding=3, groups=v.shape[1])
-                pieces.append(v[start : start + n] + conv[0].T)
-                start += n
-            v = block.visual_layernorm(torch.cat(pieces))
+            # conditional position embedding: depth-wise conv run on each image (video) alone
+            v = h.clone()
+            for s in range(count):
+                at = (segment == s).nonzero()[:, 0]
+                piece = h[at].T[None]
+                conv = F.conv1d(piece, block.position_embedding.weight, block.position_embedding.bias, padding=3, groups=h.shape[1])
+                v[at] = h[at] + conv[0].T
+            v = block.visual_layernorm(v[visual_at])
             t = block.input_layernorm(h[text_at])
             heads, kv_heads, dim = config.text_config.num_attention_heads, config.text_config.num_key_value_heads, attn.head_dim
             q = attn.q_proj(t).view(-1, heads, dim).transpose(0, 1)
@@ -157,26 +173,74 @@ def reference_text_logits(model: VisorForConditionalGeneration, batch: dict, sa_
     return model.lm_head(h)[text_at]
 
 
-@pytest.mark.parametrize("request_,layers", [(0, (0,)), (1, (0, 3)), ("max", (0, 2, 3, 5)), ([], ()), ([2, 5], (2, 5))])
-@pytest.mark.parametrize("sample", [TWO_IMAGES, ANYRES], ids=["two-images", "anyres"])
-def test_sparse_layout_matches_reference(visor, sample, request_, layers):
-    # a non-trivial position embedding, so the per-image convolution is exercised
+@pytest.fixture
+def random_position_embedding(visor):
+    """A non-trivial conv position embedding, so that the per-image convolution is exercised (reset afterwards)."""
     with torch.no_grad():
         for block in visor.model.cross_attention_blocks.values():
             torch.nn.init.normal_(block.position_embedding.weight, std=0.2)
             torch.nn.init.normal_(block.position_embedding.bias, std=0.02)
-    try:
-        batch = build_batch(visor, [sample])
-        with torch.no_grad():
-            out = visor(**batch, visor_configuration=request_)
-        assert out.visor_configurations == [layers]
-        expected = reference_text_logits(visor, batch, set(layers))
-        torch.testing.assert_close(out.logits[0][_text_positions(batch)], expected, atol=2e-5, rtol=1e-4)
-    finally:
-        with torch.no_grad():
-            for block in visor.model.cross_attention_blocks.values():
-                block.position_embedding.weight.zero_()
-                block.position_embedding.bias.zero_()
+    yield visor
+    with torch.no_grad():
+        for block in visor.model.cross_attention_blocks.values():
+            block.position_embedding.weight.zero_()
+            block.position_embedding.bias.zero_()
+
+
+@pytest.mark.parametrize("request_,layers", [(0, (0,)), (1, (0, 3)), ("max", (0, 2, 3, 5)), ([], ()), ([2, 5], (2, 5))])
+@pytest.mark.parametrize("sample", [TWO_IMAGES, ANYRES, ADJACENT_IMAGES], ids=["two-images", "anyres", "adjacent-images"])
+def test_sparse_layout_matches_reference(random_position_embedding, sample, request_, layers):
+    visor = random_position_embedding
+    batch = build_batch(visor, [sample])
+    with torch.no_grad():
+        out = visor(**batch, visor_configuration=request_)
+    assert out.visor_configurations == [layers]
+    expected = reference_text_logits(visor, batch, set(layers))
+    torch.testing.assert_close(out.logits[0][_text_positions(batch)], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_left_padded_mixed_batch_matches_reference(random_position_embedding):
+    """Every row of a left-padded batch (CA and SA layers, a different configuration per row) equals the reference
+    computed on that sample alone, unpadded."""
+    visor = random_position_embedding
+    samples = [ANYRES, TEXT_ONLY, TWO_IMAGES, ADJACENT_IMAGES, ONE_IMAGE]
+    request = [[0], "max", [], [0, 2], 1]
+    layers = [(0,), (0, 2, 3, 5), (), (0, 2), (0, 3)]
+    batch = build_batch(visor, samples)
+    with torch.no_grad():
+        out = visor(**batch, visor_configuration=request)
+    assert out.visor_configurations == layers
+    for row, (sample, wanted) in enumerate(zip(samples, layers)):
+        alone = build_batch(visor, [sample])
+        expected = reference_text_logits(visor, alone, set(wanted))
+        length = alone["input_ids"].shape[1]
+        assert batch["attention_mask"][row, :-length].sum() == 0  # left padding
+        got = out.logits[row, -length:][_text_positions(alone)]
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+
+
+def _video_sample(model, text_before, text_after, frames=2, seed=0, images=None):
+    """One unpadded sample `text_before <video> text_after` (optionally `<image>`s first), with random frames."""
+    generator = torch.Generator().manual_seed(seed)
+    videos = torch.randn(1, frames, 3, 16, 16, generator=generator)
+    with torch.no_grad():
+        tokens = model.model.get_video_features(videos, return_dict=True).pooler_output.shape[1]
+    batch = build_batch(model, [{"text": [*(["<image>"] * len(images or [])), *word_ids(text_before)], "images": images or []}])
+    ids = torch.tensor([[*batch["input_ids"][0].tolist(), *[VIDEO_ID] * tokens, *word_ids(text_after)]])
+    batch.update(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=videos)
+    return batch
+
+
+@pytest.mark.parametrize("images", [None, [(16, 16), (24, 40)]], ids=["video", "two-adjacent-images-and-video"])
+@pytest.mark.parametrize("request_", ["max", 0, []], ids=["max", "partial", "ca-only"])
+def test_video_sample_matches_reference(random_position_embedding, images, request_):
+    visor = random_position_embedding
+    batch = _video_sample(visor, "what is this", "? yes", images=images)
+    with torch.no_grad():
+        out = visor(**batch, visor_configuration=request_)
+    expected = reference_text_logits(visor, batch, set(out.visor_configurations[0]))
+    text = (batch["input_ids"][0] != IMAGE_ID) & (batch["input_ids"][0] != VIDEO_ID)
+    torch.testing.assert_close(out.logits[0][text], expected, atol=2e-5, rtol=1e-4)
 
 
 def test_no_sa_no_ca_equals_qwen2_on_the_text(llava):
@@ -317,20 +381,7 @@ def test_gradients_reach_the_new_modules():
     assert model.model.router.fc1.weight.grad.abs().sum() > 0
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    def grads(checkpointing: bool):
-        model = tiny_visor(seed=5).train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        batch = build_batch(model, [ANYRES, TEXT_ONLY])
-        labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
-        loss = model(**batch, labels=labels, visor_configuration=[[0, 3], "max"]).loss
-        loss.backward()
-        return loss.detach(), model.model.cross_attention_blocks["1"].cross_attn.k_proj.weight.grad.clone()
-
-    (loss_a, grad_a), (loss_b, grad_b) = grads(False), grads(True)
-    torch.testing.assert_close(loss_a, loss_b)
-    torch.testing.assert_close(grad_a, grad_b, atol=1e-6, rtol=1e-5)
+# activation checkpointing: see test_model_hf.py::test_activation_checkpointing_runs_and_gives_the_same_gradients
 
 
 def test_bfloat16_forward_runs_and_stays_bfloat16():
@@ -404,7 +455,7 @@ def test_bad_configuration_requests(visor, request_, error):
         ({"cross_attention_layers": [1, 9]}, "layer index 9 out of range"),
         ({"cross_attention_layers": [1], "self_attention_layers": [1, 2]}, "must be disjoint"),
         ({"self_attention_layers": [0, 2], "configurations": [[0, 3]]}, r"uses layers \[3\]"),
-        ({"self_attention_layers": [0, 2, 4], "configurations": [[0], [0, 2, 4]], "router_layer": 2}, "must come before"),
+        ({"self_attention_layers": [0, 2, 4], "configurations": [[0], [0, 2, 4]], "router_layer": 2, "routing_token_id": ROUTE_ID}, "must come before"),
         ({"default_configuration": 5}, "default_configuration 5 is out of range"),
     ],
 )

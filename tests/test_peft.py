@@ -93,3 +93,24 @@ def test_lora_trains_saves_reloads_and_merges(folder, tmp_path):
     again = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", attn_implementation="eager").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(**inputs, visor_configuration="max").logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_shipped_lora_targets_match_the_llm_and_ca_blocks_only(folder):
+    """The training pipeline's `LORA_TARGET_MODULES` (PEFT full-matches a string regex against each module name)
+    picks exactly the LLM attention/MLP projections and the CA blocks' projections: every one of them, no SigLIP
+    projection (its `q_proj` has the same leaf name), nothing in the projector or the router."""
+    from visor_hf.training.stages import LORA_TARGET_MODULES
+
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    names = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    chosen = {n for n in names if re.fullmatch(LORA_TARGET_MODULES, n)}
+    text = model.config.text_config
+    expected = {
+        f"model.language_model.layers.{i}.{p}"
+        for i in range(text.num_hidden_layers)
+        for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    }
+    expected |= {f"model.cross_attention_blocks.{i}.cross_attn.{p}_proj" for i in model.config.cross_attention_layers for p in "qkvo"}
+    assert chosen == expected
+    assert any(n.startswith("model.vision_tower.") and n.endswith("q_proj") for n in names)  # the trap exists
+    assert {n for n in names if re.fullmatch(LORA_TARGETS, n)} == expected  # the adapter test above uses the same set

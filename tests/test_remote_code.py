@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -101,3 +102,23 @@ def test_remote_code_files_use_relative_imports_only():
     for path in remote_code_files():
         source = path.read_text()
         assert "from visor_hf" not in source and "import visor_hf" not in source, path
+
+
+@pytest.mark.slow
+def test_verify_trust_remote_code_runs_the_shipped_code(tmp_path, capsys):
+    """`visor-hf verify DST --trust-remote-code` loads DST through its own code files in a fresh process and compares
+    with visor_hf: it passes on a converted folder and fails once the shipped code computes something else."""
+    from visor_hf.cli import main as cli_main
+
+    save_tiny_llava(tmp_path / "src")
+    folder = convert(tmp_path / "src", tmp_path / "visor-tiny")
+    assert cli_main(["verify", str(folder), "--trust-remote-code", "--max-new-tokens", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "remote code (fresh process, visor_hf not imported): transformers_modules." in out and "OK" in out
+    # the shipped code drifts from the package: the check must catch it
+    modeling = folder / "modeling_visor.py"
+    source = modeling.read_text()
+    assert source.count("logits = self.lm_head(") >= 1
+    modeling.write_text(source.replace("logits = self.lm_head(", "logits = 2 * self.lm_head(", 1))
+    assert cli_main(["verify", str(folder), "--trust-remote-code", "--max-new-tokens", "1"]) == 1
+    assert "remote code: logits differ" in capsys.readouterr().err

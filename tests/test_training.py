@@ -77,10 +77,8 @@ def test_sampler_validates_its_arguments():
 # -- pseudo-label rule ---------------------------------------------------------------------------------------------
 
 
-def _table(rows):
-    """rows: {sample: [(correct, loss) for configurations 0..3]}; configurations [], [a], [b], [a, b] (3 = max)."""
-    layers = [0, 1, 1, 2]
-    flops = [10, 20, 20, 30]
+def _table(rows, layers=(0, 1, 1, 2), flops=(10, 20, 20, 30)):
+    """rows: {sample: [(correct or score, loss) for configurations 0..3]}; configurations [], [a], [b], [a, b] (3 = max)."""
     table = []
     for index, results in rows.items():
         for c, (correct, loss) in enumerate(results):
@@ -88,44 +86,110 @@ def _table(rows):
     return table
 
 
+def _reference_labels(table, keep):
+    """The issue's rule written out independently: per sample, among the configurations whose accuracy is at least
+    `keep` x the maximal configuration's (the one with the most layers), the cheapest (FLOPs), then fewer layers,
+    then lower loss."""
+    samples = sorted({r["index"] for r in table})
+    labels = {}
+    for s in samples:
+        rows = [r for r in table if r["index"] == s]
+        top = max(rows, key=lambda r: (r["num_layers"], r["configuration"]))
+        ok = [r for r in rows if float(r["correct"]) >= keep * float(top["correct"]) - 1e-12]
+        labels[s] = min(ok, key=lambda r: (r["flops"], r["num_layers"], r["loss"], r["configuration"]))["configuration"]
+    return labels
+
+
 def test_pseudo_label_rule_on_a_hand_made_table():
     table = _table({
-        0: [(True, 0.5), (True, 0.4), (True, 0.3), (True, 0.2)],  # cheapest config already right -> 0
-        1: [(False, 2.0), (True, 0.9), (True, 0.7), (True, 0.1)],  # tie at 1 layer: lower loss -> 2
-        2: [(False, 2.0), (False, 1.5), (False, 1.4), (True, 0.3)],  # only max right -> 3
-        3: [(False, 2.0), (False, 2.0), (False, 2.0), (False, 2.0)],  # nobody right: cheapest (0)
-        4: [(False, 2.0), (True, 0.6), (False, 1.0), (False, 1.2)],  # max wrong, a 1-layer config right -> 1
+        0: [(True, 0.5), (True, 0.4), (True, 0.3), (True, 0.2)],  # cheapest configuration already right -> 0
+        1: [(False, 2.0), (True, 0.9), (True, 0.7), (True, 0.1)],  # tie at one layer (same FLOPs): lower loss -> 2
+        2: [(False, 2.0), (False, 1.5), (False, 1.4), (True, 0.3)],  # only the max is right -> 3
+        3: [(False, 2.0), (False, 2.0), (False, 2.0), (False, 2.0)],  # nobody right: every one keeps 0 -> cheapest, 0
+        4: [(False, 2.0), (True, 0.6), (False, 1.0), (False, 1.2)],  # max wrong: every one keeps its 0 -> cheapest, 0
         5: [(False, 3.0), (False, 1.0), (False, 1.0), (False, 1.0)],  # nobody right -> cheapest by cost, not loss -> 0
+        6: [(False, 2.0), (True, 0.5), (True, 0.5), (True, 0.1)],  # full tie at one layer (FLOPs, loss) -> lower index, 1
     })
-    labels, report = assign_labels(table, keep=1.0, spend_slack=False)  # step 1 only: per-sample labels
-    assert labels == {0: 0, 1: 2, 2: 3, 3: 0, 4: 1, 5: 0}
-    assert report["max_configuration"] == 3
-    assert report["max_accuracy"] == pytest.approx(3 / 6)
-    assert report["label_accuracy"] == pytest.approx(4 / 6)  # sample 4: a cheaper configuration beats the max
-    assert report["moved_to_cheapest"] == []
-    # keep 1.0 (or 0.99) of 3 correct answers needs 3; the labels hold 4: one sample may move to its cheapest
-    # configuration, the one that saves the most FLOPs (sample 2: 30 -> 10)
-    for keep in (1.0, 0.99):
+    for keep in (0.99, 1.0):
         labels, report = assign_labels(table, keep=keep)
-        assert labels == {0: 0, 1: 2, 2: 0, 3: 0, 4: 1, 5: 0}
-        assert report["moved_to_cheapest"] == [2]
-        assert report["label_accuracy"] == pytest.approx(3 / 6) and report["label_accuracy"] >= keep * report["max_accuracy"]
-        assert report["per_sample_label_accuracy"] == pytest.approx(4 / 6)
-    # 0.5 of 3 needs 2 -> two moves; the saving tie (20 -> 10 for samples 1 and 4) goes to the higher loss (0.7 > 0.6)
-    labels, report = assign_labels(table, keep=0.5)
-    assert report["moved_to_cheapest"] == [1, 2]
-    assert labels[1] == 0 and labels[4] == 1
-    labels, report = assign_labels(table, keep=0.0)
-    assert set(labels.values()) == {0} and report["label_accuracy"] == pytest.approx(1 / 6)
+        assert labels == {0: 0, 1: 2, 2: 3, 3: 0, 4: 0, 5: 0, 6: 1}
+        assert labels == _reference_labels(table, keep)
+        assert report["max_configuration"] == 3
+        assert report["max_accuracy"] == pytest.approx(4 / 7)
+        assert report["label_accuracy"] == pytest.approx(4 / 7) and report["moved_to_cheapest"] == []
+        assert report["average_flops_labels"] == pytest.approx((10 + 20 + 30 + 10 + 10 + 10 + 20) / 7)
+        assert report["average_flops_max"] == 30
+        assert report["label_histogram"] == {"0": 4, "1": 1, "2": 1, "3": 1}
+    # keep 0: every configuration keeps 0 % of anything -> the cheapest everywhere
+    labels, _ = assign_labels(table, keep=0.0)
+    assert set(labels.values()) == {0}
 
 
-def test_pseudo_label_threshold_boundary_with_many_samples():
-    # 100 samples, max right on all, configuration 1 right on 99 of them (sample 0 needs the max)
+def test_pseudo_label_ties_fewer_layers_then_loss_when_the_flops_are_equal():
+    # a text-only sample costs the same under every configuration: fewer layers first, then lower loss
+    # (max right, 0 wrong; 1 and 2 tie on one layer, 2 has the lower loss; the max has more layers)
+    table = _table({0: [(False, 0.1), (True, 0.9), (True, 0.2), (True, 0.05)]}, flops=(40, 40, 40, 40))
+    labels, _ = assign_labels(table)
+    assert labels == {0: 2} == _reference_labels(table, 0.99)
+    # and when the cheapest configuration is right, it wins over lower losses with more layers
+    table0 = _table({0: [(True, 0.9), (True, 0.2), (True, 0.1), (True, 0.05)]}, flops=(40, 40, 40, 40))
+    assert assign_labels(table0)[0] == {0: 0}
+    # without a FLOPs column the SA-layer count is the cost
+    for row in table:
+        del row["flops"]
+    labels, report = assign_labels(table)
+    assert labels == {0: 2} and report["average_flops_labels"] is None
+
+
+def test_pseudo_label_threshold_boundary_with_graded_scores():
+    # per-sample scores in [0, 1] (`score`, e.g. a graded VQA metric): a configuration keeps the sample when its score
+    # is >= 0.99 x the maximal configuration's
+    def table(cheap, mid, top=1.0):
+        rows = []
+        for c, (score, layers, flops) in enumerate([(cheap, 0, 10), (mid, 1, 20), (top, 2, 30)]):
+            rows.append({"index": 0, "configuration": c, "layers": list(range(layers)), "correct": False, "score": score, "loss": 1.0, "flops": flops})
+        return rows
+
+    assert assign_labels(table(0.99, 1.0))[0] == {0: 0}  # exactly 99 %: kept
+    assert assign_labels(table(0.9899, 0.99))[0] == {0: 1}  # just below for the cheapest, exactly 99 % for the next
+    assert assign_labels(table(0.9899, 0.9899))[0] == {0: 2}
+    assert assign_labels(table(0.495, 0.2, top=0.5))[0] == {0: 0}  # relative to the max's own score
+    assert assign_labels(table(0.4949, 0.2, top=0.5))[0] == {0: 2}
+    assert assign_labels(table(0.9899, 0.9899), keep=0.98)[0] == {0: 0}
+
+
+def test_pseudo_label_rule_matches_an_independent_reference_on_random_tables():
+    rng = random.Random(0)
+    for _ in range(50):
+        rows = {s: [(rng.random() < 0.5, round(rng.random(), 1)) for _ in range(4)] for s in range(12)}
+        table = _table(rows)
+        for keep in (0.99, 1.0, 0.5):
+            labels, report = assign_labels(table, keep=keep)
+            assert labels == _reference_labels(table, keep)
+            # the labelled set keeps >= 99 % (with exact match: all) of the maximal configuration's accuracy
+            assert report["label_accuracy"] >= keep * report["max_accuracy"] - 1e-12
+
+
+def test_pseudo_label_spend_slack_is_a_set_level_option():
+    table = _table({
+        0: [(True, 0.5), (True, 0.4), (True, 0.3), (True, 0.2)],
+        1: [(False, 2.0), (True, 0.9), (True, 0.7), (True, 0.1)],
+        2: [(False, 2.0), (False, 1.5), (False, 1.4), (True, 0.3)],
+        3: [(False, 2.0), (False, 2.0), (False, 2.0), (False, 2.0)],
+    })
+    # 3 correct answers under the max; 0.5 of them needs 2 -> one sample moves: the largest saving (sample 2: 30 -> 10)
+    labels, report = assign_labels(table, keep=0.5, spend_slack=True)
+    assert labels == {0: 0, 1: 2, 2: 0, 3: 0} and report["moved_to_cheapest"] == [2]
+    assert report["label_accuracy"] == pytest.approx(2 / 4) and report["label_accuracy"] >= 0.5 * report["max_accuracy"]
+    assert report["per_sample_label_accuracy"] == pytest.approx(3 / 4)
+    # keep 0.99: 0.99 x 3 = 2.97 needs all three -> nothing moves
+    labels, report = assign_labels(table, keep=0.99, spend_slack=True)
+    assert labels == assign_labels(table, keep=0.99)[0] and report["moved_to_cheapest"] == []
+    # 100 samples, max right on all, configuration 1 right on 99 of them: moving sample 0 keeps exactly 99 %
     rows = {i: [(False, 1.0), (i != 0, 0.5), (False, 1.0), (True, 0.1)] for i in range(100)}
-    labels, report = assign_labels(_table(rows), keep=0.99)
-    # required = 99 correct of 100: moving sample 0 to config 0 keeps exactly 99 % -> allowed
+    labels, report = assign_labels(_table(rows), keep=0.99, spend_slack=True)
     assert labels[0] == 0 and report["label_accuracy"] == pytest.approx(0.99)
-    labels, report = assign_labels(_table(rows), keep=0.995)
+    labels, report = assign_labels(_table(rows), keep=0.995, spend_slack=True)
     assert labels[0] == 3 and report["label_accuracy"] == pytest.approx(1.0)
     assert all(labels[i] == 1 for i in range(1, 100))
 
@@ -134,8 +198,12 @@ def test_pseudo_label_rule_rejects_incomplete_tables():
     table = _table({0: [(True, 0.1)] * 4})
     with pytest.raises(ValueError, match="lacks a row"):
         assign_labels(table + [{"index": 1, "configuration": 0, "num_layers": 0, "correct": True, "loss": 0.1, "flops": 10}])
+    with pytest.raises(ValueError, match="two rows"):
+        assign_labels(table + [dict(table[0])])
     with pytest.raises(ValueError):
         assign_labels(table, keep=1.5)
+    with pytest.raises(ValueError, match="max_configuration"):
+        assign_labels(table, max_configuration=7)
 
 
 # -- search helpers ------------------------------------------------------------------------------------------------
@@ -153,6 +221,64 @@ def test_search_candidates_keep_the_layers_before_the_router():
     reference = {"accuracy": 0.8, "loss": 1.0}
     assert is_viable({"accuracy": 0.793, "loss": 9.0}, reference) and not is_viable({"accuracy": 0.79, "loss": 0}, reference)
     assert is_viable({"accuracy": 0, "loss": 1.04}, reference, "loss", 0.05)
+
+
+def _fake_scores(accuracy_of, samples=10):
+    """A stand-in for `score_dataset`: `accuracy_of(layers)` of `samples` samples answered, FLOPs = 10 + SA layers."""
+    calls = []
+
+    def fake(model, dataset, collator, layers, batch_size, accelerator, progress=True):
+        calls.append(tuple(layers))
+        right = round(accuracy_of(tuple(layers)) * samples)
+        return [{"index": i, "correct": i < right, "loss": 1.0 + 0.1 * (i >= right) - 0.01 * len(layers), "answer_tokens": 1,
+                 "flops": 10 + len(layers), "flops_max": 14, "flops_dense": 20, "layers": list(layers)} for i in range(samples)]
+
+    return fake, calls
+
+
+def test_greedy_search_is_backward_elimination_and_reports_every_candidate(monkeypatch):
+    import importlib
+
+    search_module = importlib.import_module("visor_hf.training.search")  # the package's `search` is the function
+    model = tiny_visor()  # SA 0, 2, 3, 5; router layer 1 -> 0 fixed, 2, 3, 5 free
+    # layer 2 is useless, 3 matters most, 5 a little
+    fake, calls = _fake_scores(lambda layers: 0.5 + 0.4 * (3 in layers) + 0.1 * (5 in layers))
+    monkeypatch.setattr(search_module, "score_dataset", fake)
+    result = search_module.search_configurations(model, None, None, strategy="auto", max_exhaustive=2, threshold=0.05, accelerator=object())
+    assert result["strategy"] == "greedy" and result["fixed_layers"] == [0] and result["free_layers"] == [2, 3, 5]
+    # max; drop one of 2, 3, 5 (best: drop 2); drop one of 3, 5 from [0, 3, 5] (best: drop 5); then [0]
+    assert sorted(set(calls)) == sorted([(0, 2, 3, 5), (0, 3, 5), (0, 2, 5), (0, 2, 3), (0, 5), (0, 3), (0,)])
+    assert len(calls) == 7  # each candidate once: F (F + 1) / 2 + 1 evaluations
+    by_layers = {tuple(c["layers"]): c for c in result["candidates"]}
+    assert by_layers[(0, 3)]["accuracy"] == pytest.approx(0.9) and by_layers[(0,)]["accuracy"] == pytest.approx(0.5)
+    assert by_layers[(0, 3)]["average_flops"] == 12 and by_layers[(0, 3)]["flops_ratio_to_max"] == pytest.approx(12 / 14)
+    # viable: accuracy >= 0.95 x 1.0
+    assert result["viable"] == [[0, 3, 5], [0, 2, 3, 5]]
+    assert [c["layers"] for c in result["candidates"] if c["viable"]] == result["viable"]
+    # exhaustive on the same scores: all 8 subsets of the free layers, same viable set
+    fake, calls = _fake_scores(lambda layers: 0.5 + 0.4 * (3 in layers) + 0.1 * (5 in layers))
+    monkeypatch.setattr(search_module, "score_dataset", fake)
+    result = search_module.search_configurations(model, None, None, threshold=0.05, accelerator=object())
+    assert result["strategy"] == "exhaustive" and len(set(calls)) == len(calls) == 8
+    assert result["viable"] == [[0, 3, 5], [0, 2, 3, 5]]
+    # with the loss as the metric: loss within 1 % of the max's
+    result = search_module.search_configurations(model, None, None, metric="loss", threshold=0.0, accelerator=object())
+    assert result["viable"] == [[0, 2, 3, 5]]
+    with pytest.raises(ValueError, match="strategy"):
+        search_module.search_configurations(model, None, None, strategy="beam", accelerator=object())
+
+
+def test_thin_configurations_keeps_the_maximal_and_the_best_per_layer_count():
+    from visor_hf.training.search import thin_configurations
+
+    def candidate(layers, accuracy, loss=1.0, viable=True):
+        return {"layers": layers, "num_layers": len(layers), "accuracy": accuracy, "loss": loss, "viable": viable}
+
+    candidates = [candidate([0], 0.7, viable=False), candidate([0, 2], 0.95), candidate([0, 3], 0.97), candidate([0, 5], 0.97, 0.9),
+                  candidate([0, 2, 3], 0.99), candidate([0, 2, 3, 5], 1.0)]
+    assert thin_configurations(candidates, 3) == [[0, 5], [0, 2, 3], [0, 2, 3, 5]]
+    assert thin_configurations(candidates, 2) == [[0, 5], [0, 2, 3, 5]]
+    assert thin_configurations(candidates, 1) == [[0, 2, 3, 5]]
 
 
 def test_set_configurations_resizes_the_router_and_keeps_surviving_rows():

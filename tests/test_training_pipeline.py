@@ -54,7 +54,8 @@ def test_stage1_changes_only_the_new_modules(workdir, stage1):
     diff = changed(before, after)
     assert diff, "stage 1 did not train anything"
     assert all(k.startswith("model.cross_attention_blocks.") for k in diff), sorted(diff)
-    # every CA block trained (its projections moved)
+    # every tensor of every CA block trained (norms, conv position embedding, projections); all others are bit-identical
+    assert diff == {k for k in before if k.startswith("model.cross_attention_blocks.")}
     assert {k.split(".")[2] for k in diff} == {"0", "3"}
     assert (stage1 / "visor_training.json").is_file() and (stage1 / "modeling_visor.py").is_file()
     assert not list(stage1.glob("*.bin")) and not list(stage1.glob("*.pt"))  # the final folder holds no pickle
@@ -84,6 +85,10 @@ def test_pipeline_end_to_end(workdir, stage1):
     assert "router" in adapter["modules_to_save"]
     diff = changed(weights(stage1), weights(stage2))
     assert diff and not any("vision_tower" in k for k in diff)
+    # adapters on the LLM attention/MLP and on the CA blocks' projections, merged; norms, router, embeddings untouched
+    assert {k.rsplit(".", 2)[-2] for k in diff} <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert any(k.startswith("model.language_model.layers.") and ".mlp." in k for k in diff)
+    assert any(k.startswith("model.cross_attention_blocks.") for k in diff)
     assert not any("lora" in k for k in weights(stage2))  # merged
     assert not list(stage2.glob("*.bin")) and not list((stage2 / "adapter").glob("*.bin"))
 
@@ -125,6 +130,14 @@ def test_pipeline_end_to_end(workdir, stage1):
     assert len(table) == 8 * 4 and {"index", "configuration", "correct", "loss", "flops"} <= set(table[0])
     labels = [json.loads(line) for line in (labelled / "pseudo_labels.jsonl").read_text().splitlines()]
     assert [entry["index"] for entry in labels] == list(range(8))
+    # the labels follow the rule on the written table: per sample, among the configurations keeping >= 99 % of the
+    # maximal one's accuracy, the cheapest (FLOPs, then fewer layers, then lower loss)
+    for entry in labels:
+        rows = [r for r in table if r["index"] == entry["index"]]
+        top = max(rows, key=lambda r: r["num_layers"])
+        keeping = [r for r in rows if float(r["correct"]) >= 0.99 * float(top["correct"])]
+        assert entry["label"] == min(keeping, key=lambda r: (r["flops"], r["num_layers"], r["loss"]))["configuration"]
+        assert entry["layers"] == config["configurations"][entry["label"]]
     assert json.loads((labelled / "pseudo_label_summary.json").read_text())["samples"] == 8
 
     # router training: only the router changes; the report compares with always-max
@@ -173,6 +186,9 @@ def test_resume_continues_the_configuration_sequence(workdir, stage1):
     a, b = weights(straight), weights(resumed)
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+    # resumed in the interrupted run's own folder (which logged steps 3-5 after checkpoint-3): each step logged once
+    assert main([*args, "--output-dir", str(straight), "--resume-from-checkpoint", str(straight / "checkpoint-3")]) == 0
+    assert schedule(straight) == full
 
 
 DDP_SCRIPT = """

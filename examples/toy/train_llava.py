@@ -89,7 +89,8 @@ def evaluate_llava(model, examples, pool: int = 1, batch_size: int = 64) -> tupl
 
 
 def train_llava(out_dir, steps: int = 1500, batch: int = 16, lr: float = 1e-3, tower_lr: float = 1e-4,
-                tower_steps: int = 800, eval_every: int = 300, seed: int = 0, logfile=None) -> dict:
+                tower_steps: int = 800, eval_every: int = 300, seed: int = 0, logfile=None,
+                eval_images: int = 100) -> dict:
     rng = set_seed(seed)
     model = LlavaOnevisionForConditionalGeneration._from_config(toy_llava_config(), attn_implementation="sdpa")
     n_params = sum(p.numel() for p in model.parameters())
@@ -104,7 +105,7 @@ def train_llava(out_dir, steps: int = 1500, batch: int = 16, lr: float = 1e-3, t
     opt = torch.optim.AdamW([{"params": rest, "lr": lr}, {"params": tower_params, "lr": tower_lr}], weight_decay=0.0,
                             betas=(0.9, 0.98))
     base_lrs = [lr, tower_lr]
-    held_out = eval_set(seed=1, num_images=100)
+    held_out = eval_set(seed=1, num_images=eval_images)
     processor = toy_image_processor()
     history = []
     t1 = time.time()

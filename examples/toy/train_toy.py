@@ -137,7 +137,7 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(f"{diff} questions")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("exact-match accuracy")
-    fig.suptitle("Toy VISOR: accuracy vs FLOPs (held-out set, 1000 questions)")
+    fig.suptitle(f"Toy VISOR: accuracy vs FLOPs (held-out set, {results['test_set']['questions']} questions)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -172,12 +172,17 @@ def main() -> None:
     parser.add_argument("--out", default="runs/toy")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--llava-steps", type=int, default=1500)
+    parser.add_argument("--tower-steps", type=int, default=800, help="vision tower pre-training steps (step 1)")
+    parser.add_argument("--llava-eval-images", type=int, default=100, help="pictures of step 1's running evaluation")
     parser.add_argument("--stage1-steps", type=int, default=150)
     parser.add_argument("--stage2-steps", type=int, default=200)
     parser.add_argument("--universal-steps", type=int, default=300)
     parser.add_argument("--label-images", type=int, default=300)
     parser.add_argument("--router-steps", type=int, default=200)
     parser.add_argument("--images-per-step", type=int, default=8)
+    parser.add_argument("--search-images", type=int, default=SEARCH_IMAGES, help="pictures of the search set (5 questions each)")
+    parser.add_argument("--test-images", type=int, default=TEST_IMAGES, help="pictures of the results table's held-out set")
+    parser.add_argument("--ci-images", type=int, default=CI_IMAGES, help="pictures of the CI test's held-out set")
     parser.add_argument("--reuse-llava", action="store_true", help="skip step 1 when OUT/llava exists")
     parser.add_argument("--ship", action="store_true", help="copy the checkpoint to src/visor_hf/assets and results to docs")
     args = parser.parse_args()
@@ -193,7 +198,8 @@ def main() -> None:
     llava_dir = out / "llava"
     if not (args.reuse_llava and (llava_dir / "config.json").is_file()):
         t = time.time()
-        train_llava(str(llava_dir), steps=args.llava_steps, seed=args.seed, logfile=logfile)
+        train_llava(str(llava_dir), steps=args.llava_steps, tower_steps=args.tower_steps, seed=args.seed, logfile=logfile,
+                    eval_images=args.llava_eval_images)
         timings["llava"] = round(time.time() - t, 1)
 
     # 2. conversion
@@ -202,7 +208,8 @@ def main() -> None:
     set_seed(args.seed)
     converted = out / "visor-converted"
     convert(llava_dir, converted, cross_attention_layers=CROSS, self_attention_layers=SELF,
-            configurations=[[], [1], [1, 6], [1, 3, 6], SELF], router_layer=ROUTER_LAYER, overwrite=True)
+            configurations=[[], [1], [1, 6], [1, 3, 6], SELF], router_layer=ROUTER_LAYER, overwrite=True,
+            routing_token_init="mean")  # the recorded run initialised the routing token's rows from the mean
     log(f"converted: CA {CROSS}, SA {SELF}, router layer {ROUTER_LAYER}", logfile)
 
     # 3. VISOR stages with the project's training pipeline (visor_hf.training, HF Trainer)
@@ -216,7 +223,7 @@ def main() -> None:
                   for name, steps, base in (("stage1", args.stage1_steps, VISOR_TRAIN_SEED_BASE),
                                             ("stage2", args.stage2_steps, VISOR_TRAIN_SEED_BASE + 1_000_000),
                                             ("universal", args.universal_steps, VISOR_TRAIN_SEED_BASE + 2_000_000))}
-    search_data = write_records(data / "search", SEARCH_IMAGES, SEARCH_SEED_BASE)
+    search_data = write_records(data / "search", args.search_images, SEARCH_SEED_BASE)
     label_data = write_records(data / "labels", args.label_images, LABEL_SEED_BASE)
     timings["data"] = round(time.time() - t, 1)
     stages = out / "stages"
@@ -254,7 +261,7 @@ def main() -> None:
 
     # 4. evaluation
     t = time.time()
-    test = eval_set(TEST_SEED, TEST_IMAGES)
+    test = eval_set(TEST_SEED, args.test_images)
     rows = {}
     llava = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_dir, attn_implementation="sdpa").float().eval()
     rows["LLaVA-OV (dense)"] = dense_report(llava, test, 1)
@@ -274,16 +281,16 @@ def main() -> None:
     rows["VISOR router"] = r
     for name, r in rows.items():
         log(f"{name}: {fmt(r['accuracy'])} flops x{r['flops_ratio']:.3f}", logfile)
-    ci_set = eval_set(CI_SEED, CI_IMAGES)
+    ci_set = eval_set(CI_SEED, args.ci_images)
     ci = report(evaluate_visor(model, ci_set, "auto"), ci_set)
     timings["evaluation"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - start, 1)
     results = {
         "layout": {"cross_attention_layers": CROSS, "self_attention_layers": SELF, "router_layer": ROUTER_LAYER,
                    "configurations": model.config.configurations},
-        "test_set": {"seed": TEST_SEED, "images": TEST_IMAGES, "questions": len(test)},
+        "test_set": {"seed": TEST_SEED, "images": args.test_images, "questions": len(test)},
         "rows": rows,
-        "ci": {"seed": CI_SEED, "images": CI_IMAGES, **ci},
+        "ci": {"seed": CI_SEED, "images": args.ci_images, **ci},
         "search": search_summary,
         "labels": label_report,
         "router_training": router_report,

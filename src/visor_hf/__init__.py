@@ -8,9 +8,11 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, Aut
 
 from .modeling import (
     VisorCache,
+    VisorCausalLMOutputWithPast,
     VisorConfig,
     VisorForConditionalGeneration,
     VisorModel,
+    VisorModelOutputWithPast,
     VisorPreTrainedModel,
     uniform_layer_layout,
 )
@@ -25,9 +27,11 @@ AutoProcessor.register(VisorConfig, VisorProcessor, exist_ok=True)
 
 __all__ = [
     "VisorCache",
+    "VisorCausalLMOutputWithPast",
     "VisorConfig",
     "VisorForConditionalGeneration",
     "VisorModel",
+    "VisorModelOutputWithPast",
     "VisorPreTrainedModel",
     "VisorProcessor",
     "uniform_layer_layout",

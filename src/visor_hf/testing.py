@@ -96,6 +96,9 @@ def visor_from_llava(llava: LlavaOnevisionForConditionalGeneration, attn_impleme
     missing, unexpected = visor.load_state_dict(llava.state_dict(), strict=False)
     if unexpected:
         raise ValueError(f"LLaVA-OV weights with no place in VISOR: {unexpected}")
+    not_new = [k for k in missing if not k.startswith(("model.cross_attention_blocks.", "model.router."))]
+    if not_new:
+        raise ValueError(f"VISOR weights that the LLaVA-OV model does not provide: {not_new}")
     warm_start_new_modules(visor)
     return visor.to(llava.dtype).eval()
 
@@ -185,6 +188,11 @@ def word_ids(text: str) -> list[int]:
 
 
 __all__ = [
+    "PAD_ID",
+    "IMAGE_ID",
+    "VIDEO_ID",
+    "ROUTE_ID",
+    "count_image_tokens",
     "tiny_llava_config",
     "tiny_llava",
     "tiny_visor",

@@ -49,6 +49,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--router-layer", type=int, default=None, help="layer whose output the router reads")
     parser.add_argument("--routing-token", default=None, help="routing token to add to the tokenizer (default <route>)")
+    parser.add_argument(
+        "--routing-token-init", default="keep", choices=["keep", "mean"],
+        help="a spare embedding row taken by the routing token: keep its values (default: no tensor changes) or set "
+        "it to the mean of the tokenizer's rows (a new row always starts at the mean)",
+    )
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--revision", default=None, help="Hub revision of SRC")
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             max_shard_size=args.max_shard_size,
             overwrite=args.overwrite,
             routing_token=args.routing_token or DEFAULT_ROUTING_TOKEN,
+            routing_token_init=args.routing_token_init,
             revision=args.revision,
         )
     except (ConversionError, FileExistsError) as error:

@@ -11,12 +11,17 @@ def add_parser(subparsers) -> None:
         help="run every configuration on a training subset and label each sample with the cheapest adequate one",
         description="Writes pseudo_label_table.jsonl (per sample and configuration: correct, loss, FLOPs), "
         "pseudo_labels.jsonl and pseudo_label_summary.json. Label: the cheapest configuration keeping >= --keep of "
-        "the maximal configuration's accuracy (ties: fewer layers, then lower loss); see docs/training.md.",
+        "the maximal configuration's accuracy on the sample (ties: fewer layers, then lower loss); see docs/training.md.",
     )
     parser.add_argument("--model", required=True, help="VISOR checkpoint folder (after search / universal fine-tuning)")
     parser.add_argument("--data", required=True, help="training records")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--keep", type=float, default=0.99, help="fraction of the maximal configuration's accuracy to keep")
+    parser.add_argument(
+        "--spend-slack", action="store_true",
+        help="also move samples to their cheapest configuration while the labelled set keeps >= --keep of the maximal "
+        "configuration's accuracy (set-level; not the paper's per-sample rule)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="label the first N records")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-root", default=None)
@@ -29,7 +34,7 @@ def run(args) -> int:
     from ..training import pseudo_label
 
     report = pseudo_label(
-        args.model, args.data, args.output_dir, keep=args.keep, limit=args.limit, batch_size=args.batch_size,
+        args.model, args.data, args.output_dir, keep=args.keep, spend_slack=args.spend_slack, limit=args.limit, batch_size=args.batch_size,
         image_root=args.image_root, dtype=args.dtype, attn_implementation=args.attn_implementation,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "moved_to_cheapest"}, indent=2))

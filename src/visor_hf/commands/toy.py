@@ -5,6 +5,68 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import sys
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from error
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _images(text: str) -> int:
+    value = _positive(text)
+    if value > 1000:  # picture seeds are 50_000_000 + 1000 * seed + i: more would reuse the next seed's pictures
+        raise argparse.ArgumentTypeError(f"at most 1000 pictures per run, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from error
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"the picture seed must be >= 0, got {value}")
+    return value
+
+
+def parse_configuration(text: str) -> str | int | list[int]:
+    """`auto`, `max`, a configuration index (`2`) or an explicit list of SA layers (`1,6`, `[1, 6]`, `[]`)."""
+    text = text.strip()
+    if text in ("auto", "max"):
+        return text
+    if text.startswith("[") or "," in text:
+        items = [t for t in text.strip("[]").replace(",", " ").split() if t]
+        try:
+            return [int(t) for t in items]
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"a layer list must hold integers, got {text!r}") from error
+    try:
+        return int(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"--configuration must be 'auto', 'max', a configuration index or a list of SA layers like '1,6' or '[]', "
+            f"got {text!r}"
+        ) from error
+
+
+def _check_configuration(configuration, config) -> str | None:
+    """An error message when `configuration` does not fit the loaded model, else None."""
+    if isinstance(configuration, int) and not 0 <= configuration < len(config.configurations):
+        return (f"configuration index {configuration} is out of range: the model has {len(config.configurations)} "
+                f"configurations {config.configurations} (0..{len(config.configurations) - 1})")
+    if isinstance(configuration, list):
+        extra = sorted(set(configuration) - set(config.self_attention_layers))
+        if extra:
+            return f"layers {extra} are not SA layers of the model (SA layers: {config.self_attention_layers})"
+    if configuration == "auto" and config.router_layer is None:
+        return "the model has no router: use --configuration max, an index or a list of SA layers"
+    return None
 
 
 def add_parser(subparsers) -> None:
@@ -15,14 +77,14 @@ def add_parser(subparsers) -> None:
         "questions, and answer them with the toy VISOR checkpoint that ships with the package. Prints per question "
         "the answer, the truth, the SA layers the router chose and the LLM prefill FLOPs against dense LLaVA-OV.",
     )
-    parser.add_argument("--images", type=int, default=4, help="number of new pictures (5 questions each)")
-    parser.add_argument("--seed", type=int, default=None, help="picture seed (default: a random one, printed)")
+    parser.add_argument("--images", type=_images, default=4, help="number of new pictures (5 questions each)")
+    parser.add_argument("--seed", type=_seed, default=None, help="picture seed (default: a random one, printed)")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped toy-visor)")
-    parser.add_argument("--configuration", default="auto",
-                        help="'auto' (router, default), 'max', or a configuration index")
+    parser.add_argument("--configuration", type=parse_configuration, default="auto",
+                        help="'auto' (router, default), 'max', a configuration index, or SA layers like '1,6' or '[]'")
     parser.add_argument("--save-images", default=None, help="folder to write the pictures to (PNG)")
     parser.add_argument("--quiet", action="store_true", help="print the summary only")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
     parser.set_defaults(func=run)
 
 
@@ -33,12 +95,21 @@ def run(args: argparse.Namespace) -> int:
     from ..toy.inference import DEFAULT_CHECKPOINT, answer_examples, fresh_examples, load_toy
 
     torch.set_num_threads(args.threads)
-    seed = args.seed if args.seed is not None else random.randrange(1_000_000)
+    seed = args.seed if args.seed is not None else random.randrange(100_000)
     configuration = args.configuration
-    if configuration not in ("auto", "max"):
-        configuration = int(configuration)
-    model, processor = load_toy(args.model)
+    if args.model and not os.path.isdir(args.model) and (os.path.isabs(args.model) or args.model.startswith(".")):
+        print(f"visor-hf toy: error: --model {args.model}: no such checkpoint folder", file=sys.stderr)
+        return 2
+    try:
+        model, processor = load_toy(args.model)
+    except (OSError, ValueError) as error:
+        print(f"visor-hf toy: error: cannot load the checkpoint {args.model or DEFAULT_CHECKPOINT}: {error}", file=sys.stderr)
+        return 2
     config = model.config
+    problem = _check_configuration(configuration, config)
+    if problem:
+        print(f"visor-hf toy: error: {problem}", file=sys.stderr)
+        return 2
     params = sum(p.numel() for p in model.parameters())
     print(f"toy VISOR from {args.model or DEFAULT_CHECKPOINT}: {params / 1e6:.2f} M parameters, "
           f"{config.text_config.num_hidden_layers} LLM layers, CA {config.cross_attention_layers}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -39,6 +40,9 @@ HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LLAVA_ONEVISION = "llava_onevision"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+# How the routing token's rows start: "keep" uses a spare row as it is (no tensor changes); "mean" sets it to the mean
+# of the source tokenizer's rows. A new row (no spare one) always starts at the mean.
+ROUTING_TOKEN_INITS = ("keep", "mean")
 
 
 class ConversionError(ValueError):
@@ -162,14 +166,19 @@ def check_source(src: Path) -> dict:
         raise ConversionError(f"source {src} has no safetensors weights (model.safetensors or model.safetensors.index.json)")
     from safetensors import safe_open
 
+    index = src / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
     for shard in shards:
         if not shard.is_file():
             raise ConversionError(f"source {src}: the index names the weight file {shard.name}, which is missing")
         try:
             with safe_open(str(shard), framework="pt") as handle:
-                handle.keys()
+                names = set(handle.keys())
         except Exception as error:
             raise ConversionError(f"source weight file {shard} is corrupt or truncated: {error}") from error
+        absent = sorted(name for name, file in weight_map.items() if file == shard.name and name not in names)
+        if absent:
+            raise ConversionError(f"source {src}: the index places tensors {absent[:8]} in {shard.name}, which lacks them")
     return config
 
 
@@ -208,18 +217,72 @@ def load_source_model(src: Path, dtype: torch.dtype | str | None):
     return model.eval()
 
 
-def load_source_processor(src: Path, tokenizer, routing_token: str) -> VisorProcessor:
-    """A VisorProcessor from the source's image processor, processor settings and chat template."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "tokenizer.tiktoken")
+
+
+def load_source_tokenizer(src: Path):
+    """The source's tokenizer, or `None` when the folder holds no tokenizer file at all (a model saved alone with
+    `save_pretrained`); a tokenizer that is there but cannot be loaded is an error."""
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(src))
+    except Exception as error:
+        raise ConversionError(f"source {src} has no usable tokenizer: {error}") from error
+
+
+def default_image_processor(config: dict):
+    """LLaVA-OneVision's image processor (the PIL one, no torchvision needed) for a model config, for sources saved
+    without one: tile size from the vision tower, anyres grid from `image_grid_pinpoints`, LLaVA-OV's defaults for
+    everything else."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
+
+    vision = config.get("vision_config") or {}
+    side = int(vision.get("image_size", 384))
+    kwargs = {"size": {"height": side, "width": side}}
+    if config.get("image_grid_pinpoints"):
+        kwargs["image_grid_pinpoints"] = config["image_grid_pinpoints"]
+    return LlavaOnevisionImageProcessorPil(**kwargs)
+
+
+def has_image_processor(src: Path) -> bool:
+    if (src / "preprocessor_config.json").is_file():
+        return True
+    processor_file = src / "processor_config.json"
+    if processor_file.is_file():
+        try:
+            return "image_processor" in json.loads(processor_file.read_text())
+        except json.JSONDecodeError:
+            return False
+    return False
+
+
+def load_source_image_processor(src: Path):
+    """The source's image processor, or LLaVA-OneVision's default one for its config when it has none."""
     from transformers import AutoImageProcessor
 
+    config = json.loads((src / "config.json").read_text())
+    if not has_image_processor(src):
+        logger.warning("source %s has no image processor: using LLaVA-OneVision's default one for its config", src)
+        return default_image_processor(config)
+    try:
+        return AutoImageProcessor.from_pretrained(str(src))
+    except Exception as error:
+        raise ConversionError(f"source {src} has an image processor that cannot be loaded: {error}") from error
+
+
+def load_source_processor(src: Path, tokenizer, routing_token: str | None) -> VisorProcessor:
+    """A VisorProcessor from the source's image processor, processor settings and chat template."""
     fields = {}
     processor_file = src / "processor_config.json"
     if processor_file.is_file():
-        fields = json.loads(processor_file.read_text())
-    try:
-        image_processor = AutoImageProcessor.from_pretrained(str(src))
-    except Exception as error:
-        raise ConversionError(f"source {src} has no usable image processor (preprocessor_config.json): {error}") from error
+        try:
+            fields = json.loads(processor_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"source {processor_file} is not valid JSON: {error}") from error
+    image_processor = load_source_image_processor(src)
     keep = ("num_image_tokens", "vision_feature_select_strategy", "vision_aspect_ratio", "image_token", "video_token")
     kwargs = {k: fields[k] for k in keep if k in fields}
     config = json.loads((src / "config.json").read_text())
@@ -257,33 +320,55 @@ def load_source_processor(src: Path, tokenizer, routing_token: str) -> VisorProc
 
 
 @torch.no_grad()
-def add_routing_token(model, tokenizer, routing_token: str) -> int:
-    """Add the routing token to the tokenizer and give it an embedding row and an LM-head row.
+def add_routing_token(
+    model, tokenizer, routing_token: str, allow_resize: bool = True, init: str = "keep"
+) -> int | None:
+    """Add the routing token to the tokenizer and give it an embedding row and an LM-head row; return its id.
 
-    The row is a spare one when the embedding matrix is longer than the tokenizer (every other row, spare ones
-    included, keeps its values); otherwise the matrices grow by one row. Both rows are initialised to the mean
-    of the rows of the source tokenizer's tokens (computed in float32).
+    - The token takes the tokenizer's next id. When that id is a spare row of the embedding matrix (the matrix is
+      longer than the tokenizer, as in Qwen2 checkpoints), the row is used as it is: no tensor changes at all, so
+      every source tensor stays bit-identical and the converted model computes what the source computes on any ids.
+    - Otherwise the embedding matrix and the LM head grow by one row (`text_config.vocab_size` + 1), initialised to
+      the mean of the rows of the source tokenizer's tokens (computed in float32, cast back).
+    - `tokenizer=None` (a source saved without one): the matrices grow by one row, initialised to the mean of every
+      row, and that row is the routing token's id.
+
+    With `allow_resize=False` (the dense layout, which has no router to read the token) nothing is added when there
+    is no spare row, and `None` is returned. `init="mean"` also sets a spare row (embedding and LM head) to the mean
+    of the source tokenizer's rows, as a new row is.
     """
-    vocab = tokenizer.get_vocab()
-    if routing_token in vocab:
-        raise ConversionError(
-            f"the source tokenizer already holds the routing token {routing_token!r} (id {vocab[routing_token]}); "
-            "convert a LLaVA-OneVision checkpoint, or choose another routing token (--routing-token)"
-        )
-    num_source_tokens = len(tokenizer)
-    tokenizer.add_special_tokens({"additional_special_tokens": [routing_token]}, replace_extra_special_tokens=False)
-    token_id = tokenizer.convert_tokens_to_ids(routing_token)
+    if init not in ROUTING_TOKEN_INITS:
+        raise ConversionError(f"unknown routing token initialisation {init!r}: one of {', '.join(ROUTING_TOKEN_INITS)}")
     embeddings = model.get_input_embeddings()
-    if token_id >= embeddings.weight.shape[0]:
+    rows = embeddings.weight.shape[0]
+    if tokenizer is None:
+        if not allow_resize:
+            return None
+        token_id, num_source_tokens = rows, rows
+    else:
+        vocab = tokenizer.get_vocab()
+        if routing_token in vocab:
+            raise ConversionError(
+                f"the source tokenizer already holds the routing token {routing_token!r} (id {vocab[routing_token]}); "
+                "convert a LLaVA-OneVision checkpoint, or choose another routing token (--routing-token)"
+            )
+        num_source_tokens = len(tokenizer)
+        if num_source_tokens >= rows and not allow_resize:
+            return None
+        tokenizer.add_special_tokens({"additional_special_tokens": [routing_token]}, replace_extra_special_tokens=False)
+        token_id = tokenizer.convert_tokens_to_ids(routing_token)
+        if token_id < rows and init == "keep":  # a spare row: used as it is
+            return token_id
+    if token_id >= rows:
         model.resize_token_embeddings(token_id + 1, mean_resizing=False)
-        embeddings = model.get_input_embeddings()
-    rows = min(num_source_tokens, embeddings.weight.shape[0])
-    embeddings.weight[token_id] = embeddings.weight[:rows].float().mean(0).to(embeddings.weight.dtype)
+    embeddings = model.get_input_embeddings()
+    source_rows = min(num_source_tokens, rows)
+    embeddings.weight[token_id] = embeddings.weight[:source_rows].float().mean(0).to(embeddings.weight.dtype)
     head = model.get_output_embeddings()
     if head is not None and head.weight.data_ptr() != embeddings.weight.data_ptr():
-        head.weight[token_id] = head.weight[:rows].float().mean(0).to(head.weight.dtype)
+        head.weight[token_id] = head.weight[:source_rows].float().mean(0).to(head.weight.dtype)
         if getattr(head, "bias", None) is not None:
-            head.bias[token_id] = head.bias[:rows].float().mean(0).to(head.bias.dtype)
+            head.bias[token_id] = head.bias[:source_rows].float().mean(0).to(head.bias.dtype)
     return token_id
 
 
@@ -355,14 +440,49 @@ def materialize_new_modules(model: VisorForConditionalGeneration, device: torch.
         raise ConversionError(f"internal error: tensors left without storage {still_meta[:8]}")
 
 
-def model_card(src_name: str, config: VisorConfig, routing_token: str) -> str:
+def hub_id(name: str | None) -> str | None:
+    """`name` when it has the shape of a Hub model id (`owner/name`) and is not a local path; else `None`."""
+    if not name or Path(name).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or ".." in name:
+        return None
+    return name
+
+
+def model_card(src_name: str, config: VisorConfig, routing_token: str, has_processor: bool = True) -> str:
+    """The README.md of a converted checkpoint: Hub metadata, layer layout, configurations, how to load.
+
+    `base_model` goes into the metadata only for a Hub id (the Hub checks it names a model): a local folder is named
+    in the text only.
+    """
+    base_model = f"base_model: {hub_id(src_name)}\n" if hub_id(src_name) else ""
     text = config.get_text_config()
     configurations = "\n".join(f"| {i} | {c} | {len(c)} |" for i, c in enumerate(config.configurations))
+    if config.routing_token_id is None:
+        routing = "none (no router: the dense layout has no routing token)"
+    else:
+        routing = f"`{routing_token}`, id {config.routing_token_id}" if has_processor else f"id {config.routing_token_id}"
+    no_processor = (
+        ""
+        if has_processor
+        else "\n**The source had no tokenizer**: this folder holds no tokenizer and no processor. Copy the LLaVA-OneVision "
+        f"tokenizer here and add the routing token as id {config.routing_token_id}, or put that id after each question "
+        "yourself.\n"
+    )
+    if config.cross_attention_layers or config.router_layer is not None:
+        initialisation = (
+            "The cross-attention blocks start from their host layer's attention and norm weights, the position "
+            "convolutions at zero, the router at random. **The new modules are untrained**: fine-tune (stage 1: new "
+            "modules, stage 2: everything) and train the router before use."
+        )
+    else:
+        initialisation = (
+            "**Dense layout**: every LLM layer is an active self-attention layer and there is no cross-attention layer "
+            "and no router, so this checkpoint computes exactly what the source computes (the equivalence check: "
+            "`visor-hf verify DST --against SOURCE`)."
+        )
     return f"""---
 library_name: transformers
 pipeline_tag: image-text-to-text
-base_model: {src_name}
-tags:
+{base_model}tags:
 - visor
 - llava-onevision
 - custom_code
@@ -372,16 +492,15 @@ tags:
 
 A LLaVA-OneVision model whose language model meets the visual tokens only at a few layers: cross-attention (CA)
 layers (text queries, visual keys/values) and switchable self-attention (SA) layers; a router picks, per sample,
-which SA layers run. Every weight of `{src_name}` is kept unchanged; the cross-attention blocks start from their
-host layer's attention and norm weights, the position convolutions at zero, the router at random. **The new modules
-are untrained**: fine-tune (stage 1: new modules, stage 2: everything) and train the router before use.
-
+which SA layers run. Every weight of `{src_name}` is kept unchanged. {initialisation}
+{no_processor}
 ## Layer layout
 
 - LLM layers: {text.num_hidden_layers}
 - cross-attention layers: {config.cross_attention_layers}
 - self-attention layers: {config.self_attention_layers}
-- router layer: {config.router_layer} (reads the routing token `{routing_token}`, id {config.routing_token_id})
+- router layer: {config.router_layer}
+- routing token: {routing}
 - default configuration without a router decision: {config.default_configuration!r}
 
 | configuration | SA layers | count |
@@ -418,6 +537,7 @@ def convert(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     overwrite: bool = False,
     routing_token: str = DEFAULT_ROUTING_TOKEN,
+    routing_token_init: str = "keep",
     revision: str | None = None,
 ) -> Path:
     """Convert a LLaVA-OneVision checkpoint (local folder or Hub id) into a VISOR checkpoint folder `dst`.
@@ -426,8 +546,11 @@ def convert(
     SA count (`default_configurations`), router just before the first switchable SA layer. `dense=True` writes the
     all-SA layout (no CA layer, no router) that reproduces LLaVA-OneVision. `dtype` casts the weights (default:
     the source's). The output is written to a temporary folder next to `dst` and renamed at the end; an existing
-    `dst` is refused unless `overwrite`. Returns the output folder.
+    `dst` is refused unless `overwrite`. `routing_token_init` ("keep" or "mean") says how a spare embedding row
+    taken by the routing token starts (see `add_routing_token`). Returns the output folder.
     """
+    if routing_token_init not in ROUTING_TOKEN_INITS:
+        raise ConversionError(f"unknown routing token initialisation {routing_token_init!r}: one of {', '.join(ROUTING_TOKEN_INITS)}")
     dst = Path(dst).expanduser().resolve()
     if dst.exists() and not overwrite:
         raise FileExistsError(f"output {dst} already exists; pass overwrite=True (--overwrite) to replace it")
@@ -436,21 +559,33 @@ def convert(
             raise ConversionError(f"unknown dtype {dtype!r} (float32, float16, bfloat16)")
         dtype = getattr(torch, dtype)
     src_path = resolve_source(src, revision)
-    if dst == src_path or src_path in dst.parents:
-        raise ConversionError(f"output {dst} must not be the source folder or inside it")
+    if dst == src_path or src_path in dst.parents or dst in src_path.parents:
+        raise ConversionError(f"output {dst} must not be the source folder, inside it, or hold it")
     source_config = check_source(src_path)
 
-    from transformers import AutoTokenizer
+    # the layout is resolved before the weights are read (config.json may leave defaults out: read it as transformers does)
+    from transformers import LlavaOnevisionConfig
 
-    llava = load_source_model(src_path, dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(src_path))
+        num_layers = LlavaOnevisionConfig.from_pretrained(str(src_path)).get_text_config().num_hidden_layers
     except Exception as error:
-        raise ConversionError(f"source {src_path} has no usable tokenizer: {error}") from error
-    routing_token_id = add_routing_token(llava, tokenizer, routing_token)
-    processor = load_source_processor(src_path, tokenizer, routing_token)
-    num_layers = llava.config.get_text_config().num_hidden_layers
+        raise ConversionError(f"source {src_path}/config.json is not a valid LLaVA-OneVision config: {error}") from error
     layout = resolve_layout(num_layers, cross_attention_layers, self_attention_layers, configurations, router_layer, dense)
+    llava = load_source_model(src_path, dtype)
+    tokenizer = load_source_tokenizer(src_path)
+    # the dense layout has no router: it takes the routing token only where no tensor changes (a spare row)
+    routing_token_id = add_routing_token(llava, tokenizer, routing_token, allow_resize=not dense, init=routing_token_init)
+    if tokenizer is None:
+        logger.warning(
+            "source %s has no tokenizer: the output gets no tokenizer and no processor (%s)", src_path,
+            "no routing token" if routing_token_id is None else f"the routing token is id {routing_token_id}, a new row",
+        )
+        processor, image_processor = None, load_source_image_processor(src_path)
+    else:
+        if routing_token_id is None:
+            logger.warning("dense layout: no spare embedding row for the routing token, so none is added")
+        processor = load_source_processor(src_path, tokenizer, routing_token if routing_token_id is not None else None)
+        image_processor = None
     config = visor_config_from_source(llava.config, layout, routing_token_id)
     visor = build_visor(llava, config)
     del llava
@@ -461,19 +596,26 @@ def convert(
         visor.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         if (src_path / "generation_config.json").is_file():
             shutil.copyfile(src_path / "generation_config.json", tmp / "generation_config.json")
-        processor.auto_map = dict(PROCESSOR_AUTO_MAP)
-        processor.save_pretrained(str(tmp))
+        if processor is not None:
+            processor.auto_map = dict(PROCESSOR_AUTO_MAP)
+            processor.save_pretrained(str(tmp))
+        else:
+            image_processor.save_pretrained(str(tmp))
         for path in remote_code_files():
             shutil.copyfile(path, tmp / path.name)
         name = str(src) if not Path(str(src)).expanduser().is_dir() else (source_config.get("_name_or_path") or src_path.name)
-        (tmp / "README.md").write_text(model_card(name, config, routing_token))
+        (tmp / "README.md").write_text(model_card(name, config, routing_token, has_processor=processor is not None))
         for leftover in tmp.iterdir():
             if leftover.suffix in PICKLE_SUFFIXES:
                 raise ConversionError(f"internal error: a pickle file {leftover.name} was written")
         if dst.exists():
             old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
             dst.rename(old)
-            tmp.rename(dst)
+            try:
+                tmp.rename(dst)
+            except BaseException:
+                old.rename(dst)  # put the previous output back
+                raise
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
         else:
             tmp.rename(dst)

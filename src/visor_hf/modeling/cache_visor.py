@@ -53,12 +53,16 @@ class VisorState:
     # real (non-padding) text and visual tokens of each prompt, and the logical prompt length
     prompt_text: list[int] = field(default_factory=list)
     prompt_visual: list[int] = field(default_factory=list)
-    prompt_length: int = 0
+    prompt_length: int = -1  # -1: the whole sequence at construction (the prefill) is the prompt
     # per sample: FLOPs of the first decoding step, and how much each further cached token adds (set lazily)
     decode_base: list[int] = field(default_factory=list)
     decode_increment: list[int] = field(default_factory=list)
 
     HOST_LISTS = ("configurations", "prompt_text", "prompt_visual", "decode_base", "decode_increment")
+
+    def __post_init__(self) -> None:
+        if self.prompt_length < 0:
+            self.prompt_length = self.seq_length
 
     def _batch_tensors(self):
         for f in fields(self):
@@ -92,10 +96,36 @@ class VisorState:
         """Tokens fed after the prompt (the logical length beyond the prefill)."""
         return self.seq_length - self.prompt_length
 
+    def check_crop(self, tokens_to_remove: int) -> None:
+        """Raise unless the last `tokens_to_remove` positions are text in every sample (then they are the last
+        entries of every slot, text-only or full, and cropping them keeps the layers in step)."""
+        into_prompt = tokens_to_remove - max(self.decode_steps, 0)
+        if into_prompt <= 0:
+            return  # tokens fed after the prompt are always text
+        # one host sync, only when a crop reaches into the prefill (assisted decoding's first candidates)
+        if tokens_to_remove > self.text_valid.shape[1] or bool(self.full_visual[:, -tokens_to_remove:].any()):
+            raise ValueError(
+                f"cannot crop {tokens_to_remove} tokens from this VisorCache: its last {tokens_to_remove} positions "
+                "hold visual tokens; only text tokens at the end of the sequence can be removed"
+            )
+
     def crop(self, tokens_to_remove: int) -> None:
-        """Forget the last `tokens_to_remove` (text) tokens; they were appended to both layouts."""
+        """Forget the last `tokens_to_remove` (text) tokens; they were appended to both layouts.
+
+        Removing tokens of the prompt itself (possible when a multi-token prefill carried assisted decoding's
+        candidates) shortens the prompt of the FLOPs bookkeeping accordingly. `VisorCache.crop` runs `check_crop`
+        first, before any slot is touched.
+        """
         if tokens_to_remove <= 0:
             return
+        into_prompt = tokens_to_remove - max(self.decode_steps, 0)
+        if into_prompt > 0:
+            if self.prompt_text:
+                start = self.text_valid.shape[1] - tokens_to_remove
+                removed = self.text_valid[:, start : start + into_prompt].sum(1).tolist()
+                self.prompt_text = [n - r for n, r in zip(self.prompt_text, removed)]
+            self.prompt_length -= into_prompt
+            self.decode_base, self.decode_increment = [], []
         self.text_valid = self.text_valid[:, :-tokens_to_remove]
         self.full_valid = self.full_valid[:, :-tokens_to_remove]
         self.full_visual = self.full_visual[:, :-tokens_to_remove]
@@ -139,9 +169,18 @@ class VisorCache(DynamicCache):
             self.visor_state.select(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last `-tokens_to_remove` tokens (a negative count, as `DynamicCache.crop` takes it).
+
+        They must be text tokens in every sample: a text-only slot and a full slot end with the same text tokens,
+        but the visual tokens of the prompt sit in full slots only, so cropping into them would leave the layers out
+        of step (`ValueError`).
+        """
+        state = self.visor_state
+        if state is not None and tokens_to_remove < 0:
+            state.check_crop(-tokens_to_remove)
         super().crop(tokens_to_remove)
-        if self.visor_state is not None:
-            self.visor_state.crop(-tokens_to_remove)
+        if state is not None:
+            state.crop(-tokens_to_remove)
 
     def layer_layout_bytes(self) -> dict[int, int]:
         """Bytes of keys/values held per LLM layer (self-attention slots only)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaOnevisionConfig
 
@@ -32,6 +34,15 @@ def uniform_layer_layout(num_layers: int, num_cross: int | None = None, num_self
     return cross, selfs
 
 
+def _layer_list(name: str, layers) -> list[int]:
+    """`layers` as a sorted list of ints (duplicates kept, so that validation can name them)."""
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, (list, tuple)):
+        raise TypeError(f"{name} must be a list of LLM layer indices, got {layers!r}")
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in layers):
+        raise TypeError(f"{name} must hold LLM layer indices (ints), got {list(layers)!r}")
+    return sorted(int(i) for i in layers)
+
+
 @strict
 class VisorConfig(LlavaOnevisionConfig):
     r"""
@@ -47,7 +58,7 @@ class VisorConfig(LlavaOnevisionConfig):
     router_layer (`int`, *optional*):
         The router reads the routing token's hidden state at the output of this layer. `None`: no router.
     router_hidden_size (`int`, *optional*):
-        Width of the router MLP (defaults to the LLM hidden size // 4).
+        Width of the router MLP (defaults to the LLM hidden size // 4, at least 8).
     routing_token_id (`int`, *optional*):
         Id of the routing token placed after each question.
     default_configuration (`int` or `"max"`, *optional*, defaults to `"max"`):
@@ -57,6 +68,11 @@ class VisorConfig(LlavaOnevisionConfig):
     """
 
     model_type = "visor"
+    # `Trainer.evaluate/predict` gather every other output field as predictions: keep them to the logits
+    keys_to_ignore_at_inference = [
+        "past_key_values", "image_hidden_states", "video_hidden_states", "router_logits", "routing_token_batch_index",
+        "visor_configurations", "configuration_index", "flops",
+    ]
 
     cross_attention_layers: list | None = None
     self_attention_layers: list | None = None
@@ -72,16 +88,31 @@ class VisorConfig(LlavaOnevisionConfig):
         num_layers = self.text_config.num_hidden_layers
         if self.cross_attention_layers is None:
             self.cross_attention_layers = []
+        self.cross_attention_layers = _layer_list("cross_attention_layers", self.cross_attention_layers)
         if self.self_attention_layers is None:
             self.self_attention_layers = [i for i in range(num_layers) if i not in self.cross_attention_layers]
-        self.cross_attention_layers = sorted(int(i) for i in self.cross_attention_layers)
-        self.self_attention_layers = sorted(int(i) for i in self.self_attention_layers)
+        self.self_attention_layers = _layer_list("self_attention_layers", self.self_attention_layers)
         if self.configurations is None:
             self.configurations = [list(self.self_attention_layers)]
-        self.configurations = [sorted(int(i) for i in c) for c in self.configurations]
+        if not isinstance(self.configurations, (list, tuple)):
+            raise TypeError(f"configurations must be a list of lists of SA-layer indices, got {self.configurations!r}")
+        self.configurations = [_layer_list(f"configuration {i}", c) for i, c in enumerate(self.configurations)]
+        # plain ints (a numpy integer would not survive `to_json_string`)
+        for name in ("router_layer", "router_hidden_size", "routing_token_id", "default_configuration"):
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
+        # checked here too (not only in `validate_architecture`), so that a bad layout raises a plain `ValueError`
+        # rather than the wrapper error of the strict-dataclass validators
+        self.check_layout()
 
     def validate_architecture(self):
         super().validate_architecture()
+        self.check_layout()
+
+    def check_layout(self) -> None:
+        """Refuse a bad layer layout with a `ValueError` naming the problem (run at construction; call it again after
+        changing the layout fields of an existing config)."""
         num_layers = self.text_config.num_hidden_layers
         cross, selfs = self.cross_attention_layers, self.self_attention_layers
         for name, layers in (("cross_attention_layers", cross), ("self_attention_layers", selfs)):
@@ -106,7 +137,17 @@ class VisorConfig(LlavaOnevisionConfig):
                 raise ValueError(f"default_configuration must be an index into configurations or 'max', got {self.default_configuration!r}")
         elif not 0 <= self.default_configuration < len(self.configurations):
             raise ValueError(f"default_configuration {self.default_configuration} is out of range for {len(self.configurations)} configurations")
+        kernel = self.position_embedding_kernel_size
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 != 1:
+            raise ValueError(f"position_embedding_kernel_size must be a positive odd integer (padding k // 2 keeps the length), got {kernel!r}")
+        if self.router_hidden_size is not None and not self.router_hidden_size > 0:
+            raise ValueError(f"router_hidden_size must be a positive width (or None for hidden_size // 4), got {self.router_hidden_size}")
         if self.router_layer is not None:
+            if self.routing_token_id is None:
+                raise ValueError(
+                    f"router_layer {self.router_layer} is set but routing_token_id is None: the router reads the hidden "
+                    "state of the routing token, so give its id (or set router_layer=None for a model without router)"
+                )
             if not 0 <= self.router_layer < num_layers:
                 raise ValueError(f"router_layer {self.router_layer} is out of range: the LLM has {num_layers} layers")
             switchable = self.switchable_layers

@@ -12,11 +12,15 @@ active SA layers and for the output.
 
 from __future__ import annotations
 
+import inspect
+import numbers
+from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoModel, PreTrainedConfig
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
@@ -36,6 +40,8 @@ from .configuration_visor import VisorConfig
 from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, select_by_budget
 
 AUTO = "auto"
+# what `visor_configuration=` takes: an index, a list of SA layers, "max"/"auto", or one entry per sample
+ConfigurationRequest = int | str | Sequence[int | str | Sequence[int] | torch.Tensor] | torch.Tensor | None
 
 
 @dataclass
@@ -44,6 +50,10 @@ class VisorModelOutputWithPast(ModelOutput):
 
     last_hidden_state: final-normed hidden states in the original sequence order. Visual positions hold the visual
         tokens' states after the last SA layer that updated them (equal to LLaVA-OV's only in the dense layout).
+    hidden_states (`output_hidden_states=True`): the embeddings and the output of every layer, `[B, T, d]` in the
+        original order (the last entry is `last_hidden_state`, as in transformers' language models).
+    attentions (`output_attentions=True`, eager attention; None entries otherwise): per layer `[B, heads, T, T]` in
+        the original order; a text-only layer has zeros in every visual row and column. Prefill only.
     router_logits: `[num_routing_tokens, num_configurations]`, one row per routing token (when the router ran).
     routing_token_batch_index: the sample each row of `router_logits` belongs to.
     visor_configurations: the SA layers that ran for each sample.
@@ -55,6 +65,7 @@ class VisorModelOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
+    video_hidden_states: torch.Tensor | None = None
     router_logits: torch.Tensor | None = None
     routing_token_batch_index: torch.Tensor | None = None
     visor_configurations: list[tuple[int, ...]] | None = None
@@ -78,6 +89,7 @@ class VisorCausalLMOutputWithPast(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     image_hidden_states: torch.Tensor | None = None
+    video_hidden_states: torch.Tensor | None = None
     router_logits: torch.Tensor | None = None
     routing_token_batch_index: torch.Tensor | None = None
     visor_configurations: list[tuple[int, ...]] | None = None
@@ -141,6 +153,37 @@ def block_keys(mask: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
 
 
+def _segment_ids(lengths: list[int], first: int, device) -> torch.Tensor:
+    """`first + k` repeated `lengths[k]` times: the image id of every visual token of consecutive images."""
+    ids = torch.arange(first, first + len(lengths), device=device)
+    return ids.repeat_interleave(torch.tensor(lengths, dtype=torch.long, device=device))
+
+
+def scatter_attention(weights: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
+    """Attention weights `[B, H, N, N]` among the compact tokens at `index` (`[B, N]`, empty slots = `length`) laid out
+    in the original order: `[B, H, length, length]`, zero for every row or column outside `index`."""
+    batch, heads, count, _ = weights.shape
+    out = weights.new_zeros(batch, length + 1, length + 1, heads)
+    rows = index[:, :, None].expand(batch, count, count)
+    cols = index[:, None, :].expand(batch, count, count)
+    samples = torch.arange(batch, device=weights.device)[:, None, None].expand(batch, count, count)
+    out[samples, rows, cols] = weights.permute(0, 2, 3, 1)
+    return out[:, :length, :length].permute(0, 3, 1, 2)
+
+
+@contextmanager
+def capture_attentions(layers, enabled: bool):
+    """Collect the attention weights each decoder layer's `self_attn` returns while the block runs (eager only:
+    other implementations return None). The hooks are gone afterwards (not run again by a checkpointed backward)."""
+    captured: list = []
+    hooks = [layer.self_attn.register_forward_hook(lambda _m, _a, out: captured.append(out[1])) for layer in layers] if enabled else []
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
 
@@ -189,7 +232,7 @@ class VisorConvPositionEmbedding(nn.Module):
 class VisorCrossAttention(nn.Module):
     """Text queries, visual keys/values; grouped-query attention with the LLM's head layout, no RoPE."""
 
-    def __init__(self, config, layer_idx: int):
+    def __init__(self, config: PreTrainedConfig, layer_idx: int):
         super().__init__()
         self.config = config
         self.layer_idx = layer_idx
@@ -207,7 +250,9 @@ class VisorCrossAttention(nn.Module):
         shape = (*visual.shape[:-1], -1, self.head_dim)
         return self.k_proj(visual).view(shape).transpose(1, 2), self.v_proj(visual).view(shape).transpose(1, 2)
 
-    def forward(self, hidden_states, key_states, value_states, attention_mask) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
         implementation = self.config._attn_implementation
@@ -242,7 +287,9 @@ class VisorCrossAttentionBlock(GradientCheckpointingLayer):
     def visual_key_values(self, visual: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.cross_attn.project_visual(self.visual_layernorm(self.position_embedding(visual, segments)))
 
-    def forward(self, text, key_states, value_states, attention_mask, has_key) -> torch.Tensor:
+    def forward(
+        self, text: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None, has_key: torch.Tensor
+    ) -> torch.Tensor:
         attended = self.cross_attn(self.input_layernorm(text), key_states, value_states, attention_mask)
         # a text token that sees no visual token gets nothing added (not an average over masked keys)
         return text + attended * has_key
@@ -268,7 +315,7 @@ class VisorRouter(nn.Module):
 # Configuration requests
 
 
-def resolve_configuration_request(config: VisorConfig, value, batch_size: int, has_router: bool) -> list:
+def resolve_configuration_request(config: VisorConfig, value: ConfigurationRequest, batch_size: int, has_router: bool) -> list[tuple[int, ...] | str]:
     """Turn `visor_configuration=` into one entry per sample: a tuple of SA layers, or "auto" (ask the router).
 
     - `None`: "auto" when the model has a router, else the default configuration;
@@ -278,6 +325,8 @@ def resolve_configuration_request(config: VisorConfig, value, batch_size: int, h
     """
     if value is None:
         value = AUTO
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()  # a 0-d tensor is one index for every sample
     if isinstance(value, torch.Tensor):
         if value.dim() != 1 or value.dtype in (torch.bool,) or value.is_floating_point():
             raise ValueError(f"a visor_configuration tensor must be a 1-D integer tensor of configuration indices, got {tuple(value.shape)} {value.dtype}")
@@ -302,13 +351,16 @@ def _resolve_one(config: VisorConfig, value, has_router: bool):
         raise ValueError(f"unknown visor_configuration {value!r}: use 'auto', 'max', an index or a list of SA layers")
     if isinstance(value, bool):
         raise TypeError("visor_configuration must not be a bool")
+    if isinstance(value, numbers.Integral):
+        value = int(value)  # numpy integers too
     if isinstance(value, int):
         if not 0 <= value < len(config.configurations):
             raise ValueError(f"unknown configuration index {value}: the model has {len(config.configurations)} configurations (0..{len(config.configurations) - 1})")
         return tuple(config.configurations[value])
     if isinstance(value, (list, tuple)):
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
             raise TypeError(f"a configuration given as a list must hold SA-layer indices (ints), got {value!r}")
+        value = [int(v) for v in value]
         extra = sorted(set(value) - set(config.self_attention_layers))
         if extra:
             raise ValueError(f"layers {extra} are not SA layers of this model (self_attention_layers = {config.self_attention_layers})")
@@ -359,50 +411,61 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
     # -- visual features -----------------------------------------------------------------------------------------
 
     def _embed_visual(self, input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs):
-        """Scatter image/video features into the embeddings; return the visual mask and an image id per token."""
+        """Scatter image/video features into the embeddings; return the visual mask, an image id per token and the
+        image and video features. Features come from the pixels or, as in LLaVA-OV, from `mm_encoder_outputs`
+        (`{"image": ..., "video": ...}` outputs of `get_image_features` / `get_video_features`)."""
         visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        encoded = dict(vision_kwargs.get("encoded") or {})
         segment_lengths = []
-        image_features = None
-        if pixel_values is not None:
-            features = self.get_image_features(pixel_values, image_sizes, return_dict=True, **vision_kwargs["image"]).pooler_output
+        image_features = video_features = None
+        segments = torch.full(visual_mask.shape, -1, dtype=torch.long, device=visual_mask.device)
+        if encoded.get("image") is None and pixel_values is not None:
+            encoded["image"] = self.get_image_features(pixel_values, image_sizes, return_dict=True, **vision_kwargs["image"])
+        if encoded.get("image") is not None:
+            features = encoded["image"].pooler_output
             segment_lengths += [f.shape[0] for f in features]
             image_features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
             visual_mask |= image_mask[..., 0]
-        if pixel_values_videos is not None:
-            video = self.get_video_features(pixel_values_videos, return_dict=True, **vision_kwargs["video"]).pooler_output
-            segment_lengths += [video.shape[1]] * video.shape[0]
+            # image k's features fill the image tokens in row-major order (masked_scatter): tag them with k
+            segments[image_mask[..., 0]] = _segment_ids(segment_lengths, 0, segments.device)
+        if encoded.get("video") is None and pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(pixel_values_videos, return_dict=True, **vision_kwargs["video"])
+        if encoded.get("video") is not None:
+            video = encoded["video"].pooler_output
             video_features = video.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
             _, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, video_features=video_features)
             inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_features)
-            if pixel_values is not None:
-                segment_lengths = []  # images and videos interleave: fall back to contiguous runs below
             visual_mask |= video_mask[..., 0]
-        if pixel_values is None and pixel_values_videos is None and input_ids is not None:
+            # one segment per video (all its frames), numbered after the images
+            segments[video_mask[..., 0]] = _segment_ids([video.shape[1]] * video.shape[0], len(segment_lengths), segments.device)
+        if image_features is None and video_features is None and input_ids is not None:
             placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
             if placeholders.any():
                 raise ValueError(
                     f"input_ids hold {int(placeholders.sum())} image/video placeholder tokens but no pixel_values were given"
                 )
-        segments = torch.full(visual_mask.shape, -1, dtype=torch.long, device=visual_mask.device)
-        if segment_lengths:
-            ids = torch.arange(len(segment_lengths), device=visual_mask.device)
-            lengths = torch.tensor(segment_lengths, device=visual_mask.device)
-            segments[visual_mask] = ids.repeat_interleave(lengths)
-        else:
-            starts = visual_mask & ~nn.functional.pad(visual_mask[:, :-1], (1, 0), value=False)
-            segments = torch.where(visual_mask, starts.flatten().cumsum(0).view_as(visual_mask), segments)
-        return inputs_embeds, visual_mask, segments, image_features
+        return inputs_embeds, visual_mask, segments, image_features, video_features
 
     # -- routing ---------------------------------------------------------------------------------------------------
 
-    def _router_logits(self, text_states, text_ids, text_filled):
-        """Router scores for every routing token in the text stream: (logits [N, C], sample index [N])."""
+    def _routing_mask(self, input_ids, inputs_embeds) -> torch.Tensor | None:
+        """`[B, T]` positions of the routing token: from `input_ids`, or (embeddings given) where the embedding is the
+        routing token's own, as LLaVA-OV finds image placeholders in `inputs_embeds`. None without a router."""
         token_id = self.config.routing_token_id
-        if self.router is None or token_id is None or text_ids is None:
+        if self.router is None or token_id is None:
+            return None
+        if input_ids is not None:
+            return input_ids == token_id
+        routing = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+        return (inputs_embeds == routing.to(inputs_embeds.dtype)).all(-1)
+
+    def _router_logits(self, text_states, text_routing, text_filled):
+        """Router scores for every routing token in the text stream: (logits [N, C], sample index [N])."""
+        if self.router is None or text_routing is None:
             return None, None
-        is_routing = (text_ids == token_id) & text_filled
+        is_routing = text_routing & text_filled
         batch_index = is_routing.nonzero()[:, 0]
         return self.router(text_states[is_routing]), batch_index
 
@@ -439,7 +502,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         vision_aspect_ratio: str | None = None,
         batch_num_images: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        visor_configuration=None,
+        visor_configuration: ConfigurationRequest = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         **kwargs,
@@ -453,6 +516,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        # LLaVA-OV's pre-encoded images/videos; taken from kwargs, not the signature, so that `generate` keeps
+        # passing the pixels (it pre-encodes them only for models whose forward names `mm_encoder_outputs`)
+        mm_encoder_outputs = kwargs.pop("mm_encoder_outputs", None)
+        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
+            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
         if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
             raise ValueError("VISOR builds its own masks: pass a 2D attention_mask (batch, sequence) or None")
         if inputs_embeds is None:
@@ -461,6 +529,12 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
 
         if use_cache is None and past_key_values is not None:
             use_cache = True  # a cache passed in is used (and a filled one continues the generation)
+        if use_cache is None:
+            # as LLaVA-OV (its Qwen2 reads `text_config.use_cache`): return a cache unless activation checkpointing
+            # is on in training, where the layers could not fill it
+            use_cache = bool(getattr(self.config.text_config, "use_cache", True)) and not (
+                self.training and self.is_activation_checkpointing
+            )
         if past_key_values is not None and not isinstance(past_key_values, VisorCache):
             if past_key_values.get_seq_length() > 0:
                 raise ValueError(f"VISOR needs a VisorCache; got a filled {type(past_key_values).__name__}")
@@ -485,12 +559,13 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             }
             if vision_aspect_ratio is not None:
                 vision_kwargs["image"]["vision_aspect_ratio"] = vision_aspect_ratio
+            vision_kwargs["encoded"] = mm_encoder_outputs
             return self._prefill(
                 input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs,
                 attention_mask, position_ids, cache, visor_configuration, output_hidden_states, output_router_logits,
                 kwargs,
             )
-        if pixel_values is not None or pixel_values_videos is not None:
+        if pixel_values is not None or pixel_values_videos is not None or mm_encoder_outputs:
             raise ValueError("images must be given in the first forward (prefill); this cache already holds a prompt")
         return self._decode(inputs_embeds, attention_mask, position_ids, cache, output_hidden_states, kwargs)
 
@@ -501,7 +576,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         config = self.config
         batch, length = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        inputs_embeds, visual_mask, segments, image_features = self._embed_visual(
+        inputs_embeds, visual_mask, segments, image_features, video_features = self._embed_visual(
             input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs
         )
         if position_ids is None:
@@ -516,7 +591,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         visual = gather_tokens(inputs_embeds, visual_index)
         text_valid = text_filled & gather_tokens(valid, text_index)
         text_positions = gather_tokens(position_ids, text_index)
-        text_ids = gather_tokens(input_ids, text_index) if input_ids is not None else None
+        routing_mask = self._routing_mask(input_ids, inputs_embeds)
+        text_routing = gather_tokens(routing_mask, text_index) if routing_mask is not None else None
         visual_segments = torch.where(visual_filled, gather_tokens(segments, visual_index), -1)
 
         requests = resolve_configuration_request(config, visor_configuration, batch, self.router is not None)
@@ -571,49 +647,59 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         hidden_states_out = () if output_hidden_states else None
         if output_hidden_states:
             hidden_states_out += (inputs_embeds,)
+        output_attentions = kwargs.pop("output_attentions", None)
+        if output_attentions is None:
+            output_attentions = getattr(config, "output_attentions", False)
 
-        for layer_idx, decoder_layer in enumerate(self.language_model.layers[:num_layers]):
-            block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
-            if block is not None and cross_mask is not None:
-                key_states, value_states = block.visual_key_values(visual, visual_segments)
-                state.cross_kv[layer_idx] = (key_states, value_states)
-                text = block(text, key_states, value_states, cross_mask, has_key)
+        attentions_out = () if output_attentions else None
+        with capture_attentions(self.language_model.layers[:num_layers], output_attentions) as captured:
+            for layer_idx, decoder_layer in enumerate(self.language_model.layers[:num_layers]):
+                block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
+                if block is not None and cross_mask is not None:
+                    key_states, value_states = block.visual_key_values(visual, visual_segments)
+                    state.cross_kv[layer_idx] = (key_states, value_states)
+                    text = block(text, key_states, value_states, cross_mask, has_key)
 
-            runs = [layer_idx in layers for layers in layer_sets]
-            if has_visual and any(runs):
-                state.layouts[layer_idx] = FULL
-                merged = merge_streams(text, text_index, visual, visual_index, length)
-                if all(runs):
-                    mask = full_mask(materialize=False)
+                runs = [layer_idx in layers for layers in layer_sets]
+                if has_visual and any(runs):
+                    state.layouts[layer_idx] = FULL
+                    merged = merge_streams(text, text_index, visual, visual_index, length)
+                    if all(runs):
+                        mask = full_mask(materialize=False)
+                    else:
+                        inactive = torch.tensor([not r for r in runs], device=device)
+                        mask = block_keys(full_mask(materialize=True), visual_mask & inactive[:, None])
+                    merged = decoder_layer(
+                        merged, attention_mask=mask, position_embeddings=full_rotary, position_ids=position_ids,
+                        past_key_values=cache, use_cache=cache is not None, **kwargs,
+                    )
+                    text = gather_tokens(merged, text_index)
+                    updated = gather_tokens(merged, visual_index)
+                    if all(runs):
+                        visual = updated
+                    else:
+                        visual = torch.where(~inactive[:, None, None], updated, visual)
                 else:
-                    inactive = torch.tensor([not r for r in runs], device=device)
-                    mask = block_keys(full_mask(materialize=True), visual_mask & inactive[:, None])
-                merged = decoder_layer(
-                    merged, attention_mask=mask, position_embeddings=full_rotary, position_ids=position_ids,
-                    past_key_values=cache, use_cache=cache is not None, **kwargs,
-                )
-                text = gather_tokens(merged, text_index)
-                updated = gather_tokens(merged, visual_index)
-                if all(runs):
-                    visual = updated
-                else:
-                    visual = torch.where(~inactive[:, None, None], updated, visual)
-            else:
-                text = decoder_layer(
-                    text, attention_mask=text_mask, position_embeddings=text_rotary, position_ids=text_positions,
-                    past_key_values=cache, use_cache=cache is not None, **kwargs,
-                )
-            if output_hidden_states:
-                hidden_states_out += (merge_streams(text, text_index, visual, visual_index, length),)
+                    text = decoder_layer(
+                        text, attention_mask=text_mask, position_embeddings=text_rotary, position_ids=text_positions,
+                        past_key_values=cache, use_cache=cache is not None, **kwargs,
+                    )
+                if output_hidden_states:
+                    hidden_states_out += (merge_streams(text, text_index, visual, visual_index, length),)
+                if output_attentions:
+                    weights = captured.pop() if captured else None
+                    if weights is not None and state.layouts[layer_idx] == TEXT:
+                        weights = scatter_attention(weights, text_index, length)
+                    attentions_out += (weights,)
 
-            if layer_idx == router_layer and (pending or output_router_logits):
-                router_logits, routing_batch_index = self._router_logits(text, text_ids, text_filled)
-                if pending:
-                    chosen = self._route(router_logits, routing_batch_index, batch)
-                    fallback = tuple(config.default_layers())
-                    for i in pending:
-                        layer_sets[i] = tuple(config.configurations[chosen[i]]) if chosen[i] >= 0 else fallback
-                    pending = []
+                if layer_idx == router_layer and (pending or output_router_logits):
+                    router_logits, routing_batch_index = self._router_logits(text, text_routing, text_filled)
+                    if pending:
+                        chosen = self._route(router_logits, routing_batch_index, batch)
+                        fallback = tuple(config.default_layers())
+                        for i in pending:
+                            layer_sets[i] = tuple(config.configurations[chosen[i]]) if chosen[i] >= 0 else fallback
+                        pending = []
 
         if pending:  # the router never ran (no router layer reached): fall back to the default configuration
             for i in pending:
@@ -623,13 +709,18 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         if not has_visual and text.shape[1] != length:
             hidden = merge_streams(text, text_index, visual, visual_index, length)
         hidden = self.language_model.norm(hidden)
+        if output_hidden_states:
+            # as transformers' language models: the last entry is the final-normed output (`last_hidden_state`)
+            hidden_states_out = hidden_states_out[:-1] + (hidden,)
         if cache is not None:
             cache.visor_state = state
         return VisorModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=cache,
             hidden_states=hidden_states_out,
+            attentions=attentions_out,
             image_hidden_states=image_features,
+            video_hidden_states=video_features,
             router_logits=router_logits,
             routing_token_batch_index=routing_batch_index,
             visor_configurations=state.configurations,
@@ -701,13 +792,24 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             )
             if output_hidden_states:
                 hidden_states_out += (text,)
+        hidden = self.language_model.norm(text)
+        if output_hidden_states:
+            # as at prefill and in transformers' language models: the last entry is `last_hidden_state`
+            hidden_states_out = hidden_states_out[:-1] + (hidden,)
         return VisorModelOutputWithPast(
-            last_hidden_state=self.language_model.norm(text),
+            last_hidden_state=hidden,
             past_key_values=cache,
             hidden_states=hidden_states_out,
             visor_configurations=state.configurations,
             configuration_index=state.configuration_index,
         )
+
+
+# inputs of `generate` that a draft model (assisted decoding) receives only if its forward takes them
+_TARGET_ONLY_GENERATE_KWARGS = (
+    "visor_configuration", "visor_budget", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
+    "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
+)
 
 
 class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
@@ -725,6 +827,12 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values, image_sizes, **kwargs):
         return self.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, **kwargs)
+
+    def get_video_features(self, pixel_values_videos, **kwargs):
+        return self.model.get_video_features(pixel_values_videos, **kwargs)
+
+    def pack_image_features(self, image_features, image_sizes, vision_feature_select_strategy, image_newline=None):
+        return self.model.pack_image_features(image_features, image_sizes, vision_feature_select_strategy, image_newline)
 
     @can_return_tuple
     def forward(
@@ -745,7 +853,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        visor_configuration=None,
+        visor_configuration: ConfigurationRequest = None,
         output_router_logits: bool | None = None,
         visor_budget: float | list[float] | torch.Tensor | None = None,
         **kwargs,
@@ -763,7 +871,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
         # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
         wants_counts = prefill and (visor_budget is not None or not self.training)
-        counts = self._prompt_token_counts(input_ids, attention_mask) if wants_counts else None
+        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds) if wants_counts else None
         if prefill and visor_budget is not None:
             visor_configuration = self._budget_request(visor_budget, visor_configuration, counts)
         outputs = self.model(
@@ -796,7 +904,9 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            video_hidden_states=outputs.video_hidden_states,
             router_logits=outputs.router_logits,
             routing_token_batch_index=outputs.routing_token_batch_index,
             visor_configurations=outputs.visor_configurations,
@@ -809,27 +919,41 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
     last_visor_report: VisorFlopsReport | None = None
     _visor_generation_cache = None
 
-    def _prompt_token_counts(self, input_ids, attention_mask) -> tuple[list[int], list[int]] | None:
-        """Real text and visual tokens of each prompt (one host sync, at prefill only); None without input_ids."""
-        if input_ids is None:
+    def _prompt_token_counts(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None
+    ) -> tuple[list[int], list[int]] | None:
+        """Real text and visual tokens of each prompt (one host sync, at prefill only). Placeholders are found in
+        `input_ids`, or in `inputs_embeds` as LLaVA-OV finds them (the image/video token's own embedding); None
+        without either."""
+        if input_ids is not None:
+            visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+        elif inputs_embeds is not None:
+            placeholders = torch.tensor([self.config.image_token_id, self.config.video_token_id], device=inputs_embeds.device)
+            embedded = self.get_input_embeddings()(placeholders).to(inputs_embeds.dtype)
+            visual = (inputs_embeds[:, :, None, :] == embedded).all(-1).any(-1)
+        else:
             return None
-        visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
         counts = torch.stack([(valid & ~visual).sum(1), (valid & visual).sum(1)]).tolist()
         return counts[0], counts[1]
 
-    def _budget_request(self, budget, request, counts) -> list:
+    def _budget_request(self, budget, request, counts) -> list[tuple[int, ...]]:
+        """The SA layers a compute budget picks for each sample: one tuple per sample, so that the result always reads
+        as a per-sample request (a plain list of indices would read as one layer set for the whole batch)."""
         if request is not None and not (isinstance(request, str) and request == AUTO):
             raise ValueError("pass either visor_configuration or visor_budget, not both")
         if counts is None:
-            raise ValueError("visor_budget needs input_ids (to count the text and visual tokens of each sample)")
+            raise ValueError("visor_budget needs input_ids or inputs_embeds (to count the text and visual tokens of each sample)")
         batch = len(counts[0])
         if isinstance(budget, torch.Tensor):
             budget = budget.tolist()
         budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * batch
         if len(budgets) != batch:
             raise ValueError(f"visor_budget has {len(budgets)} entries for a batch of {batch}")
-        return [select_by_budget(self.config, b, t, v) for b, t, v in zip(budgets, *counts)]
+        return [
+            _resolve_one(self.config, select_by_budget(self.config, b, t, v), has_router=False)
+            for b, t, v in zip(budgets, *counts)
+        ]
 
     def _forward_flops(self, outputs, prefill, counts, kept_positions, logits_to_keep):
         cache = outputs.past_key_values
@@ -887,7 +1011,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             "dense_decode_step": decode_flops(shape, context, n_visual),
         }
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, **kwargs) -> torch.LongTensor | ModelOutput:
         """`GenerationMixin.generate`, plus the per-sample VISOR report.
 
         After the call, `model.last_visor_report` (and `output.visor_report` when `return_dict_in_generate=True`)
@@ -896,17 +1020,31 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         """
         self.last_visor_report = None
         self._visor_generation_cache = None
+        prompt = next(
+            (p for p in (kwargs.get("input_ids"), kwargs.get("inputs"), args[0] if args else None, kwargs.get("inputs_embeds")) if p is not None),
+            None,
+        )
+        cache_in = kwargs.get("past_key_values")
+        continuing = isinstance(cache_in, VisorCache) and cache_in.visor_state is not None
+        if kwargs.get("visor_budget") is not None and not continuing and isinstance(prompt, torch.Tensor):
+            # decide once, on the prompt: without a cache every step re-runs the prefill on a longer text, whose
+            # budget could pick another configuration (or none) halfway through the answer
+            embeds = prompt.is_floating_point()
+            counts = self._prompt_token_counts(None if embeds else prompt, kwargs.get("attention_mask"), prompt if embeds else None)
+            kwargs["visor_configuration"] = self._budget_request(kwargs.pop("visor_budget"), kwargs.get("visor_configuration"), counts)
         try:
             output = super().generate(*args, **kwargs)
             cache = self._visor_generation_cache
         finally:
             self._visor_generation_cache = None
-        prompt = kwargs.get("input_ids", kwargs.get("inputs", kwargs.get("inputs_embeds", args[0] if args else None)))
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         report = self._generation_report(cache, prompt.shape[0] if prompt is not None else None, sequences.shape[0])
         self.last_visor_report = report
         if isinstance(output, ModelOutput):
             output["visor_report"] = report
+            if report is not None:  # the names the forward output uses, for the returned sequences
+                output["visor_configurations"] = list(report.configurations)
+                output["configuration_index"] = torch.tensor(report.configuration_index, dtype=torch.long)
         return output
 
     def _expand_images_per_sample(self, expand_size, input_ids, model_kwargs) -> dict:
@@ -914,19 +1052,31 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
 
         `generate` repeats every tensor row by row, which is right only with one image per sample: with several, the
         copies of a sample would get the images in the wrong order. Images per sample come from `batch_num_images`
-        or from the runs of image tokens in `input_ids`. Pops and returns the expanded tensors (empty: nothing to do).
+        (when it has one entry per sample), else from the runs of image tokens in `input_ids`, else (adjacent images,
+        as LLaVA-OV's chat template puts them, form one run) by matching each sample's image tokens with the images'
+        feature lengths. Pops and returns the expanded tensors (empty: nothing to do).
         """
         pixel_values = model_kwargs.get("pixel_values")
-        if expand_size <= 1 or not isinstance(pixel_values, torch.Tensor) or input_ids is None:
+        if expand_size <= 1 or not isinstance(pixel_values, torch.Tensor):
             return {}
+        embeds = model_kwargs.get("inputs_embeds")
+        if input_ids is not None and input_ids.shape[1] > 0:
+            image = input_ids == self.config.image_token_id
+        elif isinstance(embeds, torch.Tensor):  # placeholders found as LLaVA-OV finds them in embeddings
+            token = torch.tensor(self.config.image_token_id, device=embeds.device)
+            image = (embeds == self.get_input_embeddings()(token).to(embeds.dtype)).all(-1)
+        else:
+            return {}
+        images, batch = pixel_values.shape[0], image.shape[0]
         counts = model_kwargs.get("batch_num_images")
         if counts is not None:
-            counts = torch.as_tensor(counts).tolist()
-        else:
-            image = input_ids == self.config.image_token_id
+            counts = torch.as_tensor(counts).flatten().tolist()
+        if counts is None or len(counts) != batch or sum(counts) != images:
             starts = image & ~nn.functional.pad(image[:, :-1], (1, 0), value=False)
             counts = starts.sum(1).tolist()  # once per generate call
-        if sum(counts) != pixel_values.shape[0] or all(c == 1 for c in counts):
+            if sum(counts) != images:
+                counts = self._images_per_sample(pixel_values, image.sum(1).tolist(), model_kwargs)
+        if all(c == 1 for c in counts):
             return {}
         first = [sum(counts[:i]) for i in range(len(counts))]
         order = [first[i] + k for i, c in enumerate(counts) for _ in range(expand_size) for k in range(c)]
@@ -936,6 +1086,32 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             sizes = model_kwargs.pop("image_sizes")
             expanded["image_sizes"] = sizes.index_select(0, order.to(sizes.device))
         return expanded
+
+    def _images_per_sample(self, pixel_values, image_tokens: list[int], model_kwargs) -> list[int]:
+        """Images of each sample, from the feature length of every image (one extra vision pass, only for
+        adjacent images without `batch_num_images`): images fill the samples' image tokens in order."""
+        options = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio", "batch_num_images")
+        with torch.no_grad():
+            features = self.model.get_image_features(
+                pixel_values, model_kwargs.get("image_sizes"), return_dict=True,
+                **{key: model_kwargs[key] for key in options if model_kwargs.get(key) is not None},
+            ).pooler_output
+        lengths = [f.shape[0] for f in features]
+        counts, next_image = [], 0
+        for tokens in image_tokens:
+            taken, first = 0, next_image
+            while taken < tokens and next_image < len(lengths):
+                taken += lengths[next_image]
+                next_image += 1
+            if taken != tokens:
+                raise ValueError(
+                    f"the images' features ({lengths} tokens each) do not fill the samples' image tokens "
+                    f"({image_tokens} per sample)"
+                )
+            counts.append(next_image - first)
+        if next_image != len(lengths):
+            raise ValueError(f"{len(lengths)} images were given for {next_image} images' worth of image tokens ({image_tokens} per sample)")
+        return counts
 
     def _generation_report(self, cache, prompts: int | None, rows: int) -> VisorFlopsReport | None:
         state = cache.visor_state if isinstance(cache, VisorCache) else None
@@ -970,6 +1146,19 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             model_kwargs["past_key_values"] = VisorCache(config=self.config.text_config)
         # kept for the report that `generate` builds when it returns (dropped right after)
         self._visor_generation_cache = model_kwargs.get("past_key_values")
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        assistant = kwargs.get("assistant_model")
+        assistant_kwargs = getattr(generator, "assistant_kwargs", None)
+        if assistant is not None and isinstance(assistant_kwargs, dict):
+            # the draft gets copies of the target's inputs: drop those it does not take (VISOR's configuration
+            # request; the images for a text-only draft, as LLaVA-OV's generate, which pre-encodes them, does)
+            accepted = set(inspect.signature(assistant.forward).parameters)
+            for key in _TARGET_ONLY_GENERATE_KWARGS:
+                if key not in accepted:
+                    assistant_kwargs.pop(key, None)
+        return generator
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         images = self._expand_images_per_sample(expand_size, input_ids, model_kwargs)

@@ -13,6 +13,16 @@ def _has_torchvision() -> bool:
     return importlib.util.find_spec("torchvision") is not None
 
 
+def _default_video_processor():
+    """LLaVA-OneVision's video processor with its defaults, or `None` when it cannot be built."""
+    try:
+        from transformers import LlavaOnevisionVideoProcessor
+
+        return LlavaOnevisionVideoProcessor()
+    except Exception:  # torchvision missing or unusable: videos then raise a clear error in __call__
+        return None
+
+
 class VisorProcessor(LlavaOnevisionProcessor):
     r"""
     [`LlavaOnevisionProcessor`] whose prompts also carry VISOR's routing token.
@@ -94,6 +104,19 @@ class VisorProcessor(LlavaOnevisionProcessor):
         if _has_torchvision():
             attributes.append("video_processor")
         return attributes
+
+    @classmethod
+    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
+        # A folder written where torchvision is absent holds no video processor config; loading it where torchvision
+        # is installed must still work: LLaVA-OneVision's default video processor then (or none if it cannot be built).
+        try:
+            return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+        except OSError as error:
+            if "video_processor" not in cls.get_attributes() or "video processor" not in str(error):
+                raise
+        without_video = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: ["image_processor", "tokenizer"])})
+        args = super(cls, without_video)._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
+        return [*args, _default_video_processor()]
 
     def check_argument_for_proper_class(self, argument_name, argument):
         if argument_name == "video_processor" and argument is None:

@@ -60,7 +60,7 @@ class Scene:
         colour, shape = cell
         return 1 + list(COLOURS).index(colour) * len(SHAPES) + SHAPES.index(shape)
 
-    def objects(self):
+    def objects(self) -> list[tuple[str, str]]:
         return [c for row in self.cells for c in row if c is not None]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import KINDS
+from .data import KINDS, Example
 from .model import IMAGE_ID, PAD_ID, encode_batch, toy_image_processor
 
 
@@ -34,7 +34,8 @@ def _model_inputs(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def evaluate_visor(model, examples, configuration="auto", batch_size: int = 50) -> dict:
+def evaluate_visor(model: torch.nn.Module, examples: list[Example], configuration: str | int | list = "auto",
+                   batch_size: int = 50) -> dict:
     """Per-sample correctness, loss, SA layers that ran and prefill FLOPs (VISOR and dense) of `examples`."""
     from ..modeling.flops_visor import FlopsShape, prefill_flops
 
@@ -60,7 +61,7 @@ def evaluate_visor(model, examples, configuration="auto", batch_size: int = 50) 
     return {"correct": correct, "loss": losses, "configurations": chosen, "flops": flops, "dense_flops": dense}
 
 
-def report(result: dict, examples) -> dict:
+def report(result: dict, examples: list[Example]) -> dict:
     """Accuracies, mean FLOPs, FLOPs ratio and saving against dense, mean SA layers per difficulty."""
     kinds = [e.question.kind for e in examples]
     mean_flops = float(np.mean(result["flops"]))

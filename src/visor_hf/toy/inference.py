@@ -6,13 +6,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import ProcessorMixin
 
 from .data import Example, make_scene, render, sample_questions
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "toy-visor"
 
 
-def load_toy(path: str | Path | None = None, attn_implementation: str = "sdpa"):
+def load_toy(path: str | Path | None = None, attn_implementation: str = "sdpa") -> tuple:
     """The toy VISOR model and its processor (`from_pretrained` on the shipped folder by default)."""
     from transformers import AutoProcessor
 
@@ -43,13 +44,14 @@ class Answer:
         return self.prefill_flops / self.dense_prefill_flops
 
 
-def prompt(processor, question: str) -> str:
+def prompt(processor: ProcessorMixin, question: str) -> str:
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return processor.apply_chat_template(conversation, add_generation_prompt=True)
 
 
 @torch.no_grad()
-def answer_examples(model, processor, examples: list[Example], visor_configuration="auto", batch_size: int = 25) -> list[Answer]:
+def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples: list[Example],
+                    visor_configuration: str | int | list = "auto", batch_size: int = 25) -> list[Answer]:
     """Greedy answers with `generate` (a left-padded batch; every sample gets its own configuration), the SA layers
     that ran and the analytical prefill FLOPs of the LLM against dense LLaVA-OV on the same tokens."""
     from ..modeling.flops_visor import FlopsShape, prefill_flops

@@ -31,7 +31,8 @@ COMMON = {
 FLAGS = {
     "--bf16": ("bf16", "bfloat16 mixed precision"),
     "--fp16": ("fp16", "float16 mixed precision"),
-    "--gradient-checkpointing": ("gradient_checkpointing", "activation checkpointing"),
+    "--activation-checkpointing": ("activation_checkpointing", "activation (gradient) checkpointing"),
+    "--gradient-checkpointing": ("activation_checkpointing", "alias of --activation-checkpointing"),
     "--use-cpu": ("use_cpu", "train on the CPU even if a GPU is present"),
 }
 

@@ -36,7 +36,8 @@ IMAGE_MARKER = "<image>"
 
 def load_records(source, image_root: str | os.PathLike | None = None, limit: int | None = None):
     """A list-like dataset of records from a JSON file (a list), a JSONL file, a folder saved with
-    `datasets.Dataset.save_to_disk`, a `datasets.Dataset`, or a list of dicts. `limit` keeps the first records.
+    `datasets.Dataset.save_to_disk`, a `datasets.Dataset` (a `DatasetDict`: its `train` split), or a list of dicts.
+    `limit` keeps the first records.
 
     Relative image paths of a file source are resolved against `image_root` (default: the file's folder).
     """
@@ -45,22 +46,47 @@ def load_records(source, image_root: str | os.PathLike | None = None, limit: int
         if path.is_dir():
             import datasets
 
-            records = datasets.load_from_disk(str(path))
+            records = _single_split(datasets.load_from_disk(str(path)), path)
         elif path.suffix == ".jsonl":
+            records = []
             with open(path) as f:
-                records = [json.loads(line) for line in f if line.strip()]
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        records.append(_check_record(json.loads(line), f"{path}, line {number}"))
         elif path.suffix == ".json":
             with open(path) as f:
                 records = json.load(f)
+            if not isinstance(records, list):
+                raise ValueError(f"{path} must hold a JSON list of records (LLaVA format), not a {type(records).__name__}")
+            for number, record in enumerate(records):
+                _check_record(record, f"{path}, record {number}")
         else:
             raise ValueError(f"unsupported data file {path}: use .json (a list of records), .jsonl or a saved `datasets` folder")
         if image_root is None and not path.is_dir():
             image_root = path.parent
     else:
-        records = source
+        records = _single_split(source, "the dataset")
     if limit is not None:
         records = records.select(range(min(limit, len(records)))) if hasattr(records, "select") else records[:limit]
     return RecordDataset(records, image_root)
+
+
+def _check_record(record, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a record must be a JSON object (LLaVA format), got {type(record).__name__}")
+    return record
+
+
+def _single_split(records, where):
+    """A `datasets.DatasetDict` gives its `train` split (or its only split)."""
+    if isinstance(records, dict) and records and all(hasattr(v, "select") for v in records.values()):
+        splits = list(records.keys())
+        if "train" in splits:
+            return records["train"]
+        if len(splits) == 1:
+            return records[splits[0]]
+        raise ValueError(f"{where} holds several splits {splits} and none is 'train': save or pass a single split")
+    return records
 
 
 class RecordDataset(torch.utils.data.Dataset):
@@ -204,9 +230,11 @@ class VisorDataCollator:
         texts, images = [], []
         for record in records:
             texts.append(self.render(record))
-            images.extend(open_image(i) for i in record_images(record))
+            images.append([open_image(i) for i in record_images(record)])
         kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
-        if images:
+        if any(images):
+            # nested per sample, as LLaVA-OneVision's processor takes them: a sample with several images gets the
+            # multi-image treatment (no anyres crops) and `batch_num_images` counts the images of each sample
             kwargs["images"] = images
         batch = dict(self.processor(**kwargs))
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]

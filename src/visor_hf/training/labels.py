@@ -3,50 +3,65 @@
 The table (`pseudo_label_table.jsonl`, one line per sample and configuration) holds `index`, `configuration`,
 `layers`, `num_layers`, `correct`, `loss` and `flops` (see `evaluation.py` for their definitions).
 
-The rule ([`assign_labels`], a pure function of the table). "Keep >= 99 % of the maximal configuration's accuracy"
-is a property of a *set*; a label is chosen per sample in two steps:
+The rule ([`assign_labels`], a pure function of the table), per sample, as the issue and the paper state it: the
+label is **the cheapest configuration that keeps at least `keep` (99 %) of the maximal configuration's accuracy on
+that sample; ties: fewer SA layers, then lower loss**.
 
-1. **Per sample.** Order the configurations by cost: FLOPs of the sample's prompt, then fewer SA layers, then lower
-   loss on the sample, then the index. The label is the first (cheapest) configuration that answers the sample
-   correctly; when none does, the first one overall (spending compute buys nothing on that sample). Every sample
-   that the maximal configuration answers correctly gets a configuration that also answers it, so the labelled
-   set is at least as accurate as the maximal configuration.
-2. **On the set.** Let `A_max` be the number of samples the maximal configuration answers correctly and
-   `A_label` the number the labels answer correctly. The criterion is `A_label >= keep x A_max` (`keep = 0.99`).
-   While it holds with room to spare, the sample with the largest FLOPs saving (its label's FLOPs minus the
-   cheapest configuration's; ties: higher loss under its label, then lower index) is moved to its cheapest
-   configuration, which answers it wrongly (every cheaper one does, by step 1), as long as the criterion still
-   holds afterwards. Step 2 spends only the room that the criterion leaves: none when the per-sample labels are
-   exactly as accurate as the maximal configuration and `keep = 1`; `spend_slack=False` skips it.
+- A sample's accuracy under a configuration is its `score` when the table has one (a graded metric in [0, 1]), else
+  `correct` (0 or 1). A configuration *keeps* the accuracy when `score >= keep x score of the maximal configuration`.
+  With exact-match correctness this reads: when the maximal configuration answers the sample, the label is the
+  cheapest configuration that answers it too; when it does not, every configuration keeps its (zero) accuracy and
+  the label is the cheapest configuration overall (spending compute buys nothing on that sample).
+- Cost order: the sample's prompt FLOPs (`flops`; without that column, the SA-layer count), then fewer SA layers,
+  then lower loss on the sample, then the configuration index.
 
-Hence the labels are the cheapest per-sample assignment, greedily by FLOPs saved, whose accuracy on the subset is at
-least 99 % of the maximal configuration's.
+Every sample keeps at least `keep` of its maximal-configuration accuracy, so the labelled set keeps at least `keep`
+of the maximal configuration's accuracy on the subset (with exact match: at least all of it).
+
+`spend_slack=True` (opt-in, not the paper's rule) adds a set-level step: while the labelled set's accuracy stays
+`>= keep x` the maximal configuration's, the sample with the largest FLOPs saving (ties: higher loss under its label,
+then lower index) moves to its cheapest configuration.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
 from .evaluation import _accelerator, read_jsonl, score_dataset, write_jsonl
 
+TOLERANCE = 1e-9
+
+
+def _num_layers(row: dict) -> int:
+    return int(row["num_layers"]) if "num_layers" in row else len(row["layers"])
+
+
+def _score(row: dict) -> float:
+    """A sample's accuracy under one configuration: `score` (graded) if present, else `correct` (0 / 1)."""
+    value = row["score"] if row.get("score") is not None else row["correct"]
+    return float(value)
+
 
 def _cost_key(row: dict):
-    return (row["flops"], row["num_layers"], row["loss"], row["configuration"])
+    layers = _num_layers(row)
+    return (row["flops"] if row.get("flops") is not None else layers, layers, float(row["loss"]), int(row["configuration"]))
 
 
-def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int | None = None, spend_slack: bool = True) -> tuple[dict[int, int], dict]:
+def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int | None = None, spend_slack: bool = False) -> tuple[dict[int, int], dict]:
     """Labels `{sample index: configuration index}` and a report, from table rows (`index`, `configuration`,
-    `num_layers`, `correct`, `loss`, `flops`). `max_configuration`: the index of the maximal configuration
-    (default: the one with the most SA layers; ties: the highest index). Every sample must have a row for every
-    configuration."""
+    `num_layers` or `layers`, `correct` or `score`, `loss`, optionally `flops`). `max_configuration`: the index of
+    the maximal configuration (default: the one with the most SA layers; ties: the highest index). Every sample must
+    have a row for every configuration. See the module documentation for the rule."""
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep must be in [0, 1], got {keep}")
     by_sample: dict[int, dict[int, dict]] = defaultdict(dict)
     for row in table:
-        by_sample[int(row["index"])][int(row["configuration"])] = row
+        index, configuration = int(row["index"]), int(row["configuration"])
+        if configuration in by_sample[index]:
+            raise ValueError(f"sample {index} has two rows for configuration {configuration}")
+        by_sample[index][configuration] = row
     if not by_sample:
         return {}, {"samples": 0}
     configurations = sorted({c for rows in by_sample.values() for c in rows})
@@ -55,48 +70,58 @@ def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int 
             raise ValueError(f"sample {index} lacks a row for configurations {sorted(set(configurations) - set(rows))}")
     if max_configuration is None:
         some = next(iter(by_sample.values()))
-        max_configuration = max(configurations, key=lambda c: (some[c]["num_layers"], c))
+        max_configuration = max(configurations, key=lambda c: (_num_layers(some[c]), c))
+    elif max_configuration not in configurations:
+        raise ValueError(f"max_configuration {max_configuration} is not in the table (configurations {configurations})")
 
-    labels, order = {}, {}
+    labels, cheapest = {}, {}
     for index, rows in by_sample.items():
+        bar = keep * _score(rows[max_configuration]) - TOLERANCE
         ranked = sorted(rows.values(), key=_cost_key)
-        order[index] = ranked
-        correct = [r for r in ranked if r["correct"]]
-        labels[index] = int((correct[0] if correct else ranked[0])["configuration"])
+        cheapest[index] = int(ranked[0]["configuration"])
+        labels[index] = int(next(r for r in ranked if _score(r) >= bar)["configuration"])
 
-    max_correct = sum(bool(rows[max_configuration]["correct"]) for rows in by_sample.values())
-    required = math.ceil(keep * max_correct - 1e-9)
-    label_correct = sum(bool(by_sample[i][labels[i]]["correct"]) for i in labels)
-    strict_correct = label_correct
-    moves = []
-    for index in labels:
-        cheapest = order[index][0]
-        chosen = by_sample[index][labels[index]]
-        if chosen["correct"] and int(cheapest["configuration"]) != labels[index]:
-            moves.append((chosen["flops"] - cheapest["flops"], chosen["loss"], -index, index))
-    moves.sort(reverse=True)
+    def total(assignment) -> float:
+        return sum(_score(by_sample[i][assignment[i]]) for i in assignment)
+
+    max_total = sum(_score(rows[max_configuration]) for rows in by_sample.values())
+    strict_total = total(labels)
+    label_total = strict_total
     moved = []
-    for _saving, _loss, _neg, index in moves:
-        if not spend_slack or label_correct - 1 < required:
-            break
-        labels[index] = int(order[index][0]["configuration"])
-        label_correct -= 1
-        moved.append(index)
+    if spend_slack:
+        moves = []
+        for index, label in labels.items():
+            if label != cheapest[index]:
+                chosen, low = by_sample[index][label], by_sample[index][cheapest[index]]
+                saving = _cost_key(chosen)[0] - _cost_key(low)[0]
+                moves.append((-saving, -float(chosen["loss"]), index))
+        for _saving, _loss, index in sorted(moves):
+            loss_of_score = _score(by_sample[index][labels[index]]) - _score(by_sample[index][cheapest[index]])
+            if label_total - loss_of_score >= keep * max_total - TOLERANCE:
+                labels[index] = cheapest[index]
+                label_total -= loss_of_score
+                moved.append(index)
 
     n = len(labels)
-    flops_label = sum(by_sample[i][labels[i]]["flops"] for i in labels) / n
-    flops_max = sum(by_sample[i][max_configuration]["flops"] for i in labels) / n
+
+    def average_flops(assignment) -> float | None:
+        values = [by_sample[i][assignment[i]].get("flops") for i in assignment]
+        return None if any(v is None for v in values) else sum(values) / n
+
+    flops_label = average_flops(labels)
+    flops_max = average_flops(dict.fromkeys(labels, max_configuration))
     report = {
         "samples": n,
         "keep": keep,
+        "rule": "per-sample" + (" + spend_slack" if spend_slack else ""),
         "max_configuration": max_configuration,
-        "max_accuracy": max_correct / n,
-        "per_sample_label_accuracy": strict_correct / n,
-        "label_accuracy": label_correct / n,
+        "max_accuracy": max_total / n,
+        "per_sample_label_accuracy": strict_total / n,
+        "label_accuracy": label_total / n,
         "moved_to_cheapest": sorted(moved),
         "average_flops_labels": flops_label,
         "average_flops_max": flops_max,
-        "flops_ratio_to_max": flops_label / flops_max if flops_max else None,
+        "flops_ratio_to_max": flops_label / flops_max if flops_label is not None and flops_max else None,
         "label_histogram": {str(k): v for k, v in sorted(Counter(labels.values()).items())},
     }
     return labels, report
@@ -127,6 +152,7 @@ def pseudo_label(
     output_dir,
     *,
     keep: float = 0.99,
+    spend_slack: bool = False,
     limit: int | None = None,
     batch_size: int = 8,
     image_root=None,
@@ -135,7 +161,7 @@ def pseudo_label(
 ) -> dict:
     """Write `pseudo_label_table.jsonl` (every configuration on the first `limit` records of `data`),
     `pseudo_labels.jsonl` (`index`, `label`, `layers` per sample) and `pseudo_label_summary.json`; returns the
-    summary."""
+    summary. `keep` and `spend_slack`: see [`assign_labels`]."""
     from .data import VisorDataCollator, load_processor, load_records
     from .stages import load_model
 
@@ -147,7 +173,7 @@ def pseudo_label(
     accelerator = _accelerator()
     table = build_table(model, dataset, VisorDataCollator(processor), batch_size, accelerator)
     max_index = max(range(len(model.config.configurations)), key=lambda c: (len(model.config.configurations[c]), c))
-    labels, report = assign_labels(table, keep, max_index)
+    labels, report = assign_labels(table, keep, max_index, spend_slack=spend_slack)
     report["checkpoint"] = str(model_path)
     report["configurations"] = model.config.configurations
     if accelerator.is_main_process:

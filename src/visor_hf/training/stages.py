@@ -116,17 +116,47 @@ def apply_lora(model, options: LoraOptions, train_vision_tower: bool = False):
 # -- the trainer ---------------------------------------------------------------------------------------------------
 
 
+# Parameters that a batch without images leaves out of the graph (the vision tower, projector, `image_newline` and
+# the cross-attention blocks, also their LoRA adapters).
+VISUAL_PATH_KEYS = ("cross_attention_blocks.", "vision_tower.", "multi_modal_projector.", "image_newline")
+
+
 class VisorTrainer(Trainer):
     """`Trainer` that runs a fixed VISOR configuration (default `"max"`) or, with a `sampler`, the configuration that
     the sampler gives for the current optimisation step (`state.global_step`, equal for every micro-batch of a
     gradient-accumulation step and restored on resume). `configuration_trace` records `(step, configuration)` for
-    every micro-batch of this process."""
+    every micro-batch of this process.
+
+    A training micro-batch without images does not use the visual path (vision tower, projector, cross-attention
+    blocks): in stage 1 its loss would depend on no trainable parameter at all (`backward` fails), and under DDP a
+    rank would skip the gradient all-reduce of those parameters while the others wait. The trainer therefore adds
+    `0 x sum(p)` over the trainable visual-path parameters to the loss of such micro-batches, inside the model's
+    forward (a forward hook), so every trainable parameter gets a (zero) gradient on every rank. Not done under
+    DeepSpeed ZeRO-3 / FSDP, whose sharded parameters cannot be touched outside their modules (see docs/training.md).
+    """
 
     def __init__(self, *args, visor_configuration="max", sampler: UniversalConfigurationSampler | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.visor_configuration = visor_configuration
         self.sampler = sampler
         self.configuration_trace: list[tuple[int, object]] = []
+        sharded = getattr(self, "is_fsdp_enabled", False) or (
+            getattr(self, "is_deepspeed_enabled", False) and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
+        )
+        self._visual_parameters = [
+            p for name, p in self.model.named_parameters() if p.requires_grad and any(k in name for k in VISUAL_PATH_KEYS)
+        ]
+        if self._visual_parameters and not sharded:
+            self.model.register_forward_hook(self._touch_visual_path, with_kwargs=True)
+
+    def _touch_visual_path(self, module, args, kwargs, output):
+        loss = getattr(output, "loss", None)
+        if not module.training or loss is None:
+            return None
+        if kwargs.get("pixel_values") is not None or kwargs.get("pixel_values_videos") is not None:
+            return None
+        output.loss = loss + sum(p.sum() for p in self._visual_parameters) * 0.0
+        return output
 
     def current_configuration(self):
         if self.sampler is not None:
@@ -149,10 +179,20 @@ class VisorTrainer(Trainer):
 def make_training_arguments(output_dir, training_args=None, **overrides) -> TrainingArguments:
     """`TrainingArguments` from a dict (or a `TrainingArguments`, returned as is) with VISOR's defaults:
     `remove_unused_columns=False` (the collator reads raw records), `prediction_loss_only=True` (evaluation
-    reports the loss; use `visor-hf evaluate` for accuracy and FLOPs) and no reporting integration."""
+    reports the loss; use `visor-hf evaluate` for accuracy and FLOPs), no reporting integration, and
+    `ddp_find_unused_parameters=True` also under activation checkpointing (the `Trainer` turns it off there): some
+    trainable parameters never enter the graph, e.g. SigLIP's `post_layernorm` with `--train-vision-tower` (LLaVA-OV
+    reads the tower's hidden states before it). Activation checkpointing is non-reentrant in transformers 5, which
+    DDP's unused-parameter search supports. Values in `training_args` win over these defaults."""
     if isinstance(training_args, TrainingArguments):
         return training_args
-    fields = {"output_dir": str(output_dir), "remove_unused_columns": False, "report_to": "none", "prediction_loss_only": True}
+    fields = {
+        "output_dir": str(output_dir),
+        "remove_unused_columns": False,
+        "report_to": "none",
+        "prediction_loss_only": True,
+        "ddp_find_unused_parameters": True,
+    }
     fields.update({k: v for k, v in overrides.items() if v is not None})
     fields.update(training_args or {})
     return TrainingArguments(**fields)
@@ -258,6 +298,8 @@ def train_stage(
 
     `configurations` (universal only): indices into `config.configurations` to sample from (default: all).
     `training_args`: `TrainingArguments` or a dict of its fields (`output_dir` defaults to `output_dir`).
+    `seed`: the `TrainingArguments` seed (a `seed` in `training_args` wins); the universal configuration schedule
+    is drawn from the final `args.seed`, so the `Trainer` and the schedule always share one seed.
     """
     stage = str(stage)
     if stage not in STAGES:
@@ -265,6 +307,7 @@ def train_stage(
     if stage == "1" and lora is not None:
         raise ValueError("stage 1 trains the new modules fully; LoRA is for stage 2 and universal fine-tuning")
     args = make_training_arguments(output_dir, training_args, seed=seed)
+    seed = args.seed
     model = load_model(model_path, dtype, attn_implementation)
     processor = load_processor(model_path)
     config = model.config

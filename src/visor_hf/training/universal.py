@@ -64,12 +64,27 @@ class UniversalConfigurationSampler:
 
 class ConfigurationLogCallback(TrainerCallback):
     """Appends `{"step", "configuration", "layers"}` for every optimisation step to `<output_dir>/<filename>`
-    (main process only), so that a run and its resumption can be checked and the schedule inspected."""
+    (main process only), so that a run and its resumption can be checked and the schedule inspected.
+
+    At the start of training the file keeps only the steps before the starting step: a fresh run in an existing
+    folder starts a new log, and a run resumed from `checkpoint-N` in the same folder drops the steps `>= N` that the
+    interrupted run logged after that checkpoint, so the file always reads step 0, 1, 2, ... once each."""
 
     def __init__(self, sampler: UniversalConfigurationSampler, configurations: list[list[int]], filename: str = "universal_configurations.jsonl"):
         self.sampler = sampler
         self.configurations = configurations
         self.filename = filename
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero:
+            return
+        path = os.path.join(args.output_dir, self.filename)
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] < state.global_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
 
     def on_step_end(self, args, state, control, **kwargs):
         if not state.is_world_process_zero:
