@@ -4,29 +4,12 @@ import pytest
 import torch
 from transformers import DynamicCache, LlavaOnevisionConfig, Qwen2Config
 
+from samples import ROUTED_ANYRES as ANYRES
+from samples import ROUTED_ONE_IMAGE as ONE_IMAGE
+from samples import ROUTED_TEXT_ONLY as TEXT_ONLY
 from visor_hf.modeling import FlopsShape, VisorCache, decode_flops, prefill_flops, vision_flops
-from visor_hf.testing import ROUTE_ID, build_batch, tiny_llava, tiny_llava_config, visor_from_llava, word_ids
-
-LAYOUT = {
-    "cross_attention_layers": [1, 4],
-    "self_attention_layers": [0, 2, 3, 5],
-    "configurations": [[0], [0, 3], [0, 2, 3, 5]],
-    "router_layer": 1,
-    "routing_token_id": ROUTE_ID,
-}
-ONE_IMAGE = {"text": [*word_ids("user"), "<image>", *word_ids("what is the colour of background ?"), ROUTE_ID], "images": [(16, 16)], "seed": 0}
-ANYRES = {"text": ["<image>", *word_ids("describe this picture ."), ROUTE_ID], "images": [(20, 40)], "seed": 1}
-TEXT_ONLY = {"text": [*word_ids("how many red circle are there ?"), ROUTE_ID], "seed": 3}
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return tiny_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
-def visor(llava):
-    return visor_from_llava(llava, **LAYOUT)
+from visor_hf.testing import TINY_LAYOUT as LAYOUT
+from visor_hf.testing import build_batch, tiny_llava_config, visor_from_llava
 
 
 def _prefill(model, batch, configuration):

@@ -11,45 +11,20 @@ import pytest
 import torch
 from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2ForCausalLM
 
+from samples import ROUTED_ANYRES as ANYRES
+from samples import ROUTED_ONE_IMAGE as ONE_IMAGE
+from samples import ROUTED_TEXT_ONLY as TEXT_ONLY
+from samples import ROUTED_TWO_IMAGES as TWO_IMAGES
 from visor_hf.modeling import FlopsShape, VisorCache, prefill_flops
 from visor_hf.modeling.flops_visor import configuration_costs
 from visor_hf.testing import ROUTE_ID, VIDEO_ID, build_batch, tiny_llava, visor_from_llava, word_ids
+from visor_hf.testing import TINY_LAYOUT as LAYOUT
 
-LAYOUT = {
-    "cross_attention_layers": [1, 4],
-    "self_attention_layers": [0, 2, 3, 5],
-    "configurations": [[0], [0, 3], [0, 2, 3, 5]],
-    "router_layer": 1,
-    "routing_token_id": ROUTE_ID,
-}
-ONE_IMAGE = {"text": [*word_ids("user"), "<image>", *word_ids("what is the colour of background ?"), ROUTE_ID], "images": [(16, 16)], "seed": 0}
-ANYRES = {"text": ["<image>", *word_ids("describe this picture ."), ROUTE_ID], "images": [(20, 40)], "seed": 1}
-TWO_IMAGES = {
-    "text": [*word_ids("what is this ?"), "<image>", *word_ids("a picture"), "<image>", *word_ids("? yes"), ROUTE_ID],
-    "images": [(16, 16), (40, 24)],
-    "seed": 2,
-}
 # two images with no text between them, as LLaVA-OV's chat template puts a message's images
 ADJACENT = {"text": [*word_ids("user"), "<image>", "<image>", *word_ids("what is this ?"), ROUTE_ID], "images": [(16, 16), (40, 24)], "seed": 5}
-TEXT_ONLY = {"text": [*word_ids("how many red circle are there ?"), ROUTE_ID], "seed": 3}
 MIXED = [ONE_IMAGE, ANYRES, TWO_IMAGES, TEXT_ONLY]
 REQUEST = [0, [], 2, 1]  # one forced configuration per sample of MIXED (CA-only for the anyres one)
 NEW = 5
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return tiny_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
-def visor(llava):
-    return visor_from_llava(llava, **LAYOUT)
-
-
-@pytest.fixture(scope="module")
-def dense(llava):
-    return visor_from_llava(llava)
 
 
 def _run(model, batch, **kwargs):

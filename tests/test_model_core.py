@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import visor_hf  # noqa: F401  (registers the Auto classes)
+from samples import ANYRES, ONE_IMAGE, TEXT_ONLY, TWO_IMAGES
 from visor_hf import VisorConfig, VisorForConditionalGeneration, VisorModel
 from visor_hf.testing import (
     IMAGE_ID,
@@ -25,39 +26,8 @@ from visor_hf.testing import (
     word_ids,
 )
 
-LAYOUT = {
-    "cross_attention_layers": [1, 4],
-    "self_attention_layers": [0, 2, 3, 5],
-    "configurations": [[0], [0, 3], [0, 2, 3, 5]],
-    "router_layer": 1,
-    "routing_token_id": ROUTE_ID,
-}
-
-ONE_IMAGE = {"text": [*word_ids("user"), "<image>", *word_ids("what is the colour of background ?")], "images": [(16, 16)], "seed": 0}
-ANYRES = {"text": ["<image>", *word_ids("describe this picture .")], "images": [(20, 40)], "seed": 1}
-TWO_IMAGES = {
-    "text": [*word_ids("what is this ?"), "<image>", *word_ids("a picture"), "<image>", *word_ids("? yes")],
-    "images": [(16, 16), (40, 24)],
-    "seed": 2,
-}
-TEXT_ONLY = {"text": word_ids("how many red circle are there ?"), "seed": 3}
 # two images with no text between them (LLaVA-OV's chat template puts a message's images side by side)
 ADJACENT_IMAGES = {"text": [*word_ids("user"), "<image>", "<image>", *word_ids("what is this ?")], "images": [(16, 16), (24, 40)], "seed": 4}
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return tiny_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
-def dense(llava):
-    return visor_from_llava(llava)
-
-
-@pytest.fixture(scope="module")
-def visor(llava):
-    return visor_from_llava(llava, **LAYOUT)
 
 
 def _text_positions(batch, row=0):

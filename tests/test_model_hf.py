@@ -18,6 +18,7 @@ from transformers import (
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 import visor_hf  # noqa: F401  (registers the Auto classes)
+from samples import ANYRES, ONE_IMAGE, TEXT_ONLY
 from visor_hf import VisorCache, VisorConfig, VisorForConditionalGeneration, VisorModel
 from visor_hf.testing import (
     IMAGE_ID,
@@ -31,10 +32,7 @@ from visor_hf.testing import (
     word_ids,
 )
 
-ONE_IMAGE = {"text": [*word_ids("user"), "<image>", *word_ids("what is the colour of background ?")], "images": [(16, 16)], "seed": 0}
-ANYRES = {"text": ["<image>", *word_ids("describe this picture .")], "images": [(20, 40)], "seed": 1}
 TWO_IMAGES = {"text": [*word_ids("what is"), "<image>", "<image>", *word_ids("? yes")], "images": [(16, 16), (40, 24)], "seed": 2}
-TEXT_ONLY = {"text": word_ids("how many red circle are there ?"), "seed": 3}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -112,16 +110,6 @@ def test_dense_equivalence_with_anyres_max_aspect_ratio():
         expected, actual = llava(**pooled).logits, dense(**pooled).logits
     valid = pooled["attention_mask"].bool()
     torch.testing.assert_close(actual[valid], expected[valid], atol=1e-5, rtol=1e-5)
-
-
-@pytest.fixture(scope="module")
-def llava():
-    return tiny_llava(seed=0)
-
-
-@pytest.fixture(scope="module")
-def dense(llava):
-    return visor_from_llava(llava)
 
 
 def _videos(count: int, frames: int = 2, seed: int = 0) -> torch.Tensor:

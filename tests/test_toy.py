@@ -360,7 +360,7 @@ def test_toy_command_output_against_independent_answers(toy, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--images", "0"], "positive integer"),
-    (["--seed", "-1"], "seed must be >= 0"),
+    (["--seed", "-1"], "non-negative integer (the picture seed)"),
     (["--configuration", "fast"], "--configuration must be"),
     (["--configuration", "1,x"], "layer list must hold integers"),
 ])

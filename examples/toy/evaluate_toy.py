@@ -49,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flops-tolerance", type=float, default=0.01,
                         help="largest difference of a FLOPs ratio to dense accepted (default 0.01)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--update-flops", action="store_true",
+                        help="when every accuracy reproduces, write the measured FLOPs of the VISOR rows and the CI set into the "
+                        "results file and re-render docs/toy_results.md and the plot (after a change of the FLOPs accounting)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     recorded = json.loads(Path(args.results or Path(args.model) / "results.json").read_text())
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     test = eval_set(recorded["test_set"]["seed"], recorded["test_set"]["images"])
     print(f"held-out set: seed {recorded['test_set']['seed']}, {len(test)} questions; columns: {' '.join(COLUMNS)}")
     problems = []
+    measured_flops = {}
     for name, row in recorded["rows"].items():
         if not name.startswith("VISOR"):
             print(line(name, row) + "  (recorded; needs the LLaVA-OV checkpoint of step 1)")
@@ -69,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line(name, measured) + "  measured")
         print(line("", row) + "  recorded")
         problems += compare(name, measured, row, args.tolerance, args.flops_tolerance)
+        measured_flops[name] = measured
     ci = recorded["ci"]
     ci_set = eval_set(ci["seed"], ci["images"])
     measured = report(evaluate_visor(model, ci_set, "auto"), ci_set)
@@ -76,10 +81,30 @@ def main(argv: list[str] | None = None) -> int:
           f"hard {measured['mean_sa_layers_hard']:.2f})")
     print(line("", ci) + f"  recorded (mean SA layers easy {ci['mean_sa_layers_easy']:.2f}, hard {ci['mean_sa_layers_hard']:.2f})")
     problems += compare("CI set, router", measured, ci, args.tolerance, args.flops_tolerance)
+    if args.update_flops:
+        if any("accuracy" in p for p in problems):
+            print("not updated: the accuracies do not reproduce")
+            return 1
+        for name, row in [*((n, recorded["rows"][n]) for n in measured_flops), ("CI set, router", ci)]:
+            source = measured_flops.get(name, measured)
+            row.update({key: source[key] for key in ("flops", "dense_flops", "flops_ratio", "saving")})
+        write_results(recorded, Path(args.results or Path(args.model) / "results.json"))
+        return 0
     for p in problems:
         print("MISMATCH", p)
     print("reproduced" if not problems else f"{len(problems)} mismatches")
     return 1 if problems else 0
+
+
+def write_results(results: dict, path: Path) -> None:
+    """Write the results file and re-render the docs table and plot from it, as `train_toy.py --ship` does."""
+    from common import dump
+    from train_toy import REPO, plot, table  # heavy imports: only when updating
+
+    dump(path, results)
+    (REPO / "docs" / "toy_results.md").write_text(table(results))
+    plot(results, REPO / "docs" / "toy_accuracy_vs_flops.png")
+    print(f"updated {path}, docs/toy_results.md and docs/toy_accuracy_vs_flops.png")
 
 
 if __name__ == "__main__":

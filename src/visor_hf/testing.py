@@ -103,15 +103,20 @@ def visor_from_llava(llava: LlavaOnevisionForConditionalGeneration, attn_impleme
     return visor.to(llava.dtype).eval()
 
 
+# The sparse layout of the tiny 6-layer models: CA 1, 4; SA 0, 2, 3, 5; three nested configurations; router after
+# layer 1 (before SA layer 2, the first one a configuration switches off).
+TINY_LAYOUT = {
+    "cross_attention_layers": [1, 4],
+    "self_attention_layers": [0, 2, 3, 5],
+    "configurations": [[0], [0, 3], [0, 2, 3, 5]],
+    "router_layer": 1,
+    "routing_token_id": ROUTE_ID,
+}
+
+
 def tiny_visor(seed: int = 0, attn_implementation: str = "eager", num_layers: int = 6, **layout) -> VisorForConditionalGeneration:
     """A tiny VISOR model converted from a random tiny LLaVA-OV (default layout: CA 1, 4; SA 0, 2, 3, 5)."""
-    layout = dict(layout)
-    layout.setdefault("cross_attention_layers", [1, 4])
-    layout.setdefault("self_attention_layers", [0, 2, 3, 5])
-    layout.setdefault("configurations", [[0], [0, 3], [0, 2, 3, 5]])
-    layout.setdefault("router_layer", 1)
-    layout.setdefault("routing_token_id", ROUTE_ID)
-    return visor_from_llava(tiny_llava(seed, attn_implementation, num_layers=num_layers), **layout)
+    return visor_from_llava(tiny_llava(seed, attn_implementation, num_layers=num_layers), **{**TINY_LAYOUT, **layout})
 
 
 def tiny_image_processor() -> LlavaOnevisionImageProcessorPil:
@@ -188,6 +193,7 @@ def word_ids(text: str) -> list[int]:
 
 
 __all__ = [
+    "TINY_LAYOUT",
     "PAD_ID",
     "IMAGE_ID",
     "VIDEO_ID",

@@ -16,19 +16,12 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from ..testing import ROUTE_ID, build_batch, tiny_llava, visor_from_llava, word_ids
+    from ..testing import ROUTE_ID, TINY_LAYOUT, build_batch, tiny_llava, visor_from_llava, word_ids
 
     torch.manual_seed(args.seed)
     llava = tiny_llava(seed=args.seed)
     dense = visor_from_llava(llava)
-    layout = {
-        "cross_attention_layers": [1, 4],
-        "self_attention_layers": [0, 2, 3, 5],
-        "configurations": [[0], [0, 3], [0, 2, 3, 5]],
-        "router_layer": 1,
-        "routing_token_id": ROUTE_ID,
-    }
-    visor = visor_from_llava(llava, **layout)
+    visor = visor_from_llava(llava, **TINY_LAYOUT)
     samples = [
         {"text": ["<image>", *word_ids("what is the colour of background ?"), ROUTE_ID], "images": [(24, 40)]},
         {"text": [*word_ids("how many red circle ?"), ROUTE_ID]},
@@ -42,8 +35,8 @@ def run(args: argparse.Namespace) -> int:
         same = dense(**batch).logits
         valid = batch["attention_mask"].bool()
         print(f"dense VISOR vs LLaVA-OV: max |logit difference| = {(reference - same)[valid].abs().max():.2e}")
-        print(f"VISOR layout: CA {layout['cross_attention_layers']}, SA {layout['self_attention_layers']}, "
-              f"router after layer {layout['router_layer']}")
+        print(f"VISOR layout: CA {TINY_LAYOUT['cross_attention_layers']}, SA {TINY_LAYOUT['self_attention_layers']}, "
+              f"router after layer {TINY_LAYOUT['router_layer']}")
         for request in (0, 1, "max", "auto"):
             out = visor(**batch, visor_configuration=request)
             print(f"  visor_configuration={request!r:7}: SA layers per sample {out.visor_configurations}")

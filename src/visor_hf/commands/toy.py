@@ -8,14 +8,18 @@ import random
 import sys
 
 
-def _positive(text: str) -> int:
+def _integer(text: str, minimum: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from error
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from error
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _integer(text, 1, "a positive integer")
 
 
 def _images(text: str) -> int:
@@ -26,13 +30,7 @@ def _images(text: str) -> int:
 
 
 def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from error
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"the picture seed must be >= 0, got {value}")
-    return value
+    return _integer(text, 0, "a non-negative integer (the picture seed)")
 
 
 def parse_configuration(text: str) -> str | int | list[int]:

@@ -2,7 +2,16 @@
 
 from .cache_visor import VisorCache, VisorState
 from .configuration_visor import VisorConfig, uniform_layer_layout
-from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, vision_flops
+from .flops_visor import (
+    FlopsCount,
+    FlopsShape,
+    VisorFlopsReport,
+    count_flops,
+    decode_flops,
+    prefill_flops,
+    projector_flops,
+    vision_flops,
+)
 from .modeling_visor import (
     VisorCausalLMOutputWithPast,
     VisorForConditionalGeneration,
@@ -13,7 +22,10 @@ from .modeling_visor import (
 )
 
 __all__ = [
+    "FlopsCount",
     "FlopsShape",
+    "count_flops",
+    "projector_flops",
     "VisorFlopsReport",
     "decode_flops",
     "prefill_flops",
