@@ -58,9 +58,12 @@ def packed_questions(scene, rng, num_cells: int = 8):
     return questions + [cells[i] for i in sorted(picks)]
 
 
-def packed_batch(scenes, rng, num_cells: int = 8, processor=None) -> dict:
+def packed_batch(scenes, rng, num_cells: int = 8, processor=None, cell_word_target: bool = False) -> dict:
     """One row per picture: the image prefix, then every question as its own segment that sees only the image and
-    itself (4-D mask), positions restarting after the image. Equivalent to one sample per question."""
+    itself (4-D mask), positions restarting after the image. Equivalent to one sample per question.
+
+    `cell_word_target`: a cell question's answer is also a target at the cell word itself ("r3c2"), an auxiliary
+    target (kind None, so evaluations ignore it) that makes the cell token fetch its cell's content from the image."""
     prefix = [IM_START_ID, USER_ID] + [IMAGE_ID] * NUM_IMAGE_TOKENS
     rows, targets = [], []
     for scene in scenes:
@@ -70,6 +73,8 @@ def packed_batch(scenes, rng, num_cells: int = 8, processor=None) -> dict:
             start = len(ids)
             ids += seg
             segs.append((start, len(ids)))
+            if cell_word_target and q.kind == "cell":
+                tgt.append((start + len(seg) - 7, WORD_ID[q.answer], None))  # the cell word: "... rRcC ?" + 5 tokens
             # predict the answer at "assistant", and <|im_end|> at the answer
             tgt.append((len(ids) - 3, WORD_ID[q.answer], q.kind))
             tgt.append((len(ids) - 2, IM_END_ID, None))
