@@ -434,3 +434,30 @@ def test_training_script_runs_end_to_end(tmp_path):
     from visor_hf.cli import main
 
     assert main(["toy", "--images", "1", "--seed", "0", "--model", str(final), "--quiet"]) == 0
+
+
+def test_cell_word_target_supervises_each_cell_question_at_its_cell_word(monkeypatch):
+    """`packed_batch(cell_word_target=True)` (train_toy.py --cell-word-target) adds, for every cell question of a row,
+    the answer as a target at the position of the question's cell word, and leaves the other targets as they were."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "toy"))
+    from common import packed_batch, train_scenes
+
+    from visor_hf.toy.data import CELL_WORDS
+    from visor_hf.toy.model import WORD_ID
+
+    scenes = train_scenes(0, 2)
+    plain = packed_batch(scenes, np.random.default_rng(0))
+    extra = packed_batch(scenes, np.random.default_rng(0), cell_word_target=True)
+    cell_words = {WORD_ID[w] for w in CELL_WORDS}
+    added = [(int(r), int(p), int(label)) for r, p, label in zip(extra["target_rows"], extra["target_pos"], extra["labels"])
+             if int(extra["input_ids"][r, p]) in cell_words]
+    kept = [(int(r), int(p), int(label)) for r, p, label in zip(extra["target_rows"], extra["target_pos"], extra["labels"])
+            if int(extra["input_ids"][r, p]) not in cell_words]
+    assert kept == list(zip(plain["target_rows"].tolist(), plain["target_pos"].tolist(), plain["labels"].tolist()))
+    assert len(added) == 2 * 8  # 8 cell questions per picture
+    for row, position, label in added:
+        word = next(w for w in CELL_WORDS if WORD_ID[w] == int(extra["input_ids"][row, position]))
+        question = next(q for q in all_questions(scenes[row]) if q.kind == "cell" and word in q.text.split())
+        assert label == WORD_ID[question.answer]

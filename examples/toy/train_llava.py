@@ -90,7 +90,7 @@ def evaluate_llava(model, examples, pool: int = 1, batch_size: int = 64) -> tupl
 
 def train_llava(out_dir, steps: int = 1500, batch: int = 16, lr: float = 1e-3, tower_lr: float = 1e-4,
                 tower_steps: int = 800, eval_every: int = 300, seed: int = 0, logfile=None,
-                eval_images: int = 100, cell_word_target: bool = True) -> dict:
+                eval_images: int = 100, cell_word_target: bool = False) -> dict:
     rng = set_seed(seed)
     model = LlavaOnevisionForConditionalGeneration._from_config(toy_llava_config(), attn_implementation="sdpa")
     n_params = sum(p.numel() for p in model.parameters())

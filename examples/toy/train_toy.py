@@ -184,6 +184,8 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES, help="pictures of the results table's held-out set")
     parser.add_argument("--ci-images", type=int, default=CI_IMAGES, help="pictures of the CI test's held-out set")
     parser.add_argument("--reuse-llava", action="store_true", help="skip step 1 when OUT/llava exists")
+    parser.add_argument("--cell-word-target", action="store_true",
+                        help="step 1 also supervises each cell question's answer at the cell word (see docs/toy.md)")
     parser.add_argument("--ship", action="store_true", help="copy the checkpoint to src/visor_hf/assets and results to docs")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -199,7 +201,7 @@ def main() -> None:
     if not (args.reuse_llava and (llava_dir / "config.json").is_file()):
         t = time.time()
         train_llava(str(llava_dir), steps=args.llava_steps, tower_steps=args.tower_steps, seed=args.seed, logfile=logfile,
-                    eval_images=args.llava_eval_images)
+                    eval_images=args.llava_eval_images, cell_word_target=args.cell_word_target)
         timings["llava"] = round(time.time() - t, 1)
 
     # 2. conversion
