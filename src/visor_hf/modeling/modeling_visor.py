@@ -153,6 +153,14 @@ def block_keys(mask: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
 
 
+def embedded_token_mask(embeddings: nn.Module, inputs_embeds: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+    """`[B, T]` positions of `inputs_embeds` that hold the embedding of one of `token_ids`: how LLaVA-OV finds image
+    placeholders when it is given embeddings instead of ids."""
+    ids = torch.tensor(token_ids, device=inputs_embeds.device)
+    embedded = embeddings(ids).to(inputs_embeds.dtype)
+    return (inputs_embeds[:, :, None, :] == embedded).all(-1).any(-1)
+
+
 def _segment_ids(lengths: list[int], first: int, device) -> torch.Tensor:
     """`first + k` repeated `lengths[k]` times: the image id of every visual token of consecutive images."""
     ids = torch.arange(first, first + len(lengths), device=device)
@@ -458,8 +466,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             return None
         if input_ids is not None:
             return input_ids == token_id
-        routing = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
-        return (inputs_embeds == routing.to(inputs_embeds.dtype)).all(-1)
+        return embedded_token_mask(self.get_input_embeddings(), inputs_embeds, [token_id])
 
     def _router_logits(self, text_states, text_routing, text_filled):
         """Router scores for every routing token in the text stream: (logits [N, C], sample index [N])."""
@@ -928,9 +935,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         if input_ids is not None:
             visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
         elif inputs_embeds is not None:
-            placeholders = torch.tensor([self.config.image_token_id, self.config.video_token_id], device=inputs_embeds.device)
-            embedded = self.get_input_embeddings()(placeholders).to(inputs_embeds.dtype)
-            visual = (inputs_embeds[:, :, None, :] == embedded).all(-1).any(-1)
+            placeholders = [self.config.image_token_id, self.config.video_token_id]
+            visual = embedded_token_mask(self.get_input_embeddings(), inputs_embeds, placeholders)
         else:
             return None
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
@@ -1063,8 +1069,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         if input_ids is not None and input_ids.shape[1] > 0:
             image = input_ids == self.config.image_token_id
         elif isinstance(embeds, torch.Tensor):  # placeholders found as LLaVA-OV finds them in embeddings
-            token = torch.tensor(self.config.image_token_id, device=embeds.device)
-            image = (embeds == self.get_input_embeddings()(token).to(embeds.dtype)).all(-1)
+            image = embedded_token_mask(self.get_input_embeddings(), embeds, [self.config.image_token_id])
         else:
             return {}
         images, batch = pixel_values.shape[0], image.shape[0]
