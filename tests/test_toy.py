@@ -461,3 +461,42 @@ def test_cell_word_target_supervises_each_cell_question_at_its_cell_word(monkeyp
         word = next(w for w in CELL_WORDS if WORD_ID[w] == int(extra["input_ids"][row, position]))
         question = next(q for q in all_questions(scenes[row]) if q.kind == "cell" and word in q.text.split())
         assert label == WORD_ID[question.answer]
+    both = packed_batch(scenes, np.random.default_rng(0), cell_word_target=True, count_word_target=True)
+    assert torch.equal(both["input_ids"], extra["input_ids"]) and int(both["auxiliary"].sum()) == 2 * (8 + 7)
+    inverse = {i: w for w, i in WORD_ID.items()}
+    for row, position, label in zip(both["target_rows"][both["auxiliary"]], both["target_pos"][both["auxiliary"]],
+                                    both["labels"][both["auxiliary"]]):
+        word = inverse[int(both["input_ids"][row, position])]
+        question = next(q for q in all_questions(scenes[row]) if q.kind != "red" and word in q.text.split())
+        assert label == WORD_ID[question.answer]  # a cell, or a count of that colour / shape
+
+
+def test_key_word_collator_adds_the_answer_at_the_key_word_of_its_questions(monkeypatch, tmp_path):
+    """The VISOR stages' `KeyWordCollator` (train_toy.py --cell-word-target / --count-word-target) gives the
+    pipeline's labels plus, in a question of its kinds, the answer as the label of the token after the key word (the
+    cell word, the colour or shape word; labels are shifted in the model, so the key word predicts it); the other
+    questions' labels are untouched."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "toy"))
+    from train_visor import KEY_WORDS, KeyWordCollator, write_records
+
+    from visor_hf.training.data import IGNORE_INDEX, VisorDataCollator, load_processor, load_records
+
+    records = list(load_records(write_records(tmp_path, 3, 77)))
+    processor = load_processor(DEFAULT_CHECKPOINT)
+    plain = VisorDataCollator(processor)(records)
+    tokenizer = processor.tokenizer
+    for kinds in (("cell",), ("cell", "count_shape", "count_colour")):
+        extra = KeyWordCollator(processor, kinds)(records)
+        assert torch.equal(plain["input_ids"], extra["input_ids"])
+        for row, record in enumerate(records):
+            changed = (plain["labels"][row] != extra["labels"][row]).nonzero().flatten().tolist()
+            if record["kind"] not in kinds:
+                assert changed == []
+                continue
+            assert len(changed) == 1 and plain["labels"][row, changed[0]] == IGNORE_INDEX
+            key = tokenizer.convert_ids_to_tokens(int(extra["input_ids"][row, changed[0] - 1]))
+            assert key in KEY_WORDS[record["kind"]] and key in record["conversations"][0]["value"].split()
+            assert tokenizer.convert_ids_to_tokens(int(extra["labels"][row, changed[0]])) == record["conversations"][1]["value"]
+        assert int((plain["labels"] != extra["labels"]).sum()) == 3 * len(kinds)

@@ -160,3 +160,26 @@ def test_stage2_trains_the_vision_tower_on_request(workdir, lora):
         assert {k.rsplit(".", 2)[-2] for k in vision} <= {"q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"}
     else:
         assert any("layer_norm" in k or "embeddings" in k for k in vision)
+
+
+def test_stage_training_batches_with_the_given_data_collator(workdir):
+    """`data_collator=` replaces the default `VisorDataCollator`: a subclass that only counts its calls makes every
+    batch (accelerate's loader may fetch one ahead) and trains to the weights of the default collator."""
+    from visor_hf.training.data import VisorDataCollator, load_processor
+
+    class Counting(VisorDataCollator):
+        calls = 0
+
+        def __call__(self, records):
+            Counting.calls += 1
+            return super().__call__(records)
+
+    data, args = workdir / "data/data.jsonl", {**ARGS, "max_steps": 2, "per_device_train_batch_size": 2}
+    train_stage(workdir / "visor", data, workdir / "collator_default", "2", seed=4, training_args=args)
+    trainer = train_stage(workdir / "visor", data, workdir / "collator_given", "2", seed=4, training_args=args,
+                          data_collator=Counting(load_processor(workdir / "visor")))
+    assert isinstance(trainer.data_collator, Counting) and Counting.calls >= 2
+    default, given, before = weights(workdir / "collator_default"), weights(workdir / "collator_given"), weights(workdir / "visor")
+    assert any(not torch.equal(given[k], before[k]) for k in given)
+    for key in default:
+        torch.testing.assert_close(given[key], default[key], rtol=0, atol=0, msg=key)

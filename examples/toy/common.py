@@ -58,12 +58,17 @@ def packed_questions(scene, rng, num_cells: int = 8):
     return questions + [cells[i] for i in sorted(picks)]
 
 
-def packed_batch(scenes, rng, num_cells: int = 8, processor=None, cell_word_target: bool = False) -> dict:
+KEY_WORD = {"cell": 3, "count_shape": 2, "count_colour": 2}  # "what is in r3c2 ?", "how many blue shapes are there ?"
+
+
+def packed_batch(scenes, rng, num_cells: int = 8, processor=None, cell_word_target: bool = False,
+                 count_word_target: bool = False) -> dict:
     """One row per picture: the image prefix, then every question as its own segment that sees only the image and
     itself (4-D mask), positions restarting after the image. Equivalent to one sample per question.
 
     `cell_word_target`: a cell question's answer is also a target at the cell word itself ("r3c2"), an auxiliary
-    target (kind None, so evaluations ignore it) that makes the cell token fetch its cell's content from the image."""
+    target (kind None, so evaluations ignore it; `auxiliary` marks it) that makes the cell token fetch its cell's
+    content from the image. `count_word_target`: the same for counting questions, at the colour or shape word."""
     prefix = [IM_START_ID, USER_ID] + [IMAGE_ID] * NUM_IMAGE_TOKENS
     rows, targets = [], []
     for scene in scenes:
@@ -73,11 +78,11 @@ def packed_batch(scenes, rng, num_cells: int = 8, processor=None, cell_word_targ
             start = len(ids)
             ids += seg
             segs.append((start, len(ids)))
-            if cell_word_target and q.kind == "cell":
-                tgt.append((start + len(seg) - 7, WORD_ID[q.answer], None))  # the cell word: "... rRcC ?" + 5 tokens
+            if (cell_word_target and q.kind == "cell") or (count_word_target and q.kind.startswith("count")):
+                tgt.append((start + KEY_WORD[q.kind], WORD_ID[q.answer], None, True))
             # predict the answer at "assistant", and <|im_end|> at the answer
-            tgt.append((len(ids) - 3, WORD_ID[q.answer], q.kind))
-            tgt.append((len(ids) - 2, IM_END_ID, None))
+            tgt.append((len(ids) - 3, WORD_ID[q.answer], q.kind, False))
+            tgt.append((len(ids) - 2, IM_END_ID, None, False))
         rows.append((ids, segs))
         targets.append(tgt)
     width = max(len(ids) for ids, _ in rows)
@@ -97,17 +102,18 @@ def packed_batch(scenes, rng, num_cells: int = 8, processor=None, cell_word_targ
             mask[i, 0, s:e, s:e] = causal[: e - s, : e - s]
         for j in range(len(ids), width):  # padding rows see themselves (no NaN)
             mask[i, 0, j, j] = True
-    rows_idx, pos_idx, labels, kinds = [], [], [], []
+    rows_idx, pos_idx, labels, kinds, aux = [], [], [], [], []
     for i, tgt in enumerate(targets):
-        for pos, label, kind in tgt:
+        for pos, label, kind, auxiliary in tgt:
             rows_idx.append(i)
             pos_idx.append(pos)
             labels.append(label)
             kinds.append(kind)
+            aux.append(auxiliary)
     batch = pixel_batch([render(s) for s in scenes], processor)
     batch.update(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                  target_rows=torch.tensor(rows_idx), target_pos=torch.tensor(pos_idx), labels=torch.tensor(labels),
-                 kinds=kinds)
+                 kinds=kinds, auxiliary=torch.tensor(aux, dtype=torch.bool))
     return batch
 
 

@@ -30,7 +30,16 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import dump, fmt, log, set_seed  # noqa: E402
 from train_llava import evaluate_llava, train_llava  # noqa: E402
-from train_visor import LABEL_SEED_BASE, VISOR_TRAIN_SEED_BASE, evaluate_visor, load, report, trainer_args, write_records  # noqa: E402
+from train_visor import (  # noqa: E402
+    LABEL_SEED_BASE,
+    VISOR_TRAIN_SEED_BASE,
+    KeyWordCollator,
+    evaluate_visor,
+    load,
+    report,
+    trainer_args,
+    write_records,
+)
 from transformers import LlavaOnevisionForConditionalGeneration  # noqa: E402
 
 from visor_hf.modeling.flops_visor import FlopsShape, prefill_flops  # noqa: E402
@@ -185,7 +194,12 @@ def main() -> None:
     parser.add_argument("--ci-images", type=int, default=CI_IMAGES, help="pictures of the CI test's held-out set")
     parser.add_argument("--reuse-llava", action="store_true", help="skip step 1 when OUT/llava exists")
     parser.add_argument("--cell-word-target", action="store_true",
-                        help="step 1 also supervises each cell question's answer at the cell word (see docs/toy.md)")
+                        help="step 1 and the VISOR stages also supervise each cell question's answer at the cell word")
+    parser.add_argument("--cell-word-steps", type=int, default=None,
+                        help="step 1: weight the cell-word target like the others for this many steps (default: all) ...")
+    parser.add_argument("--cell-word-weight-after", type=float, default=0.1, help="... then with this weight")
+    parser.add_argument("--count-word-target", action="store_true",
+                        help="the same auxiliary target for counting questions, at the colour or shape word")
     parser.add_argument("--ship", action="store_true", help="copy the checkpoint to src/visor_hf/assets and results to docs")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -201,7 +215,9 @@ def main() -> None:
     if not (args.reuse_llava and (llava_dir / "config.json").is_file()):
         t = time.time()
         train_llava(str(llava_dir), steps=args.llava_steps, tower_steps=args.tower_steps, seed=args.seed, logfile=logfile,
-                    eval_images=args.llava_eval_images, cell_word_target=args.cell_word_target)
+                    eval_images=args.llava_eval_images, cell_word_target=args.cell_word_target,
+                    cell_word_steps=args.cell_word_steps, cell_word_weight_after=args.cell_word_weight_after,
+                    count_word_target=args.count_word_target)
         timings["llava"] = round(time.time() - t, 1)
 
     # 2. conversion
@@ -216,6 +232,12 @@ def main() -> None:
 
     # 3. VISOR stages with the project's training pipeline (visor_hf.training, HF Trainer)
     from visor_hf.training import search, train_router, train_stage
+    from visor_hf.training.data import load_processor
+
+    key_kinds = ("cell",) * args.cell_word_target + ("count_shape", "count_colour") * args.count_word_target
+
+    def collator(source):  # None: the pipeline's own
+        return KeyWordCollator(load_processor(source), key_kinds) if key_kinds else None
 
     data = out / "data"
     images = args.images_per_step
@@ -232,7 +254,7 @@ def main() -> None:
     for stage, source, steps, lr in (("1", converted, args.stage1_steps, 1e-3), ("2", stages / "stage1", args.stage2_steps, 3e-4)):
         t = time.time()
         train_stage(source, stage_data[f"stage{stage}"], stages / f"stage{stage}", stage, seed=args.seed,
-                    attn_implementation="sdpa", training_args=trainer_args(steps, lr, batch, min(50, steps // 5), args.seed))
+                    attn_implementation="sdpa", data_collator=collator(source), training_args=trainer_args(steps, lr, batch, min(50, steps // 5), args.seed))
         timings[f"stage{stage}"] = round(time.time() - t, 1)
         log(f"stage {stage}: {timings[f'stage{stage}']} s", logfile)
     # search: every subset of the SA layers on held-out records; every candidate counts as viable (threshold 1.0) and
@@ -248,7 +270,7 @@ def main() -> None:
     log(f"kept configurations: {kept}", logfile)
     t = time.time()
     train_stage(stages / "search", stage_data["universal"], stages / "universal", "universal", seed=args.seed,
-                attn_implementation="sdpa",
+                attn_implementation="sdpa", data_collator=collator(stages / "search"),
                 training_args=trainer_args(args.universal_steps, 2e-4, batch, min(50, args.universal_steps // 5), args.seed))
     timings["universal"] = round(time.time() - t, 1)
     t = time.time()

@@ -5,9 +5,12 @@ the evaluation of a VISOR checkpoint under any configuration (accuracy per quest
 
 from __future__ import annotations
 
+import torch
+
 from visor_hf.modeling import VisorForConditionalGeneration
-from visor_hf.toy.data import make_scene, sample_questions
+from visor_hf.toy.data import CELL_WORDS, COLOURS, SHAPES, make_scene, sample_questions
 from visor_hf.toy.evaluation import evaluate_visor, report  # noqa: F401  (re-exported for train_toy.py)
+from visor_hf.training.data import IGNORE_INDEX, VisorDataCollator
 
 VISOR_TRAIN_SEED_BASE = 20_000_000  # VISOR training pictures
 LABEL_SEED_BASE = 30_000_000  # router labelling pictures
@@ -44,6 +47,32 @@ def write_records(folder, num_images: int, base_seed: int, filename: str = "data
         for r in records:
             f.write(json.dumps(r) + "\n")
     return str(path)
+
+
+KEY_WORDS = {"cell": CELL_WORDS, "count_shape": tuple(f"{shape}s" for shape in SHAPES), "count_colour": tuple(COLOURS)}
+
+
+class KeyWordCollator(VisorDataCollator):
+    """The pipeline's collator plus the toy's auxiliary targets (`train_toy.py --cell-word-target`,
+    `--count-word-target`): in a question of one of `kinds` the answer is also the target of the question's key word
+    (the cell word of "what is in r3c2 ?", the colour or shape word of a counting question), as in step 1's
+    `packed_batch`. Labels are shifted inside the model, so the target sits on the token after the key word."""
+
+    def __init__(self, processor, kinds=("cell",), **kwargs):
+        super().__init__(processor, **kwargs)
+        self.key_ids = {kind: torch.tensor(self.tokenizer.convert_tokens_to_ids(list(KEY_WORDS[kind]))) for kind in kinds}
+
+    def __call__(self, records) -> dict:
+        batch = super().__call__(records)
+        labels = batch["labels"]
+        for row, record in enumerate(records):
+            if record.get("kind") not in self.key_ids:
+                continue
+            keys = torch.isin(batch["input_ids"][row], self.key_ids[record["kind"]]).nonzero().flatten()
+            answer = labels[row][labels[row] != IGNORE_INDEX]
+            if len(keys) == 1 and len(answer):
+                labels[row, keys[0] + 1] = answer[0]
+        return batch
 
 
 def trainer_args(steps: int, lr: float, batch: int, warmup: int, seed: int) -> dict:

@@ -292,6 +292,7 @@ def train_stage(
     dtype=None,
     attn_implementation: str | None = None,
     callbacks: list | None = None,
+    data_collator=None,
 ):
     """Train one stage and write the result to `output_dir` (a complete VISOR checkpoint; with LoRA the merged
     model, and the adapter in `output_dir/adapter`). Returns the `VisorTrainer` (its `state`, `configuration_trace`).
@@ -300,6 +301,8 @@ def train_stage(
     `training_args`: `TrainingArguments` or a dict of its fields (`output_dir` defaults to `output_dir`).
     `seed`: the `TrainingArguments` seed (a `seed` in `training_args` wins); the universal configuration schedule
     is drawn from the final `args.seed`, so the `Trainer` and the schedule always share one seed.
+    `data_collator`: batches the records (default: `VisorDataCollator(processor, max_length)`), e.g. a subclass
+    that adds targets of its own.
     """
     stage = str(stage)
     if stage not in STAGES:
@@ -332,7 +335,7 @@ def train_stage(
 
     train_dataset = load_records(data, image_root, limit)
     eval_dataset = load_records(eval_data, image_root) if eval_data is not None else None
-    collator = VisorDataCollator(processor, max_length=max_length)
+    collator = data_collator if data_collator is not None else VisorDataCollator(processor, max_length=max_length)
     callbacks = list(callbacks or [])
     if sampler is not None:
         callbacks.append(ConfigurationLogCallback(sampler, config.configurations))
