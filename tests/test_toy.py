@@ -106,11 +106,12 @@ def test_shipped_checkpoint_loads_offline_and_matches_the_recorded_accuracy(toy)
     for diff in ("easy", "hard"):
         assert abs(result["accuracy"][diff] - ci["accuracy"][diff]) <= ACCURACY_TOLERANCE, (diff, result, ci)
     assert abs(result["flops_ratio"] - ci["flops_ratio"]) <= 0.02
-    # the router spends more SA layers on hard questions than on easy ones: the recorded results (and docs/toy.md)
-    # say so, and the shipped checkpoint does it
-    assert ci["mean_sa_layers_hard"] > ci["mean_sa_layers_easy"]
-    assert result["mean_sa_layers_hard"] > result["mean_sa_layers_easy"]
-    assert abs(result["mean_sa_layers_hard"] - ci["mean_sa_layers_hard"]) <= 0.05
+    # which kind gets more SA layers from the router is what the recorded results say (docs/toy.md reports it;
+    # in the shipped run easy questions get more, because CA-only cannot name the background colour)
+    recorded_order = ci["mean_sa_layers_hard"] > ci["mean_sa_layers_easy"]
+    assert (result["mean_sa_layers_hard"] > result["mean_sa_layers_easy"]) == recorded_order
+    for diff in ("easy", "hard"):
+        assert abs(result[f"mean_sa_layers_{diff}"] - ci[f"mean_sa_layers_{diff}"]) <= 0.05
 
 
 @needs_checkpoint

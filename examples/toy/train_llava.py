@@ -90,10 +90,11 @@ def evaluate_llava(model, examples, pool: int = 1, batch_size: int = 64) -> tupl
 
 def train_llava(out_dir, steps: int = 1500, batch: int = 16, lr: float = 1e-3, tower_lr: float = 1e-4,
                 tower_steps: int = 800, eval_every: int = 300, seed: int = 0, logfile=None,
-                eval_images: int = 100, cell_word_target: bool = False, cell_word_steps: int | None = None,
-                cell_word_weight_after: float = 0.1, count_word_target: bool = False) -> dict:
-    """`cell_word_target`: the auxiliary cell-word target of `packed_batch`, each such target weighted 1 (like every
-    other target) for the first `cell_word_steps` steps (all of them when None), then `cell_word_weight_after`."""
+                eval_images: int = 100, cell_word_target: bool = True, cell_word_steps: int | None = None,
+                cell_word_weight_after: float = 0.1, count_word_target: bool = True) -> dict:
+    """`cell_word_target` / `count_word_target`: the auxiliary key-word targets of `packed_batch` (the answer of a
+    cell / counting question also predicted at its cell / colour or shape word), each weighted 1 like every other
+    target; with `cell_word_steps`, only for that many steps, then `cell_word_weight_after`."""
     rng = set_seed(seed)
     model = LlavaOnevisionForConditionalGeneration._from_config(toy_llava_config(), attn_implementation="sdpa")
     n_params = sum(p.numel() for p in model.parameters())
@@ -151,10 +152,10 @@ if __name__ == "__main__":
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--tower-steps", type=int, default=800)
     parser.add_argument("--eval-every", type=int, default=300)
-    parser.add_argument("--cell-word-target", action="store_true")
+    parser.add_argument("--cell-word-target", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--cell-word-steps", type=int, default=None)
     parser.add_argument("--cell-word-weight-after", type=float, default=0.1)
-    parser.add_argument("--count-word-target", action="store_true")
+    parser.add_argument("--count-word-target", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     torch.set_num_threads(1)
     train_llava(args.out_dir, steps=args.steps, tower_steps=args.tower_steps, eval_every=args.eval_every,

@@ -193,12 +193,12 @@ def main() -> None:
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES, help="pictures of the results table's held-out set")
     parser.add_argument("--ci-images", type=int, default=CI_IMAGES, help="pictures of the CI test's held-out set")
     parser.add_argument("--reuse-llava", action="store_true", help="skip step 1 when OUT/llava exists")
-    parser.add_argument("--cell-word-target", action="store_true",
+    parser.add_argument("--cell-word-target", action=argparse.BooleanOptionalAction, default=True,
                         help="step 1 and the VISOR stages also supervise each cell question's answer at the cell word")
     parser.add_argument("--cell-word-steps", type=int, default=None,
                         help="step 1: weight the cell-word target like the others for this many steps (default: all) ...")
     parser.add_argument("--cell-word-weight-after", type=float, default=0.1, help="... then with this weight")
-    parser.add_argument("--count-word-target", action="store_true",
+    parser.add_argument("--count-word-target", action=argparse.BooleanOptionalAction, default=True,
                         help="the same auxiliary target for counting questions, at the colour or shape word")
     parser.add_argument("--ship", action="store_true", help="copy the checkpoint to src/visor_hf/assets and results to docs")
     args = parser.parse_args()
