@@ -501,3 +501,18 @@ def test_key_word_collator_adds_the_answer_at_the_key_word_of_its_questions(monk
             assert key in KEY_WORDS[record["kind"]] and key in record["conversations"][0]["value"].split()
             assert tokenizer.convert_ids_to_tokens(int(extra["labels"][row, changed[0]])) == record["conversations"][1]["value"]
         assert int((plain["labels"] != extra["labels"]).sum()) == 3 * len(kinds)
+
+
+def test_key_word_collator_refuses_a_question_without_its_key_word(monkeypatch, tmp_path):
+    """A record of a key-word kind whose question lacks the key word is refused by name, not trained silently."""
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "examples" / "toy"))
+    from train_visor import KeyWordCollator, write_records
+
+    from visor_hf.training.data import load_processor, load_records
+
+    record = next(r for r in load_records(write_records(tmp_path, 1, 77)) if r["kind"] == "cell")
+    record["conversations"][0]["value"] = "<image>\nwhat is the colour of the background ?"
+    with pytest.raises(ValueError, match="a cell record needs one key word"):
+        KeyWordCollator(load_processor(DEFAULT_CHECKPOINT))([record])

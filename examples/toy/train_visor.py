@@ -70,8 +70,9 @@ class KeyWordCollator(VisorDataCollator):
                 continue
             keys = torch.isin(batch["input_ids"][row], self.key_ids[record["kind"]]).nonzero().flatten()
             answer = labels[row][labels[row] != IGNORE_INDEX]
-            if len(keys) == 1 and len(answer):
-                labels[row, keys[0] + 1] = answer[0]
+            if len(keys) != 1 or not len(answer):
+                raise ValueError(f"a {record['kind']} record needs one key word and an answer: {record['conversations']}")
+            labels[row, keys[0] + 1] = answer[0]
         return batch
 
 
