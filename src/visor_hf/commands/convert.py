@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             routing_token_init=args.routing_token_init,
             revision=args.revision,
         )
-    except (ConversionError, FileExistsError) as error:
+    except (ConversionError, OSError) as error:  # OSError: FileExistsError, no space left, permission, ...
         print(f"visor-hf convert: error: {error}", file=sys.stderr)
         return 2
     config = json.loads((out / "config.json").read_text())

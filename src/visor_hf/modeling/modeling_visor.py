@@ -38,6 +38,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from .cache_visor import FULL, TEXT, VisorCache, VisorState
 from .configuration_visor import VisorConfig
 from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, select_by_budget
+from .hub_visor import VisorHubMixin
 
 AUTO = "auto"
 # what `visor_configuration=` takes: an index, a list of SA layers, "max"/"auto", or one entry per sample
@@ -380,7 +381,7 @@ def _resolve_one(config: VisorConfig, value, has_router: bool):
 # Models
 
 
-class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
+class VisorPreTrainedModel(VisorHubMixin, LlavaOnevisionPreTrainedModel):
     config_class = VisorConfig
     config: VisorConfig
     base_model_prefix = "model"
