@@ -190,16 +190,33 @@ def check_max_shard_size(max_shard_size: int | str) -> int | str:
     return max_shard_size
 
 
-def stored_parameter_count(src: Path) -> int:
-    """The number of weights in the source's safetensors files, read from their headers (nothing is loaded)."""
+SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def stored_tensors(src: Path) -> list[tuple[list[int], str]]:
+    """Shape and dtype of every tensor in the source's safetensors files, read from their headers (nothing is loaded)."""
     from safetensors import safe_open
 
-    total = 0
+    tensors = []
     for shard in safetensors_files(src):
         with safe_open(str(shard), framework="pt") as handle:
             for name in handle.keys():
-                total += math.prod(handle.get_slice(name).get_shape())
-    return total
+                piece = handle.get_slice(name)
+                tensors.append((piece.get_shape(), piece.get_dtype()))
+    return tensors
+
+
+def check_free_space(src: Path, dst: Path, dtype: torch.dtype | str | None) -> None:
+    """Refuse, before loading, an output folder whose file system has less free space than the weights need (the
+    source's tensors in the output dtype; the new modules are small)."""
+    needed = 0
+    for shape, stored_dtype in stored_tensors(src):
+        size = dtype.itemsize if isinstance(dtype, torch.dtype) else SAFETENSORS_ITEMSIZE.get(stored_dtype, 4)
+        needed += math.prod(shape) * size
+    parent = next((p for p in [dst.parent, *dst.parent.parents] if p.exists()), dst.anchor)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise ConversionError(f"only {free:,} bytes free on {parent}; the output needs about {needed:,} bytes")
 
 
 def check_source_sizes(src: Path, config: dict):
@@ -228,7 +245,7 @@ def check_source_sizes(src: Path, config: dict):
     except Exception as error:
         raise ConversionError(f"source {src}/config.json is not a valid LLaVA-OneVision config: {error}") from error
     expected = sum(p.numel() for p in skeleton.parameters())  # tied weights counted once
-    stored = stored_parameter_count(src)
+    stored = sum(math.prod(shape) for shape, _ in stored_tensors(src))
     if expected > SIZE_SLACK * stored:
         raise ConversionError(
             f"source {src}/config.json describes a model of {expected:,} weights but its safetensors files hold "
@@ -624,6 +641,7 @@ def convert(
     # the layout and the sizes are resolved before the weights are read (config.json may leave defaults out: read it
     # as transformers does)
     llava_config = check_source_sizes(src_path, source_config)
+    check_free_space(src_path, dst, dtype)
     num_layers = llava_config.get_text_config().num_hidden_layers
     layout = resolve_layout(num_layers, cross_attention_layers, self_attention_layers, configurations, router_layer, dense)
 
