@@ -17,6 +17,8 @@ MODEL_AUTO_MAP = {
     "AutoModel": "modeling_visor.VisorModel",
     "AutoModelForImageTextToText": "modeling_visor.VisorForConditionalGeneration",
 }
+VISOR_TAGS = ("visor", "llava-onevision", "custom_code")
+PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_visor.VisorProcessor"}
 
 # PEFT matches a regex against the full module name: the LLM's attention and MLP projections and the cross-attention
 # blocks' projections. SigLIP's `vision_tower...self_attn.q_proj` does not match (it is not under `language_model`).
@@ -38,7 +40,7 @@ def visor_model_card(config, base_model: str | None = None, text: str = "") -> M
     data = ModelCardData(
         library_name="transformers",
         pipeline_tag="image-text-to-text",
-        tags=["visor", "llava-onevision", "custom_code"],
+        tags=list(VISOR_TAGS),
         base_model=base_model,
     )
     rows = "\n".join(f"| {i} | {list(c)} | {len(c)} |" for i, c in enumerate(config.configurations))
@@ -89,6 +91,11 @@ class VisorHubMixin:
             visor_model_card(self.config, base_model=base).save(card)
         return result
 
+    def push_to_hub(self, *args, tags: list[str] | str | None = None, **kwargs):
+        # transformers writes the Hub's card (the repo's own, or its template) over ours: it gets VISOR's tags at least
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        return super().push_to_hub(*args, tags=[*VISOR_TAGS, *(t for t in tags if t not in VISOR_TAGS)], **kwargs)
+
     def visor_lora_targets(self, include_vision_tower: bool = False) -> dict:
         """The LoRA preset of VISOR models, as `peft.LoraConfig` keyword arguments: the LLM's attention and MLP
         projections and the cross-attention projections (and the vision tower's with `include_vision_tower`); the
@@ -99,4 +106,4 @@ class VisorHubMixin:
         return {"target_modules": targets, "modules_to_save": list(LORA_MODULES_TO_SAVE)}
 
 
-__all__ = ["LORA_TARGET_MODULES", "MODEL_AUTO_MAP", "VisorHubMixin", "visor_model_card"]
+__all__ = ["LORA_TARGET_MODULES", "MODEL_AUTO_MAP", "PROCESSOR_AUTO_MAP", "VisorHubMixin", "visor_model_card"]
