@@ -35,6 +35,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
+from .arguments_visor import check_forward_kwargs, check_visor_budget
 from .cache_visor import FULL, TEXT, VisorCache, VisorState
 from .configuration_visor import VisorConfig
 from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, select_by_budget
@@ -876,6 +877,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             most expensive configuration of `config.configurations` within it (see `flops_visor.select_by_budget`).
             Replaces the router; read at prefill only.
         """
+        check_forward_kwargs(self.forward, kwargs)
         prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
         # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
         wants_counts = prefill and (visor_budget is not None or not self.training)
@@ -947,6 +949,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
     def _budget_request(self, budget, request, counts) -> list[tuple[int, ...]]:
         """The SA layers a compute budget picks for each sample: one tuple per sample, so that the result always reads
         as a per-sample request (a plain list of indices would read as one layer set for the whole batch)."""
+        check_visor_budget(budget)
         if request is not None and not (isinstance(request, str) and request == AUTO):
             raise ValueError("pass either visor_configuration or visor_budget, not both")
         if counts is None:

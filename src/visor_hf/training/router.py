@@ -18,6 +18,7 @@ from ..logging_utils import get_logger
 from .data import VisorDataCollator, load_processor, load_records, model_inputs
 from .evaluation import _accelerator, score_dataset, summarize
 from .labels import read_labels
+from .resume import CompleteCheckpointMixin
 from .stages import load_model, make_training_arguments, save_trained, set_trainable
 
 logger = get_logger(__name__)
@@ -55,7 +56,7 @@ class RouterCollator:
         return batch
 
 
-class RouterTrainer(Trainer):
+class RouterTrainer(CompleteCheckpointMixin, Trainer):
     """`Trainer` whose loss is the router's cross-entropy against `route_labels`."""
 
     def __init__(self, *args, **kwargs):

@@ -27,6 +27,7 @@ from ..modeling import VisorForConditionalGeneration
 from ..modeling.hub_visor import LORA_MODULES_TO_SAVE as _LORA_MODULES_TO_SAVE
 from ..modeling.hub_visor import LORA_TARGET_MODULES, LORA_VISION_TARGET_MODULES, ROUTER_NOT_TRAINED
 from .data import VisorDataCollator, load_processor, load_records, model_inputs
+from .resume import CompleteCheckpointMixin
 from .universal import ConfigurationLogCallback, UniversalConfigurationSampler
 
 logger = get_logger(__name__)
@@ -116,7 +117,7 @@ def apply_lora(model, options: LoraOptions, train_vision_tower: bool = False):
 VISUAL_PATH_KEYS = ("cross_attention_blocks.", "vision_tower.", "multi_modal_projector.", "image_newline")
 
 
-class VisorTrainer(Trainer):
+class VisorTrainer(CompleteCheckpointMixin, Trainer):
     """`Trainer` that runs a fixed VISOR configuration (default `"max"`) or, with a `sampler`, the configuration that
     the sampler gives for the current optimisation step (`state.global_step`, equal for every micro-batch of a
     gradient-accumulation step and restored on resume). `configuration_trace` records `(step, configuration)` for
