@@ -167,8 +167,10 @@ def table(results: dict) -> str:
 def make_portable(folder: Path) -> None:
     """The shipped folder loads without the package too (`trust_remote_code=True`): `auto_map` in the model and
     processor configs, the modeling files as symbolic links to the package's own (one copy in the repository; a wheel
-    holds real files) and a model card."""
+    holds real files), a model card, and a tokenizer that `stop_strings` can use."""
     import json
+
+    from transformers import AutoTokenizer
 
     from visor_hf.modeling import VisorConfig
     from visor_hf.modeling.hub_visor import MODEL_AUTO_MAP, PROCESSOR_AUTO_MAP, visor_model_card
@@ -183,6 +185,11 @@ def make_portable(folder: Path) -> None:
         link = folder / code.name
         link.unlink(missing_ok=True)
         link.symlink_to(Path("..", "..", "modeling", code.name))
+    # `generate(stop_strings=...)` decodes every token after the probe word "abcdef" (transformers'
+    # `StopStringCriteria`); a word-level vocabulary must know that word: an ordinary token on a spare embedding row
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    if tokenizer.add_tokens(["abcdef"]):
+        tokenizer.save_pretrained(folder)
     text = (
         "\nThe toy VISOR of `visor_hf` (`visor-hf toy`): a tiny LLaVA-OneVision trained on synthetic pictures of shapes; "
         "`examples/toy/train_toy.py --ship` reproduces it. Results: `results.json`.\n"

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from ..hub_ids import looks_like_hub_id
 from ..logging_utils import get_logger
 from ..modeling import VisorConfig, VisorForConditionalGeneration, uniform_layer_layout
 from ..modeling.hub_visor import MODEL_AUTO_MAP
@@ -514,9 +514,7 @@ def materialize_new_modules(model: VisorForConditionalGeneration, device: torch.
 
 def hub_id(name: str | None) -> str | None:
     """`name` when it has the shape of a Hub model id (`owner/name`) and is not a local path; else `None`."""
-    if not name or Path(name).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or ".." in name:
-        return None
-    return name
+    return name if name and looks_like_hub_id(name) else None
 
 
 def model_card(src_name: str, config: VisorConfig, routing_token: str, has_processor: bool = True) -> str:
