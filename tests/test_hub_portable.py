@@ -12,6 +12,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -33,6 +34,7 @@ FRESH_PROCESS = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from PIL import Image
+    import transformers
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     folder, image_file, question, max_new_tokens = sys.argv[1:5]
@@ -48,6 +50,7 @@ FRESH_PROCESS = textwrap.dedent(
         "processor": type(processor).__name__,
         "input_ids": inputs["input_ids"].tolist(),
         "tokens": tokens.tolist(),
+        "transformers": transformers.__version__,
     }))
     """
 )
@@ -64,14 +67,15 @@ def generate_here(folder: Path, image, question: str, max_new_tokens: int) -> di
     return {"input_ids": inputs["input_ids"].tolist(), "tokens": tokens.tolist()}
 
 
-def generate_in_a_fresh_process(folder: Path, image, question: str, max_new_tokens: int, tmp_path: Path) -> dict:
+def generate_in_a_fresh_process(folder: Path, image, question: str, max_new_tokens: int, tmp_path: Path, python=sys.executable) -> dict:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     script, image_file = tmp_path / "fresh.py", tmp_path / "image.png"
     script.write_text(FRESH_PROCESS)
     image.save(image_file)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1", PYTHONPATH="")
     result = subprocess.run(
-        [sys.executable, str(script), str(folder), str(image_file), question, str(max_new_tokens)],
+        [str(python), str(script), str(folder), str(image_file), question, str(max_new_tokens)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -122,6 +126,59 @@ def test_the_shipped_toy_loads_without_visor_hf(tmp_path):
     here = generate_here(DEFAULT_CHECKPOINT, image, question, max_new_tokens=3)
     there = generate_in_a_fresh_process(DEFAULT_CHECKPOINT, image, question, max_new_tokens=3, tmp_path=tmp_path)
     assert there["input_ids"] == here["input_ids"] and there["tokens"] == here["tokens"]
+
+
+def remote_code_range() -> tuple[str, str]:
+    """The transformers range of `[tool.visor_hf] remote-code-transformers` in pyproject.toml: (oldest, upper bound)."""
+    import re
+
+    import tomllib
+
+    pyproject = Path(visor_hf.__file__).resolve().parents[2] / "pyproject.toml"
+    spec = tomllib.loads(pyproject.read_text())["tool"]["visor_hf"]["remote-code-transformers"]
+    match = re.fullmatch(r">=([\d.]+),<([\d.]+)", spec)
+    assert match, spec
+    return match.group(1), match.group(2)
+
+
+def test_the_installed_transformers_is_inside_the_remote_code_range():
+    from packaging.version import Version
+    from transformers import __version__
+
+    oldest, upper = remote_code_range()
+    assert Version(oldest) <= Version(__version__) < Version(upper)
+
+
+def oldest_transformers_python() -> Path:
+    """A venv (cached under tests/.cache/) that sees the installed packages but holds the oldest supported
+    transformers, installed from PyPI."""
+    oldest, _ = remote_code_range()
+    venv = Path(__file__).resolve().parent / ".cache" / f"venv-transformers-{oldest}"
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import transformers; print(transformers.__version__)"]
+    if not python.exists() or subprocess.run(probe, capture_output=True, text=True).stdout.strip() != oldest:
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--clear", str(venv)], check=True, timeout=600)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"transformers=={oldest}"],
+                       check=True, timeout=1200)
+    assert subprocess.run(probe, capture_output=True, text=True).stdout.strip() == oldest
+    return python
+
+
+@pytest.mark.slow
+def test_remote_code_runs_on_the_oldest_supported_transformers(visor, tmp_path):
+    """The code files of a saved folder and of the shipped toy load and generate the same tokens under the oldest
+    transformers of the declared range (a separate venv: the global environment keeps its transformers)."""
+    python = oldest_transformers_python()
+    folder = tmp_path / "saved"
+    visor.save_pretrained(folder)
+    tiny_processor().save_pretrained(folder)
+    scene = make_scene(12345)
+    cases = [(folder, random_image(16, 32), "what is the colour ?"), (DEFAULT_CHECKPOINT, render(scene), sample_questions(scene)[0].text)]
+    for index, (path, image, question) in enumerate(cases):
+        here = generate_here(path, image, question, max_new_tokens=3)
+        there = generate_in_a_fresh_process(path, image, question, 3, tmp_path / f"old-{index}", python=python)
+        assert there["transformers"] == remote_code_range()[0]
+        assert there["input_ids"] == here["input_ids"] and there["tokens"] == here["tokens"]
 
 
 def test_the_toy_ships_every_modeling_file():
