@@ -128,24 +128,22 @@ class CommonTests(ModelTesterMixin):
     all_generative_model_classes = ()
 
     # LLaVA-OneVision's upstream overrides: the inputs_embeds tests drop `pixel_values` for VLMs
-    def test_inputs_embeds(self):
+    def _models_with_text_inputs(self):
         config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
         for model_class in self.all_model_classes:
             model = model_class(config).to(torch_device).eval()
             inputs = self._prepare_for_class(inputs_dict, model_class)
             input_ids = inputs.pop("input_ids")
             del inputs["pixel_values"]
-            inputs["inputs_embeds"] = model.get_input_embeddings()(input_ids)
+            yield model, input_ids, inputs
+
+    def test_inputs_embeds(self):
+        for model, input_ids, inputs in self._models_with_text_inputs():
             with torch.no_grad():
-                model(**inputs)
+                model(inputs_embeds=model.get_input_embeddings()(input_ids), **inputs)
 
     def test_inputs_embeds_matches_input_ids(self):
-        config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
-        for model_class in self.all_model_classes:
-            model = model_class(config).to(torch_device).eval()
-            inputs = self._prepare_for_class(inputs_dict, model_class)
-            input_ids = inputs.pop("input_ids")
-            del inputs["pixel_values"]
+        for model, input_ids, inputs in self._models_with_text_inputs():
             inputs_embeds = model.get_input_embeddings()(input_ids)
             with torch.no_grad():
                 out_ids = model(input_ids=input_ids, **inputs)[0]

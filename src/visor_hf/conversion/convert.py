@@ -16,7 +16,7 @@ import torch
 from ..hub_ids import looks_like_hub_id
 from ..logging_utils import get_logger
 from ..modeling import VisorConfig, VisorForConditionalGeneration, uniform_layer_layout
-from ..modeling.hub_visor import MODEL_AUTO_MAP
+from ..modeling.hub_visor import MODEL_AUTO_MAP, loading_section
 from ..modeling.processing_visor import DEFAULT_ROUTING_TOKEN, VisorProcessor
 from .errors import ConversionError
 from .publish import check_output, publish, staged_output
@@ -577,21 +577,7 @@ which SA layers run. Every weight of `{src_name}` is kept unchanged. {initialisa
 |---|---|---|
 {configurations}
 
-## Loading
-
-```python
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("path/or/repo", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("path/or/repo", trust_remote_code=True)
-conversation = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown?"}}]}}]
-prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)  # carries {routing_token}
-inputs = processor(images=[image], text=prompt, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=32)  # visor_configuration="auto" | "max" | index | [layers]
-```
-
-With the `visor_hf` package installed, `import visor_hf` registers the classes and `trust_remote_code` is not needed.
-"""
+{loading_section(routing_token)}"""
 
 
 def convert(

@@ -35,6 +35,26 @@ ROUTER_NOT_TRAINED = (
 )
 
 
+def loading_section(routing_token: str = "<route>") -> str:
+    """The "Loading" part of VISOR model cards (markdown)."""
+    return f"""## Loading
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+model = AutoModelForImageTextToText.from_pretrained("path/or/repo", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("path/or/repo", trust_remote_code=True)
+conversation = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown?"}}]}}]
+prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)  # carries {routing_token}
+inputs = processor(images=[image], text=prompt, return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=32)  # visor_configuration="auto" | "max" | index | [layers]
+```
+
+The code files in this folder are the model's (`trust_remote_code=True`). Where the `visor_hf` package is installed,
+importing it registers the same classes and `trust_remote_code` is not needed.
+"""
+
+
 def visor_model_card(config, base_model: str | None = None, text: str = "") -> ModelCard:
     """A model card with Hub metadata (library, pipeline, tags, base model) and the layer layout of `config`."""
     data = ModelCardData(
@@ -55,18 +75,7 @@ A LLaVA-OneVision model whose language model meets the visual tokens only at a f
 |---|---|---|
 {rows}
 
-## Loading
-
-```python
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("path/or/repo", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("path/or/repo", trust_remote_code=True)
-```
-
-The code files in this folder are the model's (`trust_remote_code=True`). Where the `visor_hf` package is installed,
-importing it registers the same classes and `trust_remote_code` is not needed.
-"""
+{loading_section(getattr(config, "routing_token", None) or "<route>")}"""
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
 
 
