@@ -28,7 +28,8 @@ from visor_hf.training.sharding import UnseenImage, append_unseen_image
 SCENARIOS = """
 import json, os, sys, torch
 torch.set_num_threads(1)
-from visor_hf.training import LoraOptions, train_router, train_stage
+from visor_hf.cli import main
+from visor_hf.training import LoraOptions, train_stage
 work, out, world = sys.argv[1], sys.argv[2], int(sys.argv[3])
 rank = os.environ.get("RANK", "ref")
 common = dict(use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=True, learning_rate=1e-3, logging_steps=1,
@@ -43,9 +44,14 @@ def run(name, stage, steps, **kwargs):
 run("stage1", "1", 2)
 run("universal", "universal", 3)
 run("lora", "universal", 3, lora=LoraOptions(r=4, dropout=0.0, merge=False))
-labels = os.path.join(work, "labels.jsonl")
-report = train_router(model, data, labels, os.path.join(out, "router"), fsdp_size=fsdp,
-                      training_args={**common, "max_steps": 2, "learning_rate": 1e-2, "activation_checkpointing": True})
+# router training through the command line (`--fsdp-size`)
+command = ["train-router", "--model", model, "--data", data, "--labels", os.path.join(work, "labels.jsonl"),
+           "--output-dir", os.path.join(out, "router"), "--use-cpu", "--max-steps", "2", "--learning-rate", "1e-2",
+           "--per-device-train-batch-size", str(2 // world), "--logging-steps", "1", "--save-steps", "100",
+           "--activation-checkpointing", "--training-args", '{"disable_tqdm": true, "save_strategy": "no"}']
+assert main(command + (["--fsdp-size", str(fsdp)] if fsdp else [])) == 0
+with open(os.path.join(out, "router", "router_report.json")) as f:
+    report = json.load(f)
 losses["router"] = report["train_metrics"]["train_loss"]
 with open(os.path.join(out, "losses_%s.json" % rank), "w") as f:
     json.dump({"losses": losses, "router_report": {k: v for k, v in report.items() if k != "train_metrics"}}, f)
