@@ -7,19 +7,13 @@ neither the loss nor any gradient (checked against the same batch without it).""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from visor_hf.conversion import convert
-from visor_hf.testing import save_tiny_llava
-from visor_hf.training import VisorDataCollator, load_model, load_processor, make_synthetic_dataset
+from training_helpers import make_training_workdir, run_script, weights
+from visor_hf.training import VisorDataCollator, load_model, load_processor
 from visor_hf.training.data import model_inputs
 from visor_hf.training.sharding import UnseenImage, append_unseen_image
 
@@ -58,26 +52,9 @@ with open(os.path.join(out, "losses_%s.json" % rank), "w") as f:
 """
 
 
-def weights(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("fsdp")
-    save_tiny_llava(root / "llava")
-    convert(root / "llava", root / "visor")  # CA 0, 3; SA 2, 4; configurations [], [2], [2, 4]; router layer 1
-    data = make_synthetic_dataset(root / "data", num_samples=8, seed=0)
-    records = [json.loads(line) for line in data.read_text().splitlines()]
-    for r in records:
-        if "image" in r:
-            r["image"] = str(root / "data" / r["image"])
-    mixed = [next(r for r in records if "image" in r), next(r for r in records if "image" not in r)]
-    (root / "mixed.json").write_text(json.dumps(mixed))
-    (root / "text_only.json").write_text(json.dumps([r for r in records if "image" not in r][:2]))
+    root = make_training_workdir(tmp_path_factory.mktemp("fsdp"))
     (root / "labels.jsonl").write_text('{"index": 0, "label": 1}\n{"index": 1, "label": 2}\n')
     return root
 
@@ -87,7 +64,7 @@ def test_unseen_image_changes_neither_loss_nor_gradients(workdir):
     missing) gradients for the vision tower, projector and CA blocks, which all ran."""
     model = load_model(workdir / "visor")
     processor = load_processor(workdir / "visor")
-    records = json.loads((workdir / "text_only.json").read_text())
+    records = json.loads((workdir / "text_only.json").read_text())[:2]
     batch = model_inputs(VisorDataCollator(processor)(records))
     assert "pixel_values" not in batch
     padded = append_unseen_image(batch, UnseenImage(processor, model.config.image_token_id), processor.tokenizer.pad_token_id)
@@ -117,20 +94,9 @@ def test_unseen_image_changes_neither_loss_nor_gradients(workdir):
 
 @pytest.mark.slow
 def test_fsdp2_on_two_ranks_matches_one_process(workdir, tmp_path):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    script = tmp_path / "fsdp_scenarios.py"
-    script.write_text(SCENARIOS)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     sharded, single = tmp_path / "fsdp", tmp_path / "single"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               str(script), str(workdir), str(sharded), "2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    reference = subprocess.run([sys.executable, str(script), str(workdir), str(single), "1"], env=env,
-                               capture_output=True, text=True, timeout=600)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+    run_script(SCENARIOS, tmp_path, workdir, sharded, 2, processes=2, timeout=600)
+    run_script(SCENARIOS, tmp_path, workdir, single, 1, timeout=600)
 
     ranks = [json.loads((sharded / f"losses_{r}.json").read_text()) for r in range(2)]
     expected = json.loads((single / "losses_ref.json").read_text())
@@ -159,3 +125,38 @@ def test_fsdp2_on_two_ranks_matches_one_process(workdir, tmp_path):
         if name != "lora/adapter":
             changed = {k for k in a if not torch.equal(a[k], before[k])}
             assert changed and all(trains(k) for k in changed), name
+
+
+def test_fsdp_with_lora_refuses_to_merge_on_one_process(tmp_path):
+    from visor_hf.training import LoraOptions, train_stage
+
+    with pytest.raises(ValueError, match="--no-merge"):
+        train_stage(tmp_path / "model", tmp_path / "data.jsonl", tmp_path / "out", "2", lora=LoraOptions(), fsdp_size=2)
+
+
+def test_accelerate_configs_wrap_visor_units(workdir, monkeypatch):
+    """The GPU configs in examples/accelerate go through `accelerate launch`'s parsing: FSDP2 with one unit per
+    decoder layer, CA block and router; ZeRO-3 with a gathered final model."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    examples = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+
+    def parsed(name):
+        args = launch_command_parser().parse_args(["--config_file", str(examples / name), "-m", "visor_hf.cli", "train"])
+        return _validate_launch_command(args)[0]
+
+    args = parsed("fsdp2.yaml")
+    assert args.use_fsdp and not args.use_deepspeed
+    for key, value in prepare_multi_gpu_env(args).items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    model = load_model(workdir / "visor")
+    plugin.set_auto_wrap_policy(model)
+    wrapped = {type(m).__name__ for m in model.modules() if plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0)}
+    assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT"
+    assert wrapped == {"Qwen2DecoderLayer", "VisorCrossAttentionBlock", "VisorRouter"}
+
+    args = parsed("deepspeed_zero3.yaml")
+    assert args.use_deepspeed and int(args.zero_stage) == 3 and str(args.zero3_save_16bit_model).lower() == "true"

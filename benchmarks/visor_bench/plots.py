@@ -25,17 +25,9 @@ def plots(report, directory: Path) -> list[str]:
     for name in names:
         ys = [next(r for r in s["rows"] if r["name"] == name)["prefill_ms"] / 1000 for s in report["sizes"]]
         ax.plot(xs, ys, marker="o", label=labels[name], linestyle="--" if name in ("pool2x", "pool4x", "fastv") else "-")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("visual tokens (before any reduction)")
-    ax.set_ylabel("prefill latency, s (median)")
     ax.set_title(f"Prefill latency, LLaVA-OV 0.5B shapes, {report['machine']['device_name']}")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    latency = directory / "latency_vs_visual_tokens.png"
-    fig.savefig(latency, dpi=120)
-    plt.close(fig)
+    latency = _save_log_log(plt, fig, ax, "visual tokens (before any reduction)", "prefill latency, s (median)",
+                            directory / "latency_vs_visual_tokens.png")
 
     fig, ax = plt.subplots(figsize=(6, 6))
     top = 1.0
@@ -49,14 +41,20 @@ def plots(report, directory: Path) -> list[str]:
     line = [1, top * 1.2]
     ax.plot(line, line, "k-", lw=0.8, label="measured = FLOPs")
     ax.plot(line, [0.7 * x for x in line], "k:", lw=0.8, label="70 % of FLOPs")
+    scatter = _save_log_log(plt, fig, ax, "analytical prefill speedup over dense (FLOPs ratio)",
+                            "measured prefill speedup over dense (time ratio)", directory / "flops_vs_time.png")
+    return [latency.name, scatter.name]
+
+
+def _save_log_log(plt, fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Log-log axes with labels, grid and legend; the figure written to `path` and closed."""
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("analytical prefill speedup over dense (FLOPs ratio)")
-    ax.set_ylabel("measured prefill speedup over dense (time ratio)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    scatter = directory / "flops_vs_time.png"
-    fig.savefig(scatter, dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return [latency.name, scatter.name]
+    return path

@@ -316,6 +316,9 @@ def train_stage(
         raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
     if stage == "1" and lora is not None:
         raise ValueError("stage 1 trains the new modules fully; LoRA is for stage 2 and universal fine-tuning")
+    if fsdp_size is not None and lora is not None and lora.merge:
+        raise ValueError("with fsdp_size (--fsdp-size), LoRA writes the adapter only: pass merge=False (--no-merge) and "
+                         "merge it afterwards (merging needs the full weights on one process)")
     args = make_training_arguments(output_dir, training_args, seed=seed)
     seed = args.seed
     model = load_model(model_path, dtype, attn_implementation, fsdp_size)
