@@ -15,7 +15,7 @@ import torch
 from training_helpers import make_training_workdir, run_script, weights
 from visor_hf.training import VisorDataCollator, load_model, load_processor
 from visor_hf.training.data import model_inputs
-from visor_hf.training.sharding import UnseenImage, append_unseen_image
+from visor_hf.training.sharding import FSDP_WRAP_CLASSES, UnseenImage, append_unseen_image
 
 # Every scenario in one launch (the process start dominates). `world` 1 is the single-process reference: the same
 # global batch of 2 (one sample with an image, one text-only) in one micro-batch instead of one per rank.
@@ -156,7 +156,7 @@ def test_accelerate_configs_wrap_visor_units(workdir, monkeypatch):
     plugin.set_auto_wrap_policy(model)
     wrapped = {type(m).__name__ for m in model.modules() if plugin.auto_wrap_policy(module=m, recurse=False, nonwrapped_numel=0)}
     assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT"
-    assert wrapped == {"Qwen2DecoderLayer", "VisorCrossAttentionBlock", "VisorRouter"}
+    assert wrapped == set(FSDP_WRAP_CLASSES) == {"Qwen2DecoderLayer", "VisorCrossAttentionBlock", "VisorRouter"}
 
     args = parsed("deepspeed_zero3.yaml")
     assert args.use_deepspeed and int(args.zero_stage) == 3 and str(args.zero3_save_16bit_model).lower() == "true"

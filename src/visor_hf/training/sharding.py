@@ -32,7 +32,7 @@ FSDP_PLAN = {
     "model.router": "free_full_weight",
 }
 FSDP_WRAP_CLASSES = ("Qwen2DecoderLayer", "VisorCrossAttentionBlock", "VisorRouter")
-UNSEEN_IMAGE_SIZE = 32  # pixels: the smallest crop grid the image processor makes
+UNSEEN_IMAGE_SIZE = 32  # pixels: a square picture smaller than one crop gets the fewest crops (visual tokens)
 
 
 def fsdp_config(fsdp_size: int, **kwargs):
@@ -122,6 +122,9 @@ class ShardedStep:
             return inputs
         register_fsdp_methods(model)
         if self._image is None:
+            if self.trainer.processing_class is None:
+                raise ValueError("sharded training needs the trainer's processing_class (the VISOR processor): it "
+                                 "encodes the image that keeps a text-only rank in step")
             config = self.trainer.accelerator.unwrap_model(model).config
             self._image = UnseenImage(self.trainer.processing_class, config.image_token_id)
         tokenizer = getattr(self.trainer.processing_class, "tokenizer", None)
