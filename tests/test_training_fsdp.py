@@ -1,6 +1,6 @@
 """Sharded training (FSDP2) through the training entry points, against a single-process run of the same global
 batch: stage 1 with a text-only rank, universal fine-tuning with per-step configurations (full and LoRA), router
-training with everything else frozen; activation checkpointing on. Two real processes (`torchrun`, gloo on the
+training with everything else frozen, gradient accumulation; activation checkpointing on. Two real processes (`torchrun`, gloo on the
 CPU); a timeout turns a hang into a failure. Also: the unseen image that keeps a text-only rank in step changes
 neither the loss nor any gradient (checked against the same batch without it)."""
 
@@ -18,7 +18,7 @@ from visor_hf.training.data import model_inputs
 from visor_hf.training.sharding import FSDP_WRAP_CLASSES, UnseenImage, append_unseen_image
 
 # Every scenario in one launch (the process start dominates). `world` 1 is the single-process reference: the same
-# global batch of 2 (one sample with an image, one text-only) in one micro-batch instead of one per rank.
+# global batch (one sample with an image and one text-only; two of each with accumulation) in one micro-batch.
 SCENARIOS = """
 import json, os, sys, torch
 torch.set_num_threads(1)
@@ -31,13 +31,16 @@ common = dict(use_cpu=True, save_strategy="no", report_to="none", disable_tqdm=T
 fsdp = world if world > 1 else None
 model, data = os.path.join(work, "visor"), os.path.join(work, "mixed.json")
 losses = {}
-def run(name, stage, steps, **kwargs):
-    trainer = train_stage(model, data, os.path.join(out, name), stage, fsdp_size=fsdp,
-                          training_args={**common, "max_steps": steps, "activation_checkpointing": True}, **kwargs)
+def run(name, stage, steps, records=data, args=None, **kwargs):
+    arguments = {**common, "max_steps": steps, "activation_checkpointing": True, **(args or {})}
+    trainer = train_stage(model, records, os.path.join(out, name), stage, fsdp_size=fsdp, training_args=arguments, **kwargs)
     losses[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
 run("stage1", "1", 2)
 run("universal", "universal", 3)
 run("lora", "universal", 3, lora=LoraOptions(r=4, dropout=0.0, merge=False))
+# gradient accumulation: 2 ranks x 2 micro-batches of 1 (two of the four samples text-only) against one batch of 4
+run("accumulation", "1", 2, os.path.join(work, "mixed4.json"),
+    {"per_device_train_batch_size": 1 if fsdp else 4, "gradient_accumulation_steps": 2 if fsdp else 1})
 # router training through the command line (`--fsdp-size`)
 command = ["train-router", "--model", model, "--data", data, "--labels", os.path.join(work, "labels.jsonl"),
            "--output-dir", os.path.join(out, "router"), "--use-cpu", "--max-steps", "2", "--learning-rate", "1e-2",
@@ -56,6 +59,9 @@ with open(os.path.join(out, "losses_%s.json" % rank), "w") as f:
 def workdir(tmp_path_factory):
     root = make_training_workdir(tmp_path_factory.mktemp("fsdp"))
     (root / "labels.jsonl").write_text('{"index": 0, "label": 1}\n{"index": 1, "label": 2}\n')
+    records = [json.loads(line) for line in (root / "data/data.jsonl").read_text().splitlines()]
+    with_image = [{**r, "image": str(root / "data" / r["image"])} for r in records if "image" in r]
+    (root / "mixed4.json").write_text(json.dumps(with_image[:2] + [r for r in records if "image" not in r][:2]))
     return root
 
 
@@ -115,6 +121,7 @@ def test_fsdp2_on_two_ranks_matches_one_process(workdir, tmp_path):
     before = weights(workdir / "visor")
     frozen_in_universal = ("model.router.", "model.vision_tower.")
     for name, trains in (("stage1", lambda k: k.startswith("model.cross_attention_blocks.")),
+                         ("accumulation", lambda k: k.startswith("model.cross_attention_blocks.")),
                          ("universal", lambda k: not k.startswith(frozen_in_universal)),
                          ("router", lambda k: k.startswith("model.router.")), ("lora/adapter", None)):
         a, b = weights(sharded / name), weights(single / name)
