@@ -44,10 +44,12 @@ def _accelerator(accelerator=None):
 
 
 @torch.no_grad()
-def score_dataset(model, dataset, collator, visor_configuration="max", batch_size: int = 8, accelerator=None, progress: bool = True) -> list[dict]:
+def score_dataset(model, dataset, collator, visor_configuration="max", batch_size: int = 8, accelerator=None, progress: bool = True, prepare_inputs=None) -> list[dict]:
     """One result dict per sample (fields `FIELDS`, `layers` instead of `layers_mask`), sorted by dataset index.
 
     `visor_configuration`: anything the model's forward takes (index, layer list, `"max"`, `"auto"` = the router).
+    `prepare_inputs(model, inputs)`: changes the forward's inputs only (not what is counted), e.g. the unseen image
+    that a sharded model needs on a text-only batch (`sharding.ShardedStep`).
     """
     from torch.utils.data import DataLoader
 
@@ -74,8 +76,10 @@ def score_dataset(model, dataset, collator, visor_configuration="max", batch_siz
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][keep[:, :-1]]
-        inputs = model_inputs(batch, keep_labels=False)
-        out = model(**inputs, visor_configuration=visor_configuration, logits_to_keep=keep, use_cache=False)
+        inputs = {**model_inputs(batch, keep_labels=False), "logits_to_keep": keep}
+        if prepare_inputs is not None:
+            inputs = prepare_inputs(model, inputs)
+        out = model(**inputs, visor_configuration=visor_configuration, use_cache=False)
         logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
         row_of = keep.nonzero()[:, 0]
         size = labels.shape[0]
