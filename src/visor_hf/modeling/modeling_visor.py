@@ -12,9 +12,6 @@ active SA layers and for the output.
 
 from __future__ import annotations
 
-import inspect
-import numbers
-from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -22,7 +19,6 @@ import torch
 from torch import nn
 from transformers import AutoModel, PreTrainedConfig
 from transformers.cache_utils import Cache
-from transformers.generation import GenerationMixin
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
@@ -37,11 +33,19 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 
 from .cache_visor import FULL, TEXT, VisorCache, VisorState
 from .configuration_visor import VisorConfig
-from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, select_by_budget
-
-AUTO = "auto"
-# what `visor_configuration=` takes: an index, a list of SA layers, "max"/"auto", or one entry per sample
-ConfigurationRequest = int | str | Sequence[int | str | Sequence[int] | torch.Tensor] | torch.Tensor | None
+from .generation_visor import VisorGenerationMixin
+from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
+from .requests_visor import AUTO, ConfigurationRequest, resolve_configuration_request
+from .streams_visor import (
+    block_keys,
+    compact_indices,
+    embedded_token_mask,
+    gather_tokens,
+    merge_streams,
+    scatter_attention,
+    segment_ids,
+    to_attention_mask,
+)
 
 
 @dataclass
@@ -95,88 +99,6 @@ class VisorCausalLMOutputWithPast(ModelOutput):
     visor_configurations: list[tuple[int, ...]] | None = None
     configuration_index: torch.Tensor | None = None
     flops: torch.Tensor | None = None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Token bookkeeping
-
-
-def compact_indices(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-aligned positions of the True entries of each row of `mask` ([B, T]).
-
-    Returns `(index, filled)`, both `[B, N]` with `N` the largest row count; empty slots (on the left) hold `T`,
-    one past the end, so that scattering them lands in a dummy column.
-    """
-    batch, length = mask.shape
-    counts = mask.sum(1)
-    width = int(counts.max()) if batch and length else 0  # one host sync, at prefill only
-    slot = mask.long().cumsum(1) - 1 + (width - counts)[:, None]
-    slot = torch.where(mask, slot, width)
-    positions = torch.arange(length, device=mask.device).expand(batch, length)
-    index = torch.full((batch, width + 1), length, dtype=torch.long, device=mask.device)
-    index = index.scatter(1, slot, positions)[:, :width]
-    return index, index < length
-
-
-def gather_tokens(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`states[b, index[b, i]]` for `[B, T, ...]` states; out-of-range (empty) slots read position T-1."""
-    index = index.clamp(max=max(states.shape[1] - 1, 0))
-    if states.dim() == 2:
-        return states.gather(1, index)
-    return states.gather(1, index[..., None].expand(-1, -1, *states.shape[2:]))
-
-
-def merge_streams(text: torch.Tensor, text_index: torch.Tensor, visual: torch.Tensor, visual_index: torch.Tensor, length: int) -> torch.Tensor:
-    """Put the text and visual streams back into the original order ([B, length, d])."""
-    batch, _, hidden = text.shape
-    merged = text.new_zeros(batch, length + 1, hidden)
-    merged = merged.scatter(1, text_index[..., None].expand(-1, -1, hidden), text)
-    merged = merged.scatter(1, visual_index[..., None].expand(-1, -1, hidden), visual)
-    return merged[:, :length]
-
-
-def to_attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean `[B, Q, K]` (True = attend) to the 4D mask the attention implementation takes."""
-    allowed = allowed[:, None]
-    if implementation == "eager":
-        return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return allowed
-
-
-def block_keys(mask: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-    """Forbid the keys `blocked` ([B, K]) in a 4D mask from `create_causal_mask` (bool or additive float)."""
-    blocked = blocked[:, None, None, :]
-    if mask.dtype == torch.bool:
-        mask = mask & ~blocked
-        # a row that sees nothing would give NaN in some SDPA kernels; its output is discarded anyway
-        return mask | ~mask.any(-1, keepdim=True)
-    return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
-
-
-def embedded_token_mask(embeddings: nn.Module, inputs_embeds: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-    """`[B, T]` positions of `inputs_embeds` that hold the embedding of one of `token_ids`: how LLaVA-OV finds image
-    placeholders when it is given embeddings instead of ids."""
-    ids = torch.tensor(token_ids, device=inputs_embeds.device)
-    embedded = embeddings(ids).to(inputs_embeds.dtype)
-    return (inputs_embeds[:, :, None, :] == embedded).all(-1).any(-1)
-
-
-def _segment_ids(lengths: list[int], first: int, device) -> torch.Tensor:
-    """`first + k` repeated `lengths[k]` times: the image id of every visual token of consecutive images."""
-    ids = torch.arange(first, first + len(lengths), device=device)
-    return ids.repeat_interleave(torch.tensor(lengths, dtype=torch.long, device=device))
-
-
-def scatter_attention(weights: torch.Tensor, index: torch.Tensor, length: int) -> torch.Tensor:
-    """Attention weights `[B, H, N, N]` among the compact tokens at `index` (`[B, N]`, empty slots = `length`) laid out
-    in the original order: `[B, H, length, length]`, zero for every row or column outside `index`."""
-    batch, heads, count, _ = weights.shape
-    out = weights.new_zeros(batch, length + 1, length + 1, heads)
-    rows = index[:, :, None].expand(batch, count, count)
-    cols = index[:, None, :].expand(batch, count, count)
-    samples = torch.arange(batch, device=weights.device)[:, None, None].expand(batch, count, count)
-    out[samples, rows, cols] = weights.permute(0, 2, 3, 1)
-    return out[:, :length, :length].permute(0, 3, 1, 2)
 
 
 @contextmanager
@@ -320,63 +242,6 @@ class VisorRouter(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configuration requests
-
-
-def resolve_configuration_request(config: VisorConfig, value: ConfigurationRequest, batch_size: int, has_router: bool) -> list[tuple[int, ...] | str]:
-    """Turn `visor_configuration=` into one entry per sample: a tuple of SA layers, or "auto" (ask the router).
-
-    - `None`: "auto" when the model has a router, else the default configuration;
-    - `int`: index into `config.configurations`; a list of ints: an explicit set of SA layers; `"max"`: all of them;
-    - per sample: a 1-D integer tensor of configuration indices, or a list (one entry per sample) whose entries
-      are lists, ints or strings. A plain list of ints is never per-sample.
-    """
-    if value is None:
-        value = AUTO
-    if isinstance(value, torch.Tensor) and value.dim() == 0:
-        value = value.item()  # a 0-d tensor is one index for every sample
-    if isinstance(value, torch.Tensor):
-        if value.dim() != 1 or value.dtype in (torch.bool,) or value.is_floating_point():
-            raise ValueError(f"a visor_configuration tensor must be a 1-D integer tensor of configuration indices, got {tuple(value.shape)} {value.dtype}")
-        per_sample = value.tolist()
-    elif isinstance(value, (list, tuple)) and any(isinstance(v, (list, tuple, str, torch.Tensor)) for v in value):
-        per_sample = list(value)
-    else:
-        return [_resolve_one(config, value, has_router)] * batch_size
-    if len(per_sample) != batch_size:
-        raise ValueError(f"visor_configuration has {len(per_sample)} per-sample entries for a batch of {batch_size}")
-    return [_resolve_one(config, v, has_router) for v in per_sample]
-
-
-def _resolve_one(config: VisorConfig, value, has_router: bool):
-    if isinstance(value, torch.Tensor):
-        value = value.tolist()
-    if isinstance(value, str):
-        if value == AUTO:
-            return AUTO if has_router else tuple(config.default_layers())
-        if value == "max":
-            return tuple(config.self_attention_layers)
-        raise ValueError(f"unknown visor_configuration {value!r}: use 'auto', 'max', an index or a list of SA layers")
-    if isinstance(value, bool):
-        raise TypeError("visor_configuration must not be a bool")
-    if isinstance(value, numbers.Integral):
-        value = int(value)  # numpy integers too
-    if isinstance(value, int):
-        if not 0 <= value < len(config.configurations):
-            raise ValueError(f"unknown configuration index {value}: the model has {len(config.configurations)} configurations (0..{len(config.configurations) - 1})")
-        return tuple(config.configurations[value])
-    if isinstance(value, (list, tuple)):
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
-            raise TypeError(f"a configuration given as a list must hold SA-layer indices (ints), got {value!r}")
-        value = [int(v) for v in value]
-        extra = sorted(set(value) - set(config.self_attention_layers))
-        if extra:
-            raise ValueError(f"layers {extra} are not SA layers of this model (self_attention_layers = {config.self_attention_layers})")
-        return tuple(sorted(set(value)))
-    raise TypeError(f"unsupported visor_configuration {value!r}")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Models
 
 
@@ -437,7 +302,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
             visual_mask |= image_mask[..., 0]
             # image k's features fill the image tokens in row-major order (masked_scatter): tag them with k
-            segments[image_mask[..., 0]] = _segment_ids(segment_lengths, 0, segments.device)
+            segments[image_mask[..., 0]] = segment_ids(segment_lengths, 0, segments.device)
         if encoded.get("video") is None and pixel_values_videos is not None:
             encoded["video"] = self.get_video_features(pixel_values_videos, return_dict=True, **vision_kwargs["video"])
         if encoded.get("video") is not None:
@@ -447,7 +312,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_features)
             visual_mask |= video_mask[..., 0]
             # one segment per video (all its frames), numbered after the images
-            segments[video_mask[..., 0]] = _segment_ids([video.shape[1]] * video.shape[0], len(segment_lengths), segments.device)
+            segments[video_mask[..., 0]] = segment_ids([video.shape[1]] * video.shape[0], len(segment_lengths), segments.device)
         if image_features is None and video_features is None and input_ids is not None:
             placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
             if placeholders.any():
@@ -812,14 +677,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         )
 
 
-# inputs of `generate` that a draft model (assisted decoding) receives only if its forward takes them
-_TARGET_ONLY_GENERATE_KWARGS = (
-    "visor_configuration", "visor_budget", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
-    "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
-)
-
-
-class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
+class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     _tp_plan = {"lm_head": "colwise_gather_output"}
 
@@ -880,7 +738,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         wants_counts = prefill and (visor_budget is not None or not self.training)
         counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds) if wants_counts else None
         if prefill and visor_budget is not None:
-            visor_configuration = self._budget_request(visor_budget, visor_configuration, counts)
+            visor_configuration = budget_request(self.config, visor_budget, visor_configuration, counts)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -921,82 +779,25 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             flops=flops,
         )
 
-    # -- FLOPs accounting and compute budget (see flops_visor.py) ---------------------------------------------------
-
-    last_visor_report: VisorFlopsReport | None = None
-    _visor_generation_cache = None
-
-    def _prompt_token_counts(
-        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor | None = None
-    ) -> tuple[list[int], list[int]] | None:
-        """Real text and visual tokens of each prompt (one host sync, at prefill only). Placeholders are found in
-        `input_ids`, or in `inputs_embeds` as LLaVA-OV finds them (the image/video token's own embedding); None
-        without either."""
-        if input_ids is not None:
-            visual = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-        elif inputs_embeds is not None:
-            placeholders = [self.config.image_token_id, self.config.video_token_id]
-            visual = embedded_token_mask(self.get_input_embeddings(), inputs_embeds, placeholders)
-        else:
-            return None
-        valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
-        counts = torch.stack([(valid & ~visual).sum(1), (valid & visual).sum(1)]).tolist()
-        return counts[0], counts[1]
-
-    def _budget_request(self, budget, request, counts) -> list[tuple[int, ...]]:
-        """The SA layers a compute budget picks for each sample: one tuple per sample, so that the result always reads
-        as a per-sample request (a plain list of indices would read as one layer set for the whole batch)."""
-        if request is not None and not (isinstance(request, str) and request == AUTO):
-            raise ValueError("pass either visor_configuration or visor_budget, not both")
-        if counts is None:
-            raise ValueError("visor_budget needs input_ids or inputs_embeds (to count the text and visual tokens of each sample)")
-        batch = len(counts[0])
-        if isinstance(budget, torch.Tensor):
-            budget = budget.tolist()
-        budgets = list(budget) if isinstance(budget, (list, tuple)) else [budget] * batch
-        if len(budgets) != batch:
-            raise ValueError(f"visor_budget has {len(budgets)} entries for a batch of {batch}")
-        return [
-            _resolve_one(self.config, select_by_budget(self.config, b, t, v), has_router=False)
-            for b, t, v in zip(budgets, *counts)
-        ]
-
     def _forward_flops(self, outputs, prefill, counts, kept_positions, logits_to_keep):
+        """`[B]` FLOPs of this forward for each sample (see `report_visor`); None in training or without counts."""
         cache = outputs.past_key_values
         state = cache.visor_state if isinstance(cache, VisorCache) else None
-        configurations = outputs.visor_configurations
-        if configurations is None or self.training:
+        if outputs.visor_configurations is None or self.training:
             return None
-        shape = FlopsShape.from_config(self.config)
-        cross = self.config.cross_attention_layers
-        if prefill:
-            if counts is None and state is not None:
-                visual = state.full_valid & state.full_visual
-                counts = tuple(torch.stack([state.text_valid.sum(1), visual.sum(1)]).tolist())
-            if counts is None:
+        if not prefill:
+            if state is None or not state.prompt_text:
                 return None
-            if state is not None:
-                state.prompt_text, state.prompt_visual = list(counts[0]), list(counts[1])
-                state.prompt_length = state.seq_length
-            flops = []
-            for layers, n_text, n_visual in zip(configurations, *counts):
-                # the LM head runs on the positions whose logits are kept (padding excluded)
-                head = n_text + n_visual
-                if not isinstance(logits_to_keep, int) or logits_to_keep > 0:
-                    head = min(head, kept_positions)
-                flops.append(prefill_flops(shape, n_text, n_visual, layers, cross, lm_head_tokens=head))
-            return torch.tensor(flops, dtype=torch.long)
-        if state is None or not state.prompt_text:
+            return decode_flops_per_sample(self.config, state, outputs.last_hidden_state.shape[1])
+        if counts is None and state is not None:
+            visual = state.full_valid & state.full_visual
+            counts = tuple(torch.stack([state.text_valid.sum(1), visual.sum(1)]).tolist())
+        if counts is None:
             return None
-        if not state.decode_base:
-            for layers, n_text, n_visual in zip(state.configurations, state.prompt_text, state.prompt_visual):
-                base = decode_flops(shape, n_text, n_visual, layers, cross)
-                state.decode_base.append(base)
-                state.decode_increment.append(decode_flops(shape, n_text + 1, n_visual, layers, cross) - base)
-        new = outputs.last_hidden_state.shape[1]
-        before = state.decode_steps - new
-        steps = sum(before + j for j in range(new))
-        return torch.tensor([new * b + steps * i for b, i in zip(state.decode_base, state.decode_increment)], dtype=torch.long)
+        if state is not None:
+            state.prompt_text, state.prompt_visual = list(counts[0]), list(counts[1])
+            state.prompt_length = state.seq_length
+        return prefill_flops_per_sample(self.config, outputs.visor_configurations, counts, kept_positions, logits_to_keep)
 
     def visor_flops(self, n_text: int, n_visual: int, visor_configuration="max", decode_context: int = 0) -> dict:
         """Analytical LLM FLOPs of one sample with `n_text` text and `n_visual` visual tokens.
@@ -1005,182 +806,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         the same for dense LLaVA-OV (`dense_prefill`, `dense_decode_step`). `visor_configuration`: index, layer list
         or `"max"`. The vision tower is apart: `flops_visor.vision_flops(model.config, num_crops)`.
         """
-        layers = _resolve_one(self.config, visor_configuration, has_router=False)
-        shape = FlopsShape.from_config(self.config)
-        cross = self.config.cross_attention_layers
-        context = n_text + decode_context
-        return {
-            "configuration": layers,
-            "prefill": prefill_flops(shape, n_text, n_visual, layers, cross),
-            "decode_step": decode_flops(shape, context, n_visual, layers, cross),
-            "dense_prefill": prefill_flops(shape, n_text, n_visual),
-            "dense_decode_step": decode_flops(shape, context, n_visual),
-        }
-
-    def generate(self, *args, **kwargs) -> torch.LongTensor | ModelOutput:
-        """`GenerationMixin.generate`, plus the per-sample VISOR report.
-
-        After the call, `model.last_visor_report` (and `output.visor_report` when `return_dict_in_generate=True`)
-        is a `VisorFlopsReport`: configuration and analytical FLOPs (prefill, every decoding step, dense reference)
-        of each returned sequence. None when generating without a cache.
-        """
-        self.last_visor_report = None
-        self._visor_generation_cache = None
-        prompt = next(
-            (p for p in (kwargs.get("input_ids"), kwargs.get("inputs"), args[0] if args else None, kwargs.get("inputs_embeds")) if p is not None),
-            None,
-        )
-        cache_in = kwargs.get("past_key_values")
-        continuing = isinstance(cache_in, VisorCache) and cache_in.visor_state is not None
-        if kwargs.get("visor_budget") is not None and not continuing and isinstance(prompt, torch.Tensor):
-            # decide once, on the prompt: without a cache every step re-runs the prefill on a longer text, whose
-            # budget could pick another configuration (or none) halfway through the answer
-            embeds = prompt.is_floating_point()
-            counts = self._prompt_token_counts(None if embeds else prompt, kwargs.get("attention_mask"), prompt if embeds else None)
-            kwargs["visor_configuration"] = self._budget_request(kwargs.pop("visor_budget"), kwargs.get("visor_configuration"), counts)
-        try:
-            output = super().generate(*args, **kwargs)
-            cache = self._visor_generation_cache
-        finally:
-            self._visor_generation_cache = None
-        sequences = output if isinstance(output, torch.Tensor) else output.sequences
-        report = self._generation_report(cache, prompt.shape[0] if prompt is not None else None, sequences.shape[0])
-        self.last_visor_report = report
-        if isinstance(output, ModelOutput):
-            output["visor_report"] = report
-            if report is not None:  # the names the forward output uses, for the returned sequences
-                output["visor_configurations"] = list(report.configurations)
-                output["configuration_index"] = torch.tensor(report.configuration_index, dtype=torch.long)
-        return output
-
-    def _expand_images_per_sample(self, expand_size, input_ids, model_kwargs) -> dict:
-        """Expand `pixel_values`/`image_sizes` sample by sample (all images of a sample, then again for each copy).
-
-        `generate` repeats every tensor row by row, which is right only with one image per sample: with several, the
-        copies of a sample would get the images in the wrong order. Images per sample come from `batch_num_images`
-        (when it has one entry per sample), else from the runs of image tokens in `input_ids`, else (adjacent images,
-        as LLaVA-OV's chat template puts them, form one run) by matching each sample's image tokens with the images'
-        feature lengths. Pops and returns the expanded tensors (empty: nothing to do).
-        """
-        pixel_values = model_kwargs.get("pixel_values")
-        if expand_size <= 1 or not isinstance(pixel_values, torch.Tensor):
-            return {}
-        embeds = model_kwargs.get("inputs_embeds")
-        if input_ids is not None and input_ids.shape[1] > 0:
-            image = input_ids == self.config.image_token_id
-        elif isinstance(embeds, torch.Tensor):  # placeholders found as LLaVA-OV finds them in embeddings
-            image = embedded_token_mask(self.get_input_embeddings(), embeds, [self.config.image_token_id])
-        else:
-            return {}
-        images, batch = pixel_values.shape[0], image.shape[0]
-        counts = model_kwargs.get("batch_num_images")
-        if counts is not None:
-            counts = torch.as_tensor(counts).flatten().tolist()
-        if counts is None or len(counts) != batch or sum(counts) != images:
-            starts = image & ~nn.functional.pad(image[:, :-1], (1, 0), value=False)
-            counts = starts.sum(1).tolist()  # once per generate call
-            if sum(counts) != images:
-                counts = self._images_per_sample(pixel_values, image.sum(1).tolist(), model_kwargs)
-        if all(c == 1 for c in counts):
-            return {}
-        first = [sum(counts[:i]) for i in range(len(counts))]
-        order = [first[i] + k for i, c in enumerate(counts) for _ in range(expand_size) for k in range(c)]
-        order = torch.tensor(order, device=pixel_values.device)
-        expanded = {"pixel_values": model_kwargs.pop("pixel_values").index_select(0, order)}
-        if isinstance(model_kwargs.get("image_sizes"), torch.Tensor):
-            sizes = model_kwargs.pop("image_sizes")
-            expanded["image_sizes"] = sizes.index_select(0, order.to(sizes.device))
-        return expanded
-
-    def _images_per_sample(self, pixel_values, image_tokens: list[int], model_kwargs) -> list[int]:
-        """Images of each sample, from the feature length of every image (one extra vision pass, only for
-        adjacent images without `batch_num_images`): images fill the samples' image tokens in order."""
-        options = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio", "batch_num_images")
-        with torch.no_grad():
-            features = self.model.get_image_features(
-                pixel_values, model_kwargs.get("image_sizes"), return_dict=True,
-                **{key: model_kwargs[key] for key in options if model_kwargs.get(key) is not None},
-            ).pooler_output
-        lengths = [f.shape[0] for f in features]
-        counts, next_image = [], 0
-        for tokens in image_tokens:
-            taken, first = 0, next_image
-            while taken < tokens and next_image < len(lengths):
-                taken += lengths[next_image]
-                next_image += 1
-            if taken != tokens:
-                raise ValueError(
-                    f"the images' features ({lengths} tokens each) do not fill the samples' image tokens "
-                    f"({image_tokens} per sample)"
-                )
-            counts.append(next_image - first)
-        if next_image != len(lengths):
-            raise ValueError(f"{len(lengths)} images were given for {next_image} images' worth of image tokens ({image_tokens} per sample)")
-        return counts
-
-    def _generation_report(self, cache, prompts: int | None, rows: int) -> VisorFlopsReport | None:
-        state = cache.visor_state if isinstance(cache, VisorCache) else None
-        if state is None or not state.prompt_text:
-            return None
-        held = len(state.configurations)
-        if held == rows or not prompts or held % prompts or rows % prompts:
-            index = list(range(min(held, rows)))
-        else:  # beam search: `held` beams per prompt, `rows` returned sequences per prompt
-            index = [(r // (rows // prompts)) * (held // prompts) for r in range(rows)]
-        shape = FlopsShape.from_config(self.config)
-        cross = self.config.cross_attention_layers
-        known = {tuple(c): i for i, c in enumerate(self.config.configurations)}
-        steps = state.decode_steps
-        report = VisorFlopsReport([], [], [], [], [], [], [], [])
-        for i in index:
-            layers, n_text, n_visual = state.configurations[i], state.prompt_text[i], state.prompt_visual[i]
-            report.configurations.append(tuple(layers))
-            report.configuration_index.append(known.get(tuple(layers), -1))
-            report.num_text_tokens.append(n_text)
-            report.num_visual_tokens.append(n_visual)
-            report.prefill_flops.append(prefill_flops(shape, n_text, n_visual, layers, cross))
-            report.dense_prefill_flops.append(prefill_flops(shape, n_text, n_visual))
-            report.decode_flops.append([decode_flops(shape, n_text + k, n_visual, layers, cross) for k in range(steps)])
-            report.dense_decode_flops.append([decode_flops(shape, n_text + k, n_visual) for k in range(steps)])
-        return report
-
-    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
-        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
-        if cache is not None and not isinstance(cache, VisorCache) and cache.get_seq_length() == 0:
-            model_kwargs["past_key_values"] = VisorCache(config=self.config.text_config)
-        # kept for the report that `generate` builds when it returns (dropped right after)
-        self._visor_generation_cache = model_kwargs.get("past_key_values")
-
-    def _get_candidate_generator(self, *args, **kwargs):
-        generator = super()._get_candidate_generator(*args, **kwargs)
-        assistant = kwargs.get("assistant_model")
-        assistant_kwargs = getattr(generator, "assistant_kwargs", None)
-        if assistant is not None and isinstance(assistant_kwargs, dict):
-            # the draft gets copies of the target's inputs: drop those it does not take (VISOR's configuration
-            # request; the images for a text-only draft, as LLaVA-OV's generate, which pre-encodes them, does)
-            accepted = set(inspect.signature(assistant.forward).parameters)
-            for key in _TARGET_ONLY_GENERATE_KWARGS:
-                if key not in accepted:
-                    assistant_kwargs.pop(key, None)
-        return generator
-
-    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        images = self._expand_images_per_sample(expand_size, input_ids, model_kwargs)
-        input_ids, model_kwargs = super()._expand_inputs_for_generation(
-            expand_size, is_encoder_decoder, input_ids, **model_kwargs
-        )
-        model_kwargs.update(images)
-        request = model_kwargs.get("visor_configuration")
-        if expand_size > 1 and isinstance(request, (list, tuple)) and any(
-            isinstance(v, (list, tuple, str, torch.Tensor)) for v in request
-        ):
-            # a per-sample request follows its sample into the beams / returned sequences
-            model_kwargs["visor_configuration"] = [v for v in request for _ in range(expand_size)]
-        budget = model_kwargs.get("visor_budget")
-        if expand_size > 1 and isinstance(budget, (list, tuple)):
-            model_kwargs["visor_budget"] = [b for b in budget for _ in range(expand_size)]
-        return input_ids, model_kwargs
+        return single_sample_flops(self.config, n_text, n_visual, visor_configuration, decode_context)
 
 
 __all__ = [
