@@ -91,6 +91,13 @@ class VisorState:
         self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
         self._map_host(lambda values: [v for v in values for _ in range(repeats)])
 
+    def append_text(self, new_valid: torch.Tensor) -> None:
+        """`new_valid` ([B, new]): which new (text) tokens are real; they extend both layouts."""
+        self.text_valid = torch.cat([self.text_valid, new_valid], dim=1)
+        self.full_valid = torch.cat([self.full_valid, new_valid], dim=1)
+        self.full_visual = torch.cat([self.full_visual, torch.zeros_like(new_valid)], dim=1)
+        self.seq_length += new_valid.shape[1]
+
     @property
     def decode_steps(self) -> int:
         """Tokens fed after the prompt (the logical length beyond the prefill)."""
@@ -139,6 +146,21 @@ class VisorCache(DynamicCache):
     """
 
     visor_state: VisorState | None = None
+
+    def append_text(self, attention_mask: torch.Tensor | None, new: int) -> None:
+        """Book `new` text tokens fed after the prefill (their slots are filled by the layers as they run).
+        `attention_mask` covers the whole sequence, as in transformers' generation; None: every new token is real."""
+        state = self.visor_state
+        if attention_mask is not None:
+            if attention_mask.shape[1] != state.seq_length + new:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens; the cache holds {state.seq_length} and "
+                    f"{new} are new: pass the mask of the whole sequence"
+                )
+            new_valid = attention_mask[:, -new:].bool()
+        else:
+            new_valid = torch.ones(state.text_valid.shape[0], new, dtype=torch.bool, device=state.text_valid.device)
+        state.append_text(new_valid)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if self.visor_state is not None:

@@ -12,7 +12,6 @@ active SA layers and for the output.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,6 @@ from transformers import AutoModel, PreTrainedConfig
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, slice_logits_to_keep
 from transformers.models.llava_onevision.modeling_llava_onevision import (
     LlavaOnevisionModel,
@@ -34,85 +32,11 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from .cache_visor import FULL, TEXT, VisorCache, VisorState
 from .configuration_visor import VisorConfig
 from .generation_visor import VisorGenerationMixin
+from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast, capture_attentions
+from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
 from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
 from .requests_visor import AUTO, ConfigurationRequest, resolve_configuration_request
-from .streams_visor import (
-    block_keys,
-    compact_indices,
-    embedded_token_mask,
-    gather_tokens,
-    merge_streams,
-    scatter_attention,
-    segment_ids,
-    to_attention_mask,
-)
-
-
-@dataclass
-class VisorModelOutputWithPast(ModelOutput):
-    """Output of [`VisorModel`].
-
-    last_hidden_state: final-normed hidden states in the original sequence order. Visual positions hold the visual
-        tokens' states after the last SA layer that updated them (equal to LLaVA-OV's only in the dense layout).
-    hidden_states (`output_hidden_states=True`): the embeddings and the output of every layer, `[B, T, d]` in the
-        original order (the last entry is `last_hidden_state`, as in transformers' language models).
-    attentions (`output_attentions=True`, eager attention; None entries otherwise): per layer `[B, heads, T, T]` in
-        the original order; a text-only layer has zeros in every visual row and column. Prefill only.
-    router_logits: `[num_routing_tokens, num_configurations]`, one row per routing token (when the router ran).
-    routing_token_batch_index: the sample each row of `router_logits` belongs to.
-    visor_configurations: the SA layers that ran for each sample.
-    configuration_index: index into `config.configurations` per sample (-1 for a layer set outside the list).
-    """
-
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
-    video_hidden_states: torch.Tensor | None = None
-    router_logits: torch.Tensor | None = None
-    routing_token_batch_index: torch.Tensor | None = None
-    visor_configurations: list[tuple[int, ...]] | None = None
-    configuration_index: torch.Tensor | None = None
-
-
-@dataclass
-class VisorCausalLMOutputWithPast(ModelOutput):
-    """Output of [`VisorForConditionalGeneration`]; fields as [`VisorModelOutputWithPast`] plus `loss` and `logits`.
-
-    logits: `[B, T, vocab]` like LLaVA-OV's. Text positions are VISOR's predictions; visual positions come from the
-        visual tokens' last states (meaningful only when the last layer is an active SA layer, as in the dense layout).
-    flops: `[B]` int64 (CPU): analytical LLM FLOPs of this forward for each sample as if it ran alone (prefill: the
-        prompt with its configuration and the LM head on the logits kept; decoding: this step). See `flops_visor`.
-        None in training mode.
-    """
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
-    video_hidden_states: torch.Tensor | None = None
-    router_logits: torch.Tensor | None = None
-    routing_token_batch_index: torch.Tensor | None = None
-    visor_configurations: list[tuple[int, ...]] | None = None
-    configuration_index: torch.Tensor | None = None
-    flops: torch.Tensor | None = None
-
-
-@contextmanager
-def capture_attentions(layers, enabled: bool):
-    """Collect the attention weights each decoder layer's `self_attn` returns while the block runs (eager only:
-    other implementations return None). The hooks are gone afterwards (not run again by a checkpointed backward)."""
-    captured: list = []
-    hooks = [layer.self_attn.register_forward_hook(lambda _m, _a, out: captured.append(out[1])) for layer in layers] if enabled else []
-    try:
-        yield captured
-    finally:
-        for hook in hooks:
-            hook.remove()
-
+from .streams_visor import compact_indices, embedded_token_mask, gather_tokens, segment_ids
 
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
@@ -239,6 +163,17 @@ class VisorRouter(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(self.norm(hidden_states))))
+
+
+@dataclass
+class RouterInputs:
+    """What the router step of a prefill reads (the routing tokens of the text stream) and what it returns."""
+
+    text_routing: torch.Tensor | None  # [B, N_text] slots holding the routing token (None: no router / no token id)
+    text_filled: torch.Tensor  # [B, N_text] slots holding a token (not the left fill of the compact stream)
+    always: bool  # score the routing tokens even when no sample asks the router (`output_router_logits`)
+    logits: torch.Tensor | None = None
+    batch_index: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -397,8 +332,31 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             raise ValueError("VISOR builds its own masks: pass a 2D attention_mask (batch, sequence) or None")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        capture = OutputCapture.start(self.config, output_hidden_states, kwargs.pop("output_attentions", None))
+        cache = self._cache_for(past_key_values, use_cache)
+        if cache is not None and cache.visor_state is not None:
+            if pixel_values is not None or pixel_values_videos is not None or mm_encoder_outputs:
+                raise ValueError("images must be given in the first forward (prefill); this cache already holds a prompt")
+            return self._decode(inputs_embeds, attention_mask, position_ids, cache, capture, kwargs)
+        vision_kwargs = {
+            "image": {
+                "vision_feature_layer": vision_feature_layer,
+                "vision_feature_select_strategy": vision_feature_select_strategy,
+                "batch_num_images": batch_num_images,
+            },
+            "video": {"vision_feature_layer": vision_feature_layer, "vision_feature_select_strategy": vision_feature_select_strategy},
+            "encoded": mm_encoder_outputs,
+        }
+        if vision_aspect_ratio is not None:
+            vision_kwargs["image"]["vision_aspect_ratio"] = vision_aspect_ratio
+        visual_inputs = (pixel_values, image_sizes, pixel_values_videos, vision_kwargs)
+        return self._prefill(
+            input_ids, inputs_embeds, visual_inputs, attention_mask, position_ids, cache, visor_configuration, capture,
+            output_router_logits, kwargs,
+        )
 
+    def _cache_for(self, past_key_values: Cache | None, use_cache: bool | None) -> VisorCache | None:
+        """The cache this forward fills (None without one): a filled `VisorCache` continues its generation."""
         if use_cache is None and past_key_values is not None:
             use_cache = True  # a cache passed in is used (and a filled one continues the generation)
         if use_cache is None:
@@ -414,189 +372,134 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             use_cache = True
         if use_cache and past_key_values is None:
             past_key_values = VisorCache(config=self.config.text_config)
-        cache = past_key_values if use_cache else None
-        state = cache.visor_state if cache is not None else None
+        return past_key_values if use_cache else None
 
-        if state is None:
-            vision_kwargs = {
-                "image": {
-                    "vision_feature_layer": vision_feature_layer,
-                    "vision_feature_select_strategy": vision_feature_select_strategy,
-                    "batch_num_images": batch_num_images,
-                },
-                "video": {
-                    "vision_feature_layer": vision_feature_layer,
-                    "vision_feature_select_strategy": vision_feature_select_strategy,
-                },
-            }
-            if vision_aspect_ratio is not None:
-                vision_kwargs["image"]["vision_aspect_ratio"] = vision_aspect_ratio
-            vision_kwargs["encoded"] = mm_encoder_outputs
-            return self._prefill(
-                input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs,
-                attention_mask, position_ids, cache, visor_configuration, output_hidden_states, output_router_logits,
-                kwargs,
-            )
-        if pixel_values is not None or pixel_values_videos is not None or mm_encoder_outputs:
-            raise ValueError("images must be given in the first forward (prefill); this cache already holds a prompt")
-        return self._decode(inputs_embeds, attention_mask, position_ids, cache, output_hidden_states, kwargs)
+    def _decoder_loop(self, plan, streams, cache, capture, router: RouterInputs | None, kwargs) -> None:
+        """Every LLM layer, as qwen2's loop: the plan says what runs; the CA block sits inside `run_layer`, the
+        router is the visible step after its layer."""
+        layers = self.language_model.layers[: len(plan.layouts)]
+        with capture_attentions(layers, capture.attentions is not None) as captured:
+            for layer_idx, decoder_layer in enumerate(layers):
+                block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
+                layout = run_layer(plan, layer_idx, streams, cache, decoder_layer, block, **kwargs)
+                capture.record(streams, layout, captured)
+                if router is not None and plan.wants_router(layer_idx, router.always):
+                    self._router_step(plan, streams, router)
+
+    def _router_step(self, plan: VisorLayerPlan, streams: VisorStreams, router: RouterInputs) -> None:
+        """Score the routing tokens; the samples that asked for "auto" get the configuration the router picks."""
+        router.logits, router.batch_index = self._router_logits(streams.text, router.text_routing, router.text_filled)
+        if plan.pending:
+            chosen = self._route(router.logits, router.batch_index, streams.text.shape[0])
+            plan.complete(chosen, self.config.configurations, tuple(self.config.default_layers()))
 
     def _prefill(
-        self, input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs,
-        attention_mask, position_ids, cache, visor_configuration, output_hidden_states, output_router_logits, kwargs,
+        self, input_ids, inputs_embeds, visual_inputs, attention_mask, position_ids, cache, visor_configuration,
+        capture, output_router_logits, kwargs,
     ) -> VisorModelOutputWithPast:
-        config = self.config
-        batch, length = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
         inputs_embeds, visual_mask, segments, image_features, video_features = self._embed_visual(
-            input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs
+            input_ids, inputs_embeds, *visual_inputs
         )
+        batch, length = inputs_embeds.shape[:2]
         if position_ids is None:
-            position_ids = torch.arange(length, device=device)[None]
+            position_ids = torch.arange(length, device=inputs_embeds.device)[None]
         position_ids = position_ids.expand(batch, -1)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual_mask)
-
-        text_index, text_filled = compact_indices(~visual_mask)
-        visual_index, visual_filled = compact_indices(visual_mask)
-        has_visual = visual_index.shape[1] > 0
-        text = gather_tokens(inputs_embeds, text_index)
-        visual = gather_tokens(inputs_embeds, visual_index)
-        text_valid = text_filled & gather_tokens(valid, text_index)
-        text_positions = gather_tokens(position_ids, text_index)
+        streams, state = self._prefill_streams(inputs_embeds, visual_mask, segments, position_ids, valid)
+        plan = self._prefill_plan(streams, state, visual_mask, attention_mask, position_ids, inputs_embeds, cache, visor_configuration)
         routing_mask = self._routing_mask(input_ids, inputs_embeds)
-        text_routing = gather_tokens(routing_mask, text_index) if routing_mask is not None else None
-        visual_segments = torch.where(visual_filled, gather_tokens(segments, visual_index), -1)
-
-        requests = resolve_configuration_request(config, visor_configuration, batch, self.router is not None)
-        num_layers = config.text_config.num_hidden_layers
-        router_layer = config.router_layer if self.router is not None else None
-        pending = [i for i, r in enumerate(requests) if r == AUTO]
-        if pending:
-            # until the router decides, an "auto" sample runs the SA layers that every configuration holds
-            provisional = tuple(sorted(set.intersection(*(set(c) for c in config.configurations))))
-            layer_sets = [provisional if r == AUTO else r for r in requests]
-        else:
-            layer_sets = list(requests)
-
-        text_rotary = self.language_model.rotary_emb(text, text_positions)
-        full_rotary = self.language_model.rotary_emb(inputs_embeds, position_ids) if has_visual else None
-        text_mask = create_causal_mask(
-            config=config.text_config, inputs_embeds=text, attention_mask=text_valid,
-            past_key_values=cache, position_ids=text_positions, layer_idx=0,
+        router = RouterInputs(
+            gather_tokens(routing_mask, streams.text_index) if routing_mask is not None else None,
+            streams.text_filled, bool(output_router_logits),
         )
-        full_masks = {}  # causal masks of the full sequence, built on first use (materialized or not)
-
-        def full_mask(materialize: bool):
-            if materialize not in full_masks:
-                # built lazily, when earlier layers may already have filled the cache: size it on the prompt alone
-                # (the cache is empty at prefill), not on what the cache holds by then
-                full_masks[materialize] = create_causal_mask(
-                    config=config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                    past_key_values=None, position_ids=position_ids, layer_idx=0, allow_is_causal_skip=not materialize,
-                )
-            return full_masks[materialize]
-
-        cross_mask = has_key = None
-        if has_visual and config.cross_attention_layers:
-            # text token i sees visual token j only if j comes before i in the original sequence
-            allowed = visual_filled[:, None, :] & (visual_index[:, None, :] < text_index[:, :, None])
-            has_key = allowed.any(-1, keepdim=True)
-            cross_mask = to_attention_mask(allowed | ~has_key, config.text_config._attn_implementation, text.dtype)
-            has_key = has_key.to(text.dtype)
-
-        state = VisorState(
-            active=torch.zeros(batch, num_layers, dtype=torch.bool, device=device),
-            layouts=[TEXT] * num_layers,
-            text_valid=text_valid,
-            full_valid=valid,
-            full_visual=visual_mask,
-            visual_valid=visual_filled,
-            configurations=[],
-            configuration_index=torch.full((batch,), -1, dtype=torch.long, device=device),
-            seq_length=length,
-        )
-        router_logits = routing_batch_index = None
-        hidden_states_out = () if output_hidden_states else None
-        if output_hidden_states:
-            hidden_states_out += (inputs_embeds,)
-        output_attentions = kwargs.pop("output_attentions", None)
-        if output_attentions is None:
-            output_attentions = getattr(config, "output_attentions", False)
-
-        attentions_out = () if output_attentions else None
-        with capture_attentions(self.language_model.layers[:num_layers], output_attentions) as captured:
-            for layer_idx, decoder_layer in enumerate(self.language_model.layers[:num_layers]):
-                block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
-                if block is not None and cross_mask is not None:
-                    key_states, value_states = block.visual_key_values(visual, visual_segments)
-                    state.cross_kv[layer_idx] = (key_states, value_states)
-                    text = block(text, key_states, value_states, cross_mask, has_key)
-
-                runs = [layer_idx in layers for layers in layer_sets]
-                if has_visual and any(runs):
-                    state.layouts[layer_idx] = FULL
-                    merged = merge_streams(text, text_index, visual, visual_index, length)
-                    if all(runs):
-                        mask = full_mask(materialize=False)
-                    else:
-                        inactive = torch.tensor([not r for r in runs], device=device)
-                        mask = block_keys(full_mask(materialize=True), visual_mask & inactive[:, None])
-                    merged = decoder_layer(
-                        merged, attention_mask=mask, position_embeddings=full_rotary, position_ids=position_ids,
-                        past_key_values=cache, use_cache=cache is not None, **kwargs,
-                    )
-                    text = gather_tokens(merged, text_index)
-                    updated = gather_tokens(merged, visual_index)
-                    if all(runs):
-                        visual = updated
-                    else:
-                        visual = torch.where(~inactive[:, None, None], updated, visual)
-                else:
-                    text = decoder_layer(
-                        text, attention_mask=text_mask, position_embeddings=text_rotary, position_ids=text_positions,
-                        past_key_values=cache, use_cache=cache is not None, **kwargs,
-                    )
-                if output_hidden_states:
-                    hidden_states_out += (merge_streams(text, text_index, visual, visual_index, length),)
-                if output_attentions:
-                    weights = captured.pop() if captured else None
-                    if weights is not None and state.layouts[layer_idx] == TEXT:
-                        weights = scatter_attention(weights, text_index, length)
-                    attentions_out += (weights,)
-
-                if layer_idx == router_layer and (pending or output_router_logits):
-                    router_logits, routing_batch_index = self._router_logits(text, text_routing, text_filled)
-                    if pending:
-                        chosen = self._route(router_logits, routing_batch_index, batch)
-                        fallback = tuple(config.default_layers())
-                        for i in pending:
-                            layer_sets[i] = tuple(config.configurations[chosen[i]]) if chosen[i] >= 0 else fallback
-                        pending = []
-
-        if pending:  # the router never ran (no router layer reached): fall back to the default configuration
-            for i in pending:
-                layer_sets[i] = tuple(config.default_layers())
-        self._record_configurations(state, layer_sets)
-        hidden = merge_streams(text, text_index, visual, visual_index, length) if has_visual else text
-        if not has_visual and text.shape[1] != length:
-            hidden = merge_streams(text, text_index, visual, visual_index, length)
-        hidden = self.language_model.norm(hidden)
-        if output_hidden_states:
-            # as transformers' language models: the last entry is the final-normed output (`last_hidden_state`)
-            hidden_states_out = hidden_states_out[:-1] + (hidden,)
+        capture.record_input(streams)
+        self._decoder_loop(plan, streams, cache, capture, router, kwargs)
+        if plan.pending:  # the router never ran (no router layer reached): fall back to the default configuration
+            plan.complete([-1] * batch, self.config.configurations, tuple(self.config.default_layers()))
+        self._record_configurations(state, plan.layer_sets)
+        hidden = self.language_model.norm(streams.merged())
         if cache is not None:
             cache.visor_state = state
         return VisorModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=cache,
-            hidden_states=hidden_states_out,
-            attentions=attentions_out,
+            hidden_states=capture.hidden_states_with(hidden),
+            attentions=capture.attentions,
             image_hidden_states=image_features,
             video_hidden_states=video_features,
-            router_logits=router_logits,
-            routing_token_batch_index=routing_batch_index,
+            router_logits=router.logits,
+            routing_token_batch_index=router.batch_index,
             visor_configurations=state.configurations,
             configuration_index=state.configuration_index,
+        )
+
+    def _prefill_streams(self, inputs_embeds, visual_mask, segments, position_ids, valid) -> tuple[VisorStreams, VisorState]:
+        """Split the prompt into the text and the visual stream; the state the cache will carry to decoding."""
+        batch, length = inputs_embeds.shape[:2]
+        text_index, text_filled = compact_indices(~visual_mask)
+        visual_index, visual_filled = compact_indices(visual_mask)
+        text = gather_tokens(inputs_embeds, text_index)
+        text_positions = gather_tokens(position_ids, text_index)
+        has_visual = visual_index.shape[1] > 0
+        streams = VisorStreams(
+            text=text,
+            text_positions=text_positions,
+            text_rotary=self.language_model.rotary_emb(text, text_positions),
+            full_positions=position_ids,
+            full_rotary=self.language_model.rotary_emb(inputs_embeds, position_ids) if has_visual else None,
+            length=length,
+            visual=gather_tokens(inputs_embeds, visual_index),
+            text_index=text_index,
+            visual_index=visual_index,
+            visual_segments=torch.where(visual_filled, gather_tokens(segments, visual_index), -1),
+            text_filled=text_filled,
+        )
+        num_layers = self.config.text_config.num_hidden_layers
+        state = VisorState(
+            active=torch.zeros(batch, num_layers, dtype=torch.bool, device=inputs_embeds.device),
+            layouts=[TEXT] * num_layers,
+            text_valid=text_filled & gather_tokens(valid, text_index),
+            full_valid=valid,
+            full_visual=visual_mask,
+            visual_valid=visual_filled,
+            configurations=[],
+            configuration_index=torch.full((batch,), -1, dtype=torch.long, device=inputs_embeds.device),
+            seq_length=length,
+        )
+        return streams, state
+
+    def _prefill_plan(self, streams, state, visual_mask, attention_mask, position_ids, inputs_embeds, cache, request) -> VisorLayerPlan:
+        """The layer plan of a prompt: the requested configurations (router-completed later) and the masks."""
+        config = self.config
+        requests = resolve_configuration_request(config, request, streams.text.shape[0], self.router is not None)
+        pending = [i for i, r in enumerate(requests) if r == AUTO]
+        # until the router decides, an "auto" sample runs the SA layers that every configuration holds
+        provisional = tuple(sorted(set.intersection(*(set(c) for c in config.configurations)))) if pending else ()
+        text_mask = create_causal_mask(
+            config=config.text_config, inputs_embeds=streams.text, attention_mask=state.text_valid,
+            past_key_values=cache, position_ids=streams.text_positions, layer_idx=0,
+        )
+
+        def mask_factory(layout: str, materialize: bool):
+            if layout == TEXT:
+                return text_mask
+            # built lazily, when earlier layers may already have filled the cache: size it on the prompt alone
+            # (the cache is empty at prefill), not on what the cache holds by then
+            return create_causal_mask(
+                config=config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                past_key_values=None, position_ids=position_ids, layer_idx=0, allow_is_causal_skip=not materialize,
+            )
+
+        has_visual = streams.visual.shape[1] > 0
+        cross = None
+        if has_visual and config.cross_attention_layers:
+            # text token i sees visual token j only if j comes before i in the original sequence
+            allowed = state.visual_valid[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
+            cross = CrossAttentionInputs.from_allowed(allowed, config.text_config._attn_implementation, streams.text.dtype)
+        return VisorLayerPlan(
+            layer_sets=[provisional if r == AUTO else r for r in requests], layouts=state.layouts,
+            mask_factory=mask_factory, visual_keys=visual_mask, has_visual=has_visual, prefill=True, pending=pending,
+            router_layer=config.router_layer if self.router is not None else None, cross=cross, cross_kv=state.cross_kv,
         )
 
     def _record_configurations(self, state: VisorState, layer_sets) -> None:
@@ -607,71 +510,43 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         state.active = torch.tensor(rows, dtype=torch.bool, device=device).reshape(state.active.shape)
         state.configuration_index = torch.tensor([known.get(tuple(s), -1) for s in layer_sets], device=device)
 
-    def _decode(self, inputs_embeds, attention_mask, position_ids, cache, output_hidden_states, kwargs):
+    def _decode(self, inputs_embeds, attention_mask, position_ids, cache, capture, kwargs):
         """A step after prefill: every new token is text, whatever its id."""
         state = cache.visor_state
         batch, new = inputs_embeds.shape[:2]
-        device = inputs_embeds.device
         if position_ids is None:
-            position_ids = torch.arange(state.seq_length, state.seq_length + new, device=device)[None]
+            position_ids = torch.arange(state.seq_length, state.seq_length + new, device=inputs_embeds.device)[None]
         position_ids = position_ids.expand(batch, -1)
-        if attention_mask is not None:
-            if attention_mask.shape[1] != state.seq_length + new:
-                raise ValueError(
-                    f"attention_mask covers {attention_mask.shape[1]} tokens; the cache holds {state.seq_length} and "
-                    f"{new} are new: pass the mask of the whole sequence"
-                )
-            new_valid = attention_mask[:, -new:].bool()
-        else:
-            new_valid = torch.ones(batch, new, dtype=torch.bool, device=device)
-        state.text_valid = torch.cat([state.text_valid, new_valid], dim=1)
-        state.full_valid = torch.cat([state.full_valid, new_valid], dim=1)
-        state.full_visual = torch.cat([state.full_visual, torch.zeros_like(new_valid)], dim=1)
-        state.seq_length += new
+        cache.append_text(attention_mask, new)
+        rotary = self.language_model.rotary_emb(inputs_embeds, position_ids)
+        streams = VisorStreams(inputs_embeds, position_ids, rotary, position_ids, rotary, new)
 
-        text = inputs_embeds
-        rotary = self.language_model.rotary_emb(text, position_ids)
-        layouts = state.layouts
-        masks = {}
-        for layout in set(layouts):
-            layer = layouts.index(layout)
-            masks[layout] = create_causal_mask(
-                config=self.config.text_config, inputs_embeds=text,
+        def mask_factory(layout: str, materialize: bool):
+            return create_causal_mask(
+                config=self.config.text_config, inputs_embeds=inputs_embeds,
                 attention_mask=state.full_valid if layout == FULL else state.text_valid,
-                past_key_values=cache, position_ids=position_ids, layer_idx=layer,
+                past_key_values=cache, position_ids=position_ids, layer_idx=state.layouts.index(layout),
                 # no SDPA "is causal" shortcut: checking whether it applies costs a host sync at every step
                 allow_is_causal_skip=False,
             )
-        cross_mask = has_key = None
+
+        cross = None
         if state.cross_kv:
             allowed = state.visual_valid[:, None, :].expand(-1, new, -1)
-            has_key = allowed.any(-1, keepdim=True)
-            cross_mask = to_attention_mask(allowed | ~has_key, self.config.text_config._attn_implementation, text.dtype)
-            has_key = has_key.to(text.dtype)
-        hidden_states_out = (text,) if output_hidden_states else None
-
-        for layer_idx, decoder_layer in enumerate(self.language_model.layers[: len(layouts)]):
-            if layer_idx in state.cross_kv:
-                key_states, value_states = state.cross_kv[layer_idx]
-                text = self.cross_attention_blocks[str(layer_idx)](text, key_states, value_states, cross_mask, has_key)
-            mask = masks[layouts[layer_idx]]
-            if layouts[layer_idx] == FULL:
-                # samples for which this layer is off must not see the visual keys it cached
-                mask = block_keys(mask, state.full_visual & ~state.active[:, layer_idx : layer_idx + 1])
-            text = decoder_layer(
-                text, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids,
-                past_key_values=cache, use_cache=True, **kwargs,
-            )
-            if output_hidden_states:
-                hidden_states_out += (text,)
-        hidden = self.language_model.norm(text)
-        if output_hidden_states:
-            # as at prefill and in transformers' language models: the last entry is `last_hidden_state`
-            hidden_states_out = hidden_states_out[:-1] + (hidden,)
+            cross = CrossAttentionInputs.from_allowed(allowed, self.config.text_config._attn_implementation, inputs_embeds.dtype)
+        plan = VisorLayerPlan(
+            layer_sets=state.configurations, layouts=state.layouts, mask_factory=mask_factory,
+            visual_keys=state.full_visual, has_visual=bool(state.cross_kv), prefill=False, active=state.active,
+            cross=cross, cross_kv=state.cross_kv,
+        )
+        capture.record_input(streams)
+        self._decoder_loop(plan, streams, cache, capture, None, kwargs)
+        hidden = self.language_model.norm(streams.text)
         return VisorModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=cache,
-            hidden_states=hidden_states_out,
+            hidden_states=capture.hidden_states_with(hidden),
+            attentions=capture.attentions,
             visor_configurations=state.configurations,
             configuration_index=state.configuration_index,
         )

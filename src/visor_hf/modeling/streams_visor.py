@@ -45,24 +45,6 @@ def merge_streams(text: torch.Tensor, text_index: torch.Tensor, visual: torch.Te
     return merged[:, :length]
 
 
-def to_attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean `[B, Q, K]` (True = attend) to the 4D mask the attention implementation takes."""
-    allowed = allowed[:, None]
-    if implementation == "eager":
-        return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
-    return allowed
-
-
-def block_keys(mask: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-    """Forbid the keys `blocked` ([B, K]) in a 4D mask from `create_causal_mask` (bool or additive float)."""
-    blocked = blocked[:, None, None, :]
-    if mask.dtype == torch.bool:
-        mask = mask & ~blocked
-        # a row that sees nothing would give NaN in some SDPA kernels; its output is discarded anyway
-        return mask | ~mask.any(-1, keepdim=True)
-    return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
-
-
 def embedded_token_mask(embeddings: nn.Module, inputs_embeds: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
     """`[B, T]` positions of `inputs_embeds` that hold the embedding of one of `token_ids`: how LLaVA-OV finds image
     placeholders when it is given embeddings instead of ids."""

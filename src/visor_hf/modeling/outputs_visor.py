@@ -1,0 +1,118 @@
+"""Outputs of the VISOR models, and how a forward collects the hidden states and attention weights it returns."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import ModelOutput
+
+from .cache_visor import TEXT
+from .streams_visor import scatter_attention
+
+
+@dataclass
+class VisorModelOutputWithPast(ModelOutput):
+    """Output of [`VisorModel`].
+
+    last_hidden_state: final-normed hidden states in the original sequence order. Visual positions hold the visual
+        tokens' states after the last SA layer that updated them (equal to LLaVA-OV's only in the dense layout).
+    hidden_states (`output_hidden_states=True`): the embeddings and the output of every layer, `[B, T, d]` in the
+        original order (the last entry is `last_hidden_state`, as in transformers' language models).
+    attentions (`output_attentions=True`, eager attention; None entries otherwise): per layer `[B, heads, T, T]` in
+        the original order; a text-only layer has zeros in every visual row and column. Prefill only.
+    router_logits: `[num_routing_tokens, num_configurations]`, one row per routing token (when the router ran).
+    routing_token_batch_index: the sample each row of `router_logits` belongs to.
+    visor_configurations: the SA layers that ran for each sample.
+    configuration_index: index into `config.configurations` per sample (-1 for a layer set outside the list).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    video_hidden_states: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    routing_token_batch_index: torch.Tensor | None = None
+    visor_configurations: list[tuple[int, ...]] | None = None
+    configuration_index: torch.Tensor | None = None
+
+
+@dataclass
+class VisorCausalLMOutputWithPast(ModelOutput):
+    """Output of [`VisorForConditionalGeneration`]; fields as [`VisorModelOutputWithPast`] plus `loss` and `logits`.
+
+    logits: `[B, T, vocab]` like LLaVA-OV's. Text positions are VISOR's predictions; visual positions come from the
+        visual tokens' last states (meaningful only when the last layer is an active SA layer, as in the dense layout).
+    flops: `[B]` int64 (CPU): analytical LLM FLOPs of this forward for each sample as if it ran alone (prefill: the
+        prompt with its configuration and the LM head on the logits kept; decoding: this step). See `flops_visor`.
+        None in training mode.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+    image_hidden_states: torch.Tensor | None = None
+    video_hidden_states: torch.Tensor | None = None
+    router_logits: torch.Tensor | None = None
+    routing_token_batch_index: torch.Tensor | None = None
+    visor_configurations: list[tuple[int, ...]] | None = None
+    configuration_index: torch.Tensor | None = None
+    flops: torch.Tensor | None = None
+
+
+@contextmanager
+def capture_attentions(layers, enabled: bool):
+    """Collect the attention weights each decoder layer's `self_attn` returns while the block runs (eager only:
+    other implementations return None). The hooks are gone afterwards (not run again by a checkpointed backward)."""
+    captured: list = []
+    hooks = [layer.self_attn.register_forward_hook(lambda _m, _a, out: captured.append(out[1])) for layer in layers] if enabled else []
+    try:
+        yield captured
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@dataclass
+class OutputCapture:
+    """The hidden states and attention weights a forward returns, collected layer by layer (None: not asked)."""
+
+    hidden_states: tuple[torch.Tensor, ...] | None
+    attentions: tuple[torch.Tensor | None, ...] | None
+
+    @classmethod
+    def start(cls, config, output_hidden_states: bool | None, output_attentions: bool | None) -> OutputCapture:
+        if output_hidden_states is None:
+            output_hidden_states = config.output_hidden_states
+        if output_attentions is None:
+            output_attentions = getattr(config, "output_attentions", False)
+        return cls(() if output_hidden_states else None, () if output_attentions else None)
+
+    def record_input(self, streams) -> None:
+        if self.hidden_states is not None:
+            self.hidden_states += (streams.merged(),)
+
+    def record(self, streams, layout: str, captured: list) -> None:
+        """After a layer: its output in the original order, and the attention weights its `self_attn` returned."""
+        if self.hidden_states is not None:
+            self.hidden_states += (streams.merged(),)
+        if self.attentions is not None:
+            weights = captured.pop() if captured else None
+            if weights is not None and layout == TEXT and streams.text_index is not None:
+                weights = scatter_attention(weights, streams.text_index, streams.length)
+            self.attentions += (weights,)
+
+    def hidden_states_with(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """As transformers' language models: the last entry is the final-normed output (`last_hidden_state`)."""
+        if self.hidden_states is None:
+            return None
+        return self.hidden_states[:-1] + (last_hidden_state,)
+
+
+__all__ = ["OutputCapture", "VisorCausalLMOutputWithPast", "VisorModelOutputWithPast", "capture_attentions"]
