@@ -480,14 +480,14 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             past_key_values=cache, position_ids=streams.text_positions, layer_idx=0,
         )
 
-        def mask_factory(layout: str, materialize: bool):
+        def mask_factory(layout: str, _layer_idx: int, and_mask_function):
             if layout == TEXT:
                 return text_mask
             # built lazily, when earlier layers may already have filled the cache: size it on the prompt alone
             # (the cache is empty at prefill), not on what the cache holds by then
             return create_causal_mask(
                 config=config.text_config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                past_key_values=None, position_ids=position_ids, layer_idx=0, allow_is_causal_skip=not materialize,
+                past_key_values=None, position_ids=position_ids, layer_idx=0, and_mask_function=and_mask_function,
             )
 
         has_visual = streams.visual.shape[1] > 0
@@ -521,11 +521,12 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         rotary = self.language_model.rotary_emb(inputs_embeds, position_ids)
         streams = VisorStreams(inputs_embeds, position_ids, rotary, position_ids, rotary, new)
 
-        def mask_factory(layout: str, materialize: bool):
+        def mask_factory(layout: str, layer_idx: int, and_mask_function):
             return create_causal_mask(
                 config=self.config.text_config, inputs_embeds=inputs_embeds,
                 attention_mask=state.full_valid if layout == FULL else state.text_valid,
-                past_key_values=cache, position_ids=position_ids, layer_idx=state.layouts.index(layout),
+                past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx,
+                and_mask_function=and_mask_function,
                 # no SDPA "is causal" shortcut: checking whether it applies costs a host sync at every step
                 allow_is_causal_skip=False,
             )

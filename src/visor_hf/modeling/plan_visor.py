@@ -35,14 +35,14 @@ def to_attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.d
     return allowed
 
 
-def block_keys(mask: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
-    """Forbid the keys `blocked` ([B, K]) in a 4D mask from `create_causal_mask` (bool or additive float)."""
-    blocked = blocked[:, None, None, :]
-    if mask.dtype == torch.bool:
-        mask = mask & ~blocked
-        # a row that sees nothing would give NaN in some SDPA kernels; its output is discarded anyway
-        return mask | ~mask.any(-1, keepdim=True)
-    return mask.masked_fill(blocked, torch.finfo(mask.dtype).min)
+def hide_keys(hidden: torch.Tensor) -> Callable:
+    """A mask function for `create_causal_mask(and_mask_function=...)`: no query sees the keys `hidden` ([B, K],
+    True = hidden), so the mask is built with the constraint instead of edited afterwards."""
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return ~hidden[batch_idx, kv_idx]
+
+    return inner
 
 
 @dataclass
@@ -104,7 +104,9 @@ class VisorLayerPlan:
     layer_sets: the SA layers of each sample (provisional for `pending` samples until the router has run).
     layouts: per layer, `"full"` or `"text"` (the cache slot's layout). At prefill it is decided layer by layer as
         the loop reaches it (the router may still change later layers); while decoding it is the cache's.
-    masks: self-attention masks keyed by layout (`"full"` / `"text"`), built on first use by `mask_factory`.
+    masks: self-attention masks keyed by layout (`"full"` / `"text"`), and for full layers that some samples skip by
+        which samples run them (prefill) or by layer (decoding); built on first use by `mask_factory(layout,
+        layer_idx, and_mask_function)`.
     visual_keys: `[B, K]` the keys of the full sequence that are visual tokens (blocked for samples whose
         configuration does not hold the layer).
     active: `[B, L]` device copy of `layer_sets` (decoding: which samples run each full layer; no host sync).
@@ -114,7 +116,7 @@ class VisorLayerPlan:
 
     layer_sets: list[tuple[int, ...]]
     layouts: list[str]
-    mask_factory: Callable[[str, bool], torch.Tensor | None]
+    mask_factory: Callable[[str, int, Callable | None], torch.Tensor | None]
     visual_keys: torch.Tensor | None
     has_visual: bool
     prefill: bool
@@ -134,10 +136,12 @@ class VisorLayerPlan:
             self.layouts[layer_idx] = FULL if self.has_visual and any(self.runs(layer_idx)) else TEXT
         return self.layouts[layer_idx]
 
-    def mask(self, layout: str, materialize: bool = False) -> torch.Tensor | None:
-        if (layout, materialize) not in self.masks:
-            self.masks[layout, materialize] = self.mask_factory(layout, materialize)
-        return self.masks[layout, materialize]
+    def mask(self, key, layer_idx: int, layout: str, and_mask_function: Callable | None = None) -> torch.Tensor | None:
+        """The mask stored under `key`, built on first use, when `layer_idx` (a layer of that layout) is about to run
+        (so that a mask sized on the cache sees the slot before this step's tokens)."""
+        if key not in self.masks:
+            self.masks[key] = self.mask_factory(layout, layer_idx, and_mask_function)
+        return self.masks[key]
 
     def keeps_visual(self, layer_idx: int) -> torch.Tensor | None:
         """`[B]` samples for which a full layer is off (they keep their visual states), None when it runs for all.
@@ -148,17 +152,18 @@ class VisorLayerPlan:
         return None if all(runs) else torch.tensor([not r for r in runs], device=self.visual_keys.device)
 
     def attention_mask(self, layer_idx: int, layout: str) -> torch.Tensor | None:
-        """The self-attention mask of a layer: its layout's, with the visual keys blocked for the samples whose
+        """The self-attention mask of a layer: its layout's, with the visual keys hidden from the samples whose
         configuration does not hold the layer."""
         if layout == TEXT:
-            return self.mask(TEXT)
+            return self.mask(TEXT, layer_idx, TEXT)
         if self.prefill:
-            off = self.keeps_visual(layer_idx)
-            if off is None:
-                return self.mask(FULL)
-            return block_keys(self.mask(FULL, materialize=True), self.visual_keys & off[:, None])
-        # decoding: the device copy of the configurations, no host sync per step
-        return block_keys(self.mask(FULL), self.visual_keys & ~self.active[:, layer_idx : layer_idx + 1])
+            runs = self.runs(layer_idx)
+            if all(runs):
+                return self.mask(FULL, layer_idx, FULL)
+            off = torch.tensor([not r for r in runs], device=self.visual_keys.device)
+            return self.mask((FULL, tuple(runs)), layer_idx, FULL, hide_keys(self.visual_keys & off[:, None]))
+        # decoding: the device copy of the configurations (the cache reorders it with the beams), no host sync
+        return self.mask((FULL, layer_idx), layer_idx, FULL, hide_keys(self.visual_keys & ~self.active[:, layer_idx : layer_idx + 1]))
 
     def complete(self, chosen: list[int], configurations, fallback: tuple[int, ...]) -> None:
         """The router's choice (configuration index per sample, -1: none) for the samples still pending."""
@@ -207,4 +212,4 @@ def run_layer(
     return layout
 
 
-__all__ = ["CrossAttentionInputs", "VisorLayerPlan", "VisorStreams", "block_keys", "run_layer", "to_attention_mask"]
+__all__ = ["CrossAttentionInputs", "VisorLayerPlan", "VisorStreams", "hide_keys", "run_layer", "to_attention_mask"]
