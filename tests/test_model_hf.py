@@ -198,6 +198,30 @@ def test_loss_hidden_states_and_attentions_as_llava(llava, dense):
         torch.testing.assert_close(got.masked_fill(~rows, 0), want.masked_fill(~rows, 0), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("selection", [[0, 2, -1], [-2], 1, [7, -9, 3]])
+def test_output_hidden_states_as_indices_returns_only_those(visor, selection):
+    """transformers' convention: `output_hidden_states` given as indices into the tuple of all hidden states returns
+    only those (negative ones from the end, out-of-range ones dropped), equal to the same entries of the full tuple;
+    prefill and a cached decoding step alike."""
+    batch = build_batch(visor, [ONE_IMAGE, TEXT_ONLY])
+    count = visor.config.text_config.num_hidden_layers + 1
+    indices = [selection] if isinstance(selection, int) else selection
+    wanted = sorted({i % count for i in indices if -count <= i < count})
+    with torch.no_grad():
+        full = visor(**batch, visor_configuration=[[0], "max"], output_hidden_states=True)
+        some = visor(**batch, visor_configuration=[[0], "max"], output_hidden_states=selection)
+        token = full.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
+        steps = [
+            visor(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, output_hidden_states=flag)
+            for out, flag in ((full, True), (some, selection))
+        ]
+    for got_all, want_all in ((some.hidden_states, full.hidden_states), (steps[1].hidden_states, steps[0].hidden_states)):
+        assert len(got_all) == len(wanted)
+        for got, index in zip(got_all, wanted):
+            torch.testing.assert_close(got, want_all[index], atol=0, rtol=0)
+
+
 def test_sparse_attentions_are_laid_out_in_the_original_order(llava):
     visor = visor_from_llava(llava, cross_attention_layers=[1], self_attention_layers=[0, 2], configurations=[[0]])
     batch = build_batch(llava, [ONE_IMAGE])

@@ -79,29 +79,50 @@ def capture_attentions(layers, enabled: bool):
             hook.remove()
 
 
+def selected_layers(output_hidden_states, num_hidden_states: int) -> set[int] | None:
+    """The hidden states `output_hidden_states` selects (transformers' convention: a flag, or an index / a list of
+    indices into the tuple of all hidden states, negative ones counted from the end, out-of-range ones dropped);
+    None: all of them."""
+    if output_hidden_states is None or isinstance(output_hidden_states, bool):
+        return None
+    indices = [output_hidden_states] if isinstance(output_hidden_states, int) else list(output_hidden_states)
+    return {i % num_hidden_states for i in indices if -num_hidden_states <= i < num_hidden_states}
+
+
 @dataclass
 class OutputCapture:
-    """The hidden states and attention weights a forward returns, collected layer by layer (None: not asked)."""
+    """The hidden states and attention weights a forward returns, collected layer by layer (None: not asked).
+
+    `output_hidden_states` given as indices keeps only those hidden states (the embeddings are index 0, the output
+    of layer i is index i + 1, the last one is `last_hidden_state`).
+    """
 
     hidden_states: tuple[torch.Tensor, ...] | None
     attentions: tuple[torch.Tensor | None, ...] | None
+    selected: set[int] | None = None
+    recorded: int = 0  # hidden states seen so far (kept or not)
 
     @classmethod
-    def start(cls, config, output_hidden_states: bool | None, output_attentions: bool | None) -> OutputCapture:
+    def start(cls, config, output_hidden_states, output_attentions: bool | None) -> OutputCapture:
         if output_hidden_states is None:
             output_hidden_states = config.output_hidden_states
         if output_attentions is None:
             output_attentions = getattr(config, "output_attentions", False)
-        return cls(() if output_hidden_states else None, () if output_attentions else None)
+        selected = selected_layers(output_hidden_states, config.text_config.num_hidden_layers + 1)
+        wanted = selected is None and bool(output_hidden_states) or bool(selected)
+        return cls(() if wanted else None, () if output_attentions else None, selected)
+
+    def _keep(self, streams) -> None:
+        if self.hidden_states is not None and (self.selected is None or self.recorded in self.selected):
+            self.hidden_states += (streams.merged(),)
+        self.recorded += 1
 
     def record_input(self, streams) -> None:
-        if self.hidden_states is not None:
-            self.hidden_states += (streams.merged(),)
+        self._keep(streams)
 
     def record(self, streams, layout: str, captured: list) -> None:
         """After a layer: its output in the original order, and the attention weights its `self_attn` returned."""
-        if self.hidden_states is not None:
-            self.hidden_states += (streams.merged(),)
+        self._keep(streams)
         if self.attentions is not None:
             weights = captured.pop() if captured else None
             if weights is not None and layout == TEXT and streams.text_index is not None:
@@ -109,10 +130,10 @@ class OutputCapture:
             self.attentions += (weights,)
 
     def hidden_states_with(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """As transformers' language models: the last entry is the final-normed output (`last_hidden_state`)."""
-        if self.hidden_states is None:
-            return None
+        """As transformers' language models: the last hidden state is the final-normed output (`last_hidden_state`)."""
+        if self.hidden_states is None or (self.selected is not None and self.recorded - 1 not in self.selected):
+            return self.hidden_states
         return self.hidden_states[:-1] + (last_hidden_state,)
 
 
-__all__ = ["OutputCapture", "VisorCausalLMOutputWithPast", "VisorModelOutputWithPast", "capture_attentions"]
+__all__ = ["OutputCapture", "selected_layers", "VisorCausalLMOutputWithPast", "VisorModelOutputWithPast", "capture_attentions"]
