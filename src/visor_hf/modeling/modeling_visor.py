@@ -29,6 +29,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
+from .backbone_visor import LlavaOnevisionBackbone
 from .cache_visor import FULL, TEXT, VisorCache, VisorState
 from .configuration_visor import VisorConfig
 from .generation_visor import VisorGenerationMixin
@@ -36,7 +37,7 @@ from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorMode
 from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
 from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
 from .requests_visor import AUTO, ConfigurationRequest, resolve_configuration_request
-from .streams_visor import compact_indices, embedded_token_mask, gather_tokens, segment_ids
+from .streams_visor import compact_indices, embedded_token_mask, gather_tokens
 
 # ----------------------------------------------------------------------------------------------------------------
 # Modules
@@ -199,7 +200,7 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
             nn.init.zeros_(module.bias)
 
 
-class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
+class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionModel):
     """LLaVA-OneVision's vision tower, projector and LLM, plus VISOR's cross-attention blocks and router."""
 
     def __init__(self, config: VisorConfig):
@@ -215,46 +216,6 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         )
         self.router = VisorRouter(config) if config.router_layer is not None else None
         self.post_init()
-
-    # -- visual features -----------------------------------------------------------------------------------------
-
-    def _embed_visual(self, input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs):
-        """Scatter image/video features into the embeddings; return the visual mask, an image id per token and the
-        image and video features. Features come from the pixels or, as in LLaVA-OV, from `mm_encoder_outputs`
-        (`{"image": ..., "video": ...}` outputs of `get_image_features` / `get_video_features`)."""
-        visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
-        encoded = dict(vision_kwargs.get("encoded") or {})
-        segment_lengths = []
-        image_features = video_features = None
-        segments = torch.full(visual_mask.shape, -1, dtype=torch.long, device=visual_mask.device)
-        if encoded.get("image") is None and pixel_values is not None:
-            encoded["image"] = self.get_image_features(pixel_values, image_sizes, return_dict=True, **vision_kwargs["image"])
-        if encoded.get("image") is not None:
-            features = encoded["image"].pooler_output
-            segment_lengths += [f.shape[0] for f in features]
-            image_features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
-            image_mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
-            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
-            visual_mask |= image_mask[..., 0]
-            # image k's features fill the image tokens in row-major order (masked_scatter): tag them with k
-            segments[image_mask[..., 0]] = segment_ids(segment_lengths, 0, segments.device)
-        if encoded.get("video") is None and pixel_values_videos is not None:
-            encoded["video"] = self.get_video_features(pixel_values_videos, return_dict=True, **vision_kwargs["video"])
-        if encoded.get("video") is not None:
-            video = encoded["video"].pooler_output
-            video_features = video.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
-            _, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, video_features=video_features)
-            inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_features)
-            visual_mask |= video_mask[..., 0]
-            # one segment per video (all its frames), numbered after the images
-            segments[video_mask[..., 0]] = segment_ids([video.shape[1]] * video.shape[0], len(segment_lengths), segments.device)
-        if image_features is None and video_features is None and input_ids is not None:
-            placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-            if placeholders.any():
-                raise ValueError(
-                    f"input_ids hold {int(placeholders.sum())} image/video placeholder tokens but no pixel_values were given"
-                )
-        return inputs_embeds, visual_mask, segments, image_features, video_features
 
     # -- routing ---------------------------------------------------------------------------------------------------
 
@@ -377,7 +338,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
     def _decoder_loop(self, plan, streams, cache, capture, router: RouterInputs | None, kwargs) -> None:
         """Every LLM layer, as qwen2's loop: the plan says what runs; the CA block sits inside `run_layer`, the
         router is the visible step after its layer."""
-        layers = self.language_model.layers[: len(plan.layouts)]
+        layers = self.backbone_layers()[: len(plan.layouts)]
         with capture_attentions(layers, capture.attentions is not None) as captured:
             for layer_idx, decoder_layer in enumerate(layers):
                 block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
@@ -397,13 +358,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         self, input_ids, inputs_embeds, visual_inputs, attention_mask, position_ids, cache, visor_configuration,
         capture, output_router_logits, kwargs,
     ) -> VisorModelOutputWithPast:
-        inputs_embeds, visual_mask, segments, image_features, video_features = self._embed_visual(
+        inputs_embeds, visual_mask, segments, image_features, video_features = self.embed_visual(
             input_ids, inputs_embeds, *visual_inputs
         )
         batch, length = inputs_embeds.shape[:2]
-        if position_ids is None:
-            position_ids = torch.arange(length, device=inputs_embeds.device)[None]
-        position_ids = position_ids.expand(batch, -1)
+        position_ids = self.backbone_position_ids(position_ids, batch, 0, length, inputs_embeds.device)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual_mask)
         streams, state = self._prefill_streams(inputs_embeds, visual_mask, segments, position_ids, valid)
         plan = self._prefill_plan(streams, state, visual_mask, attention_mask, position_ids, inputs_embeds, cache, visor_configuration)
@@ -417,7 +376,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         if plan.pending:  # the router never ran (no router layer reached): fall back to the default configuration
             plan.complete([-1] * batch, self.config.configurations, tuple(self.config.default_layers()))
         self._record_configurations(state, plan.layer_sets)
-        hidden = self.language_model.norm(streams.merged())
+        hidden = self.backbone_norm(streams.merged())
         if cache is not None:
             cache.visor_state = state
         return VisorModelOutputWithPast(
@@ -444,9 +403,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         streams = VisorStreams(
             text=text,
             text_positions=text_positions,
-            text_rotary=self.language_model.rotary_emb(text, text_positions),
+            text_rotary=self.backbone_rotary(text, text_positions),
             full_positions=position_ids,
-            full_rotary=self.language_model.rotary_emb(inputs_embeds, position_ids) if has_visual else None,
+            full_rotary=self.backbone_rotary(inputs_embeds, position_ids) if has_visual else None,
             length=length,
             visual=gather_tokens(inputs_embeds, visual_index),
             text_index=text_index,
@@ -514,11 +473,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         """A step after prefill: every new token is text, whatever its id."""
         state = cache.visor_state
         batch, new = inputs_embeds.shape[:2]
-        if position_ids is None:
-            position_ids = torch.arange(state.seq_length, state.seq_length + new, device=inputs_embeds.device)[None]
-        position_ids = position_ids.expand(batch, -1)
+        position_ids = self.backbone_position_ids(position_ids, batch, state.seq_length, new, inputs_embeds.device)
         cache.append_text(attention_mask, new)
-        rotary = self.language_model.rotary_emb(inputs_embeds, position_ids)
+        rotary = self.backbone_rotary(inputs_embeds, position_ids)
         streams = VisorStreams(inputs_embeds, position_ids, rotary, position_ids, rotary, new)
 
         def mask_factory(layout: str, layer_idx: int, and_mask_function):
@@ -542,7 +499,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         )
         capture.record_input(streams)
         self._decoder_loop(plan, streams, cache, capture, None, kwargs)
-        hidden = self.language_model.norm(streams.text)
+        hidden = self.backbone_norm(streams.text)
         return VisorModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=cache,
