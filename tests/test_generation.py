@@ -1,5 +1,5 @@
 """Generation with VISOR: cached decoding vs recomputation, mixed batches, dense equivalence through `generate`,
-the router's decision, the compute budget and the per-sample FLOPs report (issue 3, DESIGN.md section 4)."""
+the router's decision, the compute budget and the per-sample FLOPs report (issue 3; docs/generation.md)."""
 
 import pytest
 import torch

@@ -327,7 +327,7 @@ def test_activation_checkpointing_runs_and_gives_the_same_gradients():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# visor_configuration: every accepted form (DESIGN.md section 4)
+# visor_configuration: every accepted form (docs/model.md, "Configuration per sample")
 
 
 @pytest.fixture(scope="module")
