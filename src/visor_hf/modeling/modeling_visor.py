@@ -30,7 +30,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attenti
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
 from .backbone_visor import LlavaOnevisionBackbone
-from .cache_visor import FULL, TEXT, VisorCache, VisorState
+from .cache_visor import TEXT, VisorCache
 from .configuration_visor import VisorConfig
 from .generation_visor import VisorGenerationMixin
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast, capture_attentions
@@ -295,7 +295,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             inputs_embeds = self.get_input_embeddings()(input_ids)
         capture = OutputCapture.start(self.config, output_hidden_states, kwargs.pop("output_attentions", None))
         cache = self._cache_for(past_key_values, use_cache)
-        if cache is not None and cache.visor_state is not None:
+        if cache is not None and cache.visor_state is not None:  # the cache holds a prompt: a decoding step
             if pixel_values is not None or pixel_values_videos is not None or mm_encoder_outputs:
                 raise ValueError("images must be given in the first forward (prefill); this cache already holds a prompt")
             return self._decode(inputs_embeds, attention_mask, position_ids, cache, capture, kwargs)
@@ -364,8 +364,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         batch, length = inputs_embeds.shape[:2]
         position_ids = self.backbone_position_ids(position_ids, batch, 0, length, inputs_embeds.device)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual_mask)
-        streams, state = self._prefill_streams(inputs_embeds, visual_mask, segments, position_ids, valid)
-        plan = self._prefill_plan(streams, state, visual_mask, attention_mask, position_ids, inputs_embeds, cache, visor_configuration)
+        streams = self._prefill_streams(inputs_embeds, visual_mask, segments, position_ids, valid)
+        plan = self._prefill_plan(streams, visual_mask, attention_mask, position_ids, inputs_embeds, cache, visor_configuration)
         routing_mask = self._routing_mask(input_ids, inputs_embeds)
         router = RouterInputs(
             gather_tokens(routing_mask, streams.text_index) if routing_mask is not None else None,
@@ -375,10 +375,14 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         self._decoder_loop(plan, streams, cache, capture, router, kwargs)
         if plan.pending:  # the router never ran (no router layer reached): fall back to the default configuration
             plan.complete([-1] * batch, self.config.configurations, tuple(self.config.default_layers()))
-        self._record_configurations(state, plan.layer_sets)
+        configurations, configuration_index, active = self._configuration_outputs(plan.layer_sets, valid.device)
         hidden = self.backbone_norm(streams.merged())
         if cache is not None:
-            cache.visor_state = state
+            cache.start_prompt(
+                layouts=plan.layouts, cross_kv=plan.cross_kv, active=active, configurations=configurations,
+                configuration_index=configuration_index, text_valid=streams.text_valid, full_valid=valid,
+                full_visual=visual_mask, visual_valid=streams.visual_filled,
+            )
         return VisorModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=cache,
@@ -388,19 +392,19 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             video_hidden_states=video_features,
             router_logits=router.logits,
             routing_token_batch_index=router.batch_index,
-            visor_configurations=state.configurations,
-            configuration_index=state.configuration_index,
+            visor_configurations=configurations,
+            configuration_index=configuration_index,
         )
 
-    def _prefill_streams(self, inputs_embeds, visual_mask, segments, position_ids, valid) -> tuple[VisorStreams, VisorState]:
-        """Split the prompt into the text and the visual stream; the state the cache will carry to decoding."""
-        batch, length = inputs_embeds.shape[:2]
+    def _prefill_streams(self, inputs_embeds, visual_mask, segments, position_ids, valid) -> VisorStreams:
+        """Split the prompt into the text and the visual stream."""
+        length = inputs_embeds.shape[1]
         text_index, text_filled = compact_indices(~visual_mask)
         visual_index, visual_filled = compact_indices(visual_mask)
         text = gather_tokens(inputs_embeds, text_index)
         text_positions = gather_tokens(position_ids, text_index)
         has_visual = visual_index.shape[1] > 0
-        streams = VisorStreams(
+        return VisorStreams(
             text=text,
             text_positions=text_positions,
             text_rotary=self.backbone_rotary(text, text_positions),
@@ -412,22 +416,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             visual_index=visual_index,
             visual_segments=torch.where(visual_filled, gather_tokens(segments, visual_index), -1),
             text_filled=text_filled,
-        )
-        num_layers = self.config.text_config.num_hidden_layers
-        state = VisorState(
-            active=torch.zeros(batch, num_layers, dtype=torch.bool, device=inputs_embeds.device),
-            layouts=[TEXT] * num_layers,
             text_valid=text_filled & gather_tokens(valid, text_index),
-            full_valid=valid,
-            full_visual=visual_mask,
-            visual_valid=visual_filled,
-            configurations=[],
-            configuration_index=torch.full((batch,), -1, dtype=torch.long, device=inputs_embeds.device),
-            seq_length=length,
+            visual_filled=visual_filled,
         )
-        return streams, state
 
-    def _prefill_plan(self, streams, state, visual_mask, attention_mask, position_ids, inputs_embeds, cache, request) -> VisorLayerPlan:
+    def _prefill_plan(self, streams, visual_mask, attention_mask, position_ids, inputs_embeds, cache, request) -> VisorLayerPlan:
         """The layer plan of a prompt: the requested configurations (router-completed later) and the masks."""
         config = self.config
         requests = resolve_configuration_request(config, request, streams.text.shape[0], self.router is not None)
@@ -435,7 +428,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         # until the router decides, an "auto" sample runs the SA layers that every configuration holds
         provisional = tuple(sorted(set.intersection(*(set(c) for c in config.configurations)))) if pending else ()
         text_mask = create_causal_mask(
-            config=config.text_config, inputs_embeds=streams.text, attention_mask=state.text_valid,
+            config=config.text_config, inputs_embeds=streams.text, attention_mask=streams.text_valid,
             past_key_values=cache, position_ids=streams.text_positions, layer_idx=0,
         )
 
@@ -453,49 +446,50 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         cross = None
         if has_visual and config.cross_attention_layers:
             # text token i sees visual token j only if j comes before i in the original sequence
-            allowed = state.visual_valid[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
+            allowed = streams.visual_filled[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
             cross = CrossAttentionInputs.from_allowed(allowed, config.text_config._attn_implementation, streams.text.dtype)
         return VisorLayerPlan(
-            layer_sets=[provisional if r == AUTO else r for r in requests], layouts=state.layouts,
+            layer_sets=[provisional if r == AUTO else r for r in requests],
+            layouts=[TEXT] * config.text_config.num_hidden_layers,
             mask_factory=mask_factory, visual_keys=visual_mask, has_visual=has_visual, prefill=True, pending=pending,
-            router_layer=config.router_layer if self.router is not None else None, cross=cross, cross_kv=state.cross_kv,
+            router_layer=config.router_layer if self.router is not None else None, cross=cross,
         )
 
-    def _record_configurations(self, state: VisorState, layer_sets) -> None:
+    def _configuration_outputs(self, layer_sets, device) -> tuple[list[tuple[int, ...]], torch.Tensor, torch.Tensor]:
+        """The SA layers of each sample, their index in `config.configurations` (-1: outside the list) and `[B, L]`
+        which layers run for each sample (the device copy the cache keeps for decoding)."""
         known = {tuple(c): i for i, c in enumerate(self.config.configurations)}
-        state.configurations = [tuple(s) for s in layer_sets]
-        rows = [[layer in s for layer in range(state.active.shape[1])] for s in layer_sets]
-        device = state.active.device
-        state.active = torch.tensor(rows, dtype=torch.bool, device=device).reshape(state.active.shape)
-        state.configuration_index = torch.tensor([known.get(tuple(s), -1) for s in layer_sets], device=device)
+        configurations = [tuple(s) for s in layer_sets]
+        num_layers = self.config.text_config.num_hidden_layers
+        rows = [[layer in s for layer in range(num_layers)] for s in layer_sets]
+        active = torch.tensor(rows, dtype=torch.bool, device=device).reshape(len(layer_sets), num_layers)
+        index = torch.tensor([known.get(s, -1) for s in configurations], device=device)
+        return configurations, index, active
 
-    def _decode(self, inputs_embeds, attention_mask, position_ids, cache, capture, kwargs):
-        """A step after prefill: every new token is text, whatever its id."""
-        state = cache.visor_state
+    def _decode(self, inputs_embeds, attention_mask, position_ids, cache: VisorCache, capture, kwargs):
+        """A step after prefill: every new token is text, whatever its id; the plan is the cache's."""
         batch, new = inputs_embeds.shape[:2]
-        position_ids = self.backbone_position_ids(position_ids, batch, state.seq_length, new, inputs_embeds.device)
+        position_ids = self.backbone_position_ids(position_ids, batch, cache.get_seq_length(), new, inputs_embeds.device)
         cache.append_text(attention_mask, new)
         rotary = self.backbone_rotary(inputs_embeds, position_ids)
         streams = VisorStreams(inputs_embeds, position_ids, rotary, position_ids, rotary, new)
 
         def mask_factory(layout: str, layer_idx: int, and_mask_function):
             return create_causal_mask(
-                config=self.config.text_config, inputs_embeds=inputs_embeds,
-                attention_mask=state.full_valid if layout == FULL else state.text_valid,
-                past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx,
-                and_mask_function=and_mask_function,
+                config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=cache.valid_keys(layout),
+                past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx, and_mask_function=and_mask_function,
                 # no SDPA "is causal" shortcut: checking whether it applies costs a host sync at every step
                 allow_is_causal_skip=False,
             )
 
+        cross_kv = cache.cross_attention_kv()
         cross = None
-        if state.cross_kv:
-            allowed = state.visual_valid[:, None, :].expand(-1, new, -1)
+        if cross_kv:
+            allowed = cache.visual_valid[:, None, :].expand(-1, new, -1)
             cross = CrossAttentionInputs.from_allowed(allowed, self.config.text_config._attn_implementation, inputs_embeds.dtype)
         plan = VisorLayerPlan(
-            layer_sets=state.configurations, layouts=state.layouts, mask_factory=mask_factory,
-            visual_keys=state.full_visual, has_visual=bool(state.cross_kv), prefill=False, active=state.active,
-            cross=cross, cross_kv=state.cross_kv,
+            layer_sets=cache.configurations, layouts=cache.layouts, mask_factory=mask_factory, visual_keys=None,
+            has_visual=bool(cross_kv), prefill=False, hidden_keys_for=cache.visual_keys_for, cross=cross, cross_kv=cross_kv,
         )
         capture.record_input(streams)
         self._decoder_loop(plan, streams, cache, capture, None, kwargs)
@@ -505,8 +499,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             past_key_values=cache,
             hidden_states=capture.hidden_states_with(hidden),
             attentions=capture.attentions,
-            visor_configurations=state.configurations,
-            configuration_index=state.configuration_index,
+            visor_configurations=cache.configurations,
+            configuration_index=cache.configuration_index,
         )
 
 
@@ -628,8 +622,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         if counts is None:
             return None
         if state is not None:
-            state.prompt_text, state.prompt_visual = list(counts[0]), list(counts[1])
-            state.prompt_length = state.seq_length
+            cache.record_prompt_counts(*counts)
         return prefill_flops_per_sample(self.config, outputs.visor_configurations, counts, kept_positions, logits_to_keep)
 
     def visor_flops(self, n_text: int, n_visual: int, visor_configuration="max", decode_context: int = 0) -> dict:

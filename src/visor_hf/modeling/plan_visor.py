@@ -1,6 +1,6 @@
 """The layer plan of VISOR and the one step function that runs a layer, at prefill and while decoding.
 
-For every LLM layer and sample the plan says what runs (see docs/model.md, "The layer plan"):
+For every LLM layer and sample the plan says what runs (see docs/model.md, "The engine: a layer plan and one step function"):
 
 - a *cross-attention* (CA) block before the layer, when the layer is a CA layer and there are visual tokens;
 - the decoder layer over the whole sequence (layout ``"full"``), when it is an SA layer of at least one sample's
@@ -78,7 +78,9 @@ class VisorStreams:
     text_index: torch.Tensor | None = None
     visual_index: torch.Tensor | None = None
     visual_segments: torch.Tensor | None = None
-    text_filled: torch.Tensor | None = None
+    text_filled: torch.Tensor | None = None  # [B, N_text] slots holding a token (not the stream's left fill)
+    text_valid: torch.Tensor | None = None  # [B, N_text] slots holding a real token (not padding either)
+    visual_filled: torch.Tensor | None = None  # [B, N_vis] slots holding a visual token
 
     def merged(self) -> torch.Tensor:
         """The hidden states in the original order (the new tokens alone while decoding)."""
@@ -107,9 +109,10 @@ class VisorLayerPlan:
     masks: self-attention masks keyed by layout (`"full"` / `"text"`), and for full layers that some samples skip by
         which samples run them (prefill) or by layer (decoding); built on first use by `mask_factory(layout,
         layer_idx, and_mask_function)`.
-    visual_keys: `[B, K]` the keys of the full sequence that are visual tokens (blocked for samples whose
-        configuration does not hold the layer).
-    active: `[B, L]` device copy of `layer_sets` (decoding: which samples run each full layer; no host sync).
+    visual_keys: `[B, K]` the keys of the full sequence that are visual tokens (prefill; hidden from the samples
+        whose configuration does not hold the layer).
+    hidden_keys_for: while decoding, `[B, K]` the keys a full layer hides (the cache's `visual_keys_for`: a device
+        copy of the configurations, so no host sync per step).
     cross: the inputs of the CA blocks (None without visual tokens or without CA layers).
     cross_kv: cross-attention keys/values per CA layer (computed at prefill, the cache's while decoding).
     """
@@ -122,7 +125,7 @@ class VisorLayerPlan:
     prefill: bool
     pending: list[int] = field(default_factory=list)
     router_layer: int | None = None
-    active: torch.Tensor | None = None
+    hidden_keys_for: Callable[[int], torch.Tensor] | None = None
     cross: CrossAttentionInputs | None = None
     cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
@@ -162,8 +165,8 @@ class VisorLayerPlan:
                 return self.mask(FULL, layer_idx, FULL)
             off = torch.tensor([not r for r in runs], device=self.visual_keys.device)
             return self.mask((FULL, tuple(runs)), layer_idx, FULL, hide_keys(self.visual_keys & off[:, None]))
-        # decoding: the device copy of the configurations (the cache reorders it with the beams), no host sync
-        return self.mask((FULL, layer_idx), layer_idx, FULL, hide_keys(self.visual_keys & ~self.active[:, layer_idx : layer_idx + 1]))
+        # decoding: the cache's device copy of the configurations (reordered with the beams), no host sync
+        return self.mask((FULL, layer_idx), layer_idx, FULL, hide_keys(self.hidden_keys_for(layer_idx)))
 
     def complete(self, chosen: list[int], configurations, fallback: tuple[int, ...]) -> None:
         """The router's choice (configuration index per sample, -1: none) for the samples still pending."""

@@ -66,16 +66,17 @@ def prefill_flops_per_sample(config, configurations, counts, kept_positions: int
 
 def decode_flops_per_sample(config, state, new: int) -> torch.Tensor:
     """`[B]` FLOPs of a decoding forward that fed `new` tokens (already counted in `state.decode_steps`)."""
-    if not state.decode_base:
-        shape = FlopsShape.from_config(config)
-        cross = config.cross_attention_layers
-        for layers, n_text, n_visual in zip(state.configurations, state.prompt_text, state.prompt_visual):
-            base = decode_flops(shape, n_text, n_visual, layers, cross)
-            state.decode_base.append(base)
-            state.decode_increment.append(decode_flops(shape, n_text + 1, n_visual, layers, cross) - base)
+    shape = FlopsShape.from_config(config)
+    cross = config.cross_attention_layers
     before = state.decode_steps - new
     steps = sum(before + j for j in range(new))
-    return torch.tensor([new * b + steps * i for b, i in zip(state.decode_base, state.decode_increment)], dtype=torch.long)
+    flops = []
+    for layers, n_text, n_visual in zip(state.configurations, state.prompt_text, state.prompt_visual):
+        # a decoding step costs a base plus a fixed amount per token already fed after the prompt
+        base = decode_flops(shape, n_text, n_visual, layers, cross)
+        increment = decode_flops(shape, n_text + 1, n_visual, layers, cross) - base
+        flops.append(new * base + steps * increment)
+    return torch.tensor(flops, dtype=torch.long)
 
 
 def single_sample_flops(config, n_text: int, n_visual: int, visor_configuration="max", decode_context: int = 0) -> dict:
