@@ -236,6 +236,23 @@ def test_sparse_attentions_are_laid_out_in_the_original_order(llava):
     torch.testing.assert_close(text_only[:, ~visual].sum(-1), torch.ones(4, int((~visual).sum())))
 
 
+def test_returned_attentions_get_gradients_and_change_nothing(llava):
+    """Every returned attention map (full-sequence, text-only and CA layers) is a tensor the layer computed with, so
+    `retain_grad()` on it gets a gradient (transformers' common tests check this), and asking for the maps changes
+    no output."""
+    visor = visor_from_llava(llava, attn_implementation="eager", cross_attention_layers=[1], self_attention_layers=[0, 2], configurations=[[0]])
+    batch = build_batch(llava, [ONE_IMAGE, TEXT_ONLY])
+    plain = visor(**batch, visor_configuration=[0])
+    out = visor(**batch, visor_configuration=[0], output_attentions=True)
+    torch.testing.assert_close(out.logits, plain.logits, atol=0, rtol=0)
+    for weights in out.attentions:
+        weights.retain_grad()
+    valid = batch["attention_mask"].bool()
+    out.logits[valid].sum().backward()
+    for layer, weights in enumerate(out.attentions):
+        assert weights.grad is not None and weights.grad.abs().sum() > 0, f"layer {layer}"
+
+
 def test_forward_returns_a_cache_like_llava(llava, dense):
     """As LLaVA-OV (whose Qwen2 reads `text_config.use_cache`), a plain forward returns a cache that a hand-written
     decoding loop can continue."""

@@ -339,11 +339,16 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         """Every LLM layer, as qwen2's loop: the plan says what runs; the CA block sits inside `run_layer`, the
         router is the visible step after its layer."""
         layers = self.backbone_layers()[: len(plan.layouts)]
-        with capture_attentions(layers, capture.attentions is not None) as captured:
+        def text_stream(layer_idx: int):  # prefill: a text-layout layer's map is laid out in the original order
+            if streams.text_index is None or plan.layouts[layer_idx] != TEXT:
+                return None
+            return streams.text_index, streams.length
+
+        with capture_attentions(layers, capture.attentions is not None, text_stream) as captured:
             for layer_idx, decoder_layer in enumerate(layers):
                 block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
-                layout = run_layer(plan, layer_idx, streams, cache, decoder_layer, block, **kwargs)
-                capture.record(streams, layout, captured)
+                run_layer(plan, layer_idx, streams, cache, decoder_layer, block, **kwargs)
+                capture.record(streams, captured)
                 if router is not None and plan.wants_router(layer_idx, router.always):
                     self._router_step(plan, streams, router)
 

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import torch
+from torch import nn
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import ModelOutput
+from transformers.models.qwen2.modeling_qwen2 import repeat_kv
 
-from .cache_visor import TEXT
 from .streams_visor import scatter_attention
 
 
@@ -66,17 +69,51 @@ class VisorCausalLMOutputWithPast(ModelOutput):
     flops: torch.Tensor | None = None
 
 
+def relaid_attention(module: nn.Module, hidden_states: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, length: int):
+    """A text-stream layer's attention, recomputed from its weights laid out in the original order.
+
+    `weights` `[B, H, N, N]` (over the compact text stream at `index`) are laid out as `[B, H, length, length]`,
+    read back and multiplied with the values, exactly as eager attention does: the output is bit-identical, and the
+    laid-out map is a tensor the layer computed with (`retain_grad()` on it gets the gradient). Empty slots of the
+    stream (left fill) read zeros; they are masked for every real token anyway.
+    """
+    laid = scatter_attention(weights, index, length)
+    batch, heads, count, _ = weights.shape
+    slots = index.clamp(max=length - 1)
+    rows = laid.gather(2, slots[:, None, :, None].expand(batch, heads, count, length))
+    again = rows.gather(3, slots[:, None, None, :].expand(batch, heads, count, count))
+    filled = index < length
+    again = again * (filled[:, None, :, None] & filled[:, None, None, :]).to(again.dtype)
+    input_shape = hidden_states.shape[:-1]
+    values = module.v_proj(hidden_states).view(*input_shape, -1, module.head_dim).transpose(1, 2)
+    output = torch.matmul(again, repeat_kv(values, module.num_key_value_groups)).transpose(1, 2).contiguous()
+    return module.o_proj(output.reshape(*input_shape, -1).contiguous()), laid
+
+
 @contextmanager
-def capture_attentions(layers, enabled: bool):
+def capture_attentions(layers, enabled: bool, text_stream: Callable[[int], tuple[torch.Tensor, int] | None]):
     """Collect the attention weights each decoder layer's `self_attn` returns while the block runs (eager only:
-    other implementations return None). The hooks are gone afterwards (not run again by a checkpointed backward)."""
+    other implementations return None). A layer that ran over the text stream at prefill (`text_stream(i)` gives
+    the stream's positions and the sequence length) returns its map laid out in the original order, recomputed
+    from it (`relaid_attention`). The hooks are gone afterwards (not run again by a checkpointed backward)."""
     captured: list = []
-    hooks = [layer.self_attn.register_forward_hook(lambda _m, _a, out: captured.append(out[1])) for layer in layers] if enabled else []
+
+    def hook(layer_idx, module, _args, kwargs, output):
+        attn_output, weights = output
+        stream = text_stream(layer_idx) if weights is not None else None
+        if stream is not None:
+            attn_output, weights = relaid_attention(module, kwargs["hidden_states"], weights, *stream)
+        captured.append(weights)
+        return attn_output, weights
+
+    hooks = [
+        layer.self_attn.register_forward_hook(partial(hook, i), with_kwargs=True) for i, layer in enumerate(layers)
+    ] if enabled else []
     try:
         yield captured
     finally:
-        for hook in hooks:
-            hook.remove()
+        for handle in hooks:
+            handle.remove()
 
 
 def selected_layers(output_hidden_states, num_hidden_states: int) -> set[int] | None:
@@ -120,14 +157,11 @@ class OutputCapture:
     def record_input(self, streams) -> None:
         self._keep(streams)
 
-    def record(self, streams, layout: str, captured: list) -> None:
+    def record(self, streams, captured: list) -> None:
         """After a layer: its output in the original order, and the attention weights its `self_attn` returned."""
         self._keep(streams)
         if self.attentions is not None:
-            weights = captured.pop() if captured else None
-            if weights is not None and layout == TEXT and streams.text_index is not None:
-                weights = scatter_attention(weights, streams.text_index, streams.length)
-            self.attentions += (weights,)
+            self.attentions += (captured.pop() if captured else None,)
 
     def hidden_states_with(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """As transformers' language models: the last hidden state is the final-normed output (`last_hidden_state`)."""
