@@ -572,23 +572,12 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         if prefill and visor_budget is not None:
             visor_configuration = budget_request(self.config, visor_budget, visor_configuration, counts)
         outputs = self.model(
-            input_ids=input_ids,
-            pixel_values=pixel_values,
-            image_sizes=image_sizes,
-            pixel_values_videos=pixel_values_videos,
-            image_sizes_videos=image_sizes_videos,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            vision_feature_layer=vision_feature_layer,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            vision_aspect_ratio=vision_aspect_ratio,
-            batch_num_images=batch_num_images,
-            use_cache=use_cache,
-            visor_configuration=visor_configuration,
-            output_router_logits=output_router_logits,
-            **kwargs,
+            input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
+            image_sizes_videos=image_sizes_videos, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
+            vision_feature_select_strategy=vision_feature_select_strategy, vision_aspect_ratio=vision_aspect_ratio,
+            batch_num_images=batch_num_images, use_cache=use_cache, visor_configuration=visor_configuration,
+            output_router_logits=output_router_logits, **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
@@ -596,20 +585,9 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
         flops = self._forward_flops(outputs, prefill, counts, hidden_states.shape[1], logits_to_keep)
-        return VisorCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-            video_hidden_states=outputs.video_hidden_states,
-            router_logits=outputs.router_logits,
-            routing_token_batch_index=outputs.routing_token_batch_index,
-            visor_configurations=outputs.visor_configurations,
-            configuration_index=outputs.configuration_index,
-            flops=flops,
-        )
+        # every field of the model's output but `last_hidden_state` (the logits replace it)
+        passed = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        return VisorCausalLMOutputWithPast(loss=loss, logits=logits, flops=flops, **passed)
 
     def _forward_flops(self, outputs, prefill, counts, kept_positions, logits_to_keep):
         """`[B]` FLOPs of this forward for each sample (see `report_visor`); None in training or without counts."""

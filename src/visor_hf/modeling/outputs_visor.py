@@ -9,35 +9,31 @@ from functools import partial
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
-from transformers.modeling_outputs import ModelOutput
+from transformers.models.llava_onevision.modeling_llava_onevision import (
+    LlavaOnevisionCausalLMOutputWithPast,
+    LlavaOnevisionModelOutputWithPast,
+)
 from transformers.models.qwen2.modeling_qwen2 import repeat_kv
 
 from .streams_visor import scatter_attention
 
 
 @dataclass
-class VisorModelOutputWithPast(ModelOutput):
-    """Output of [`VisorModel`].
+class VisorModelOutputWithPast(LlavaOnevisionModelOutputWithPast):
+    """Output of [`VisorModel`]: LLaVA-OV's fields, then VISOR's.
 
     last_hidden_state: final-normed hidden states in the original sequence order. Visual positions hold the visual
         tokens' states after the last SA layer that updated them (equal to LLaVA-OV's only in the dense layout).
-    hidden_states (`output_hidden_states=True`): the embeddings and the output of every layer, `[B, T, d]` in the
-        original order (the last entry is `last_hidden_state`, as in transformers' language models).
+    hidden_states (`output_hidden_states=True` or indices): the embeddings and the output of every layer (or the
+        ones selected), `[B, T, d]` in the original order (the last layer's is `last_hidden_state`).
     attentions (`output_attentions=True`, eager attention; None entries otherwise): per layer `[B, heads, T, T]` in
-        the original order; a text-only layer has zeros in every visual row and column. Prefill only.
+        the original order at prefill; a text-only layer has zeros in every visual row and column.
     router_logits: `[num_routing_tokens, num_configurations]`, one row per routing token (when the router ran).
     routing_token_batch_index: the sample each row of `router_logits` belongs to.
     visor_configurations: the SA layers that ran for each sample.
     configuration_index: index into `config.configurations` per sample (-1 for a layer set outside the list).
     """
 
-    last_hidden_state: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
-    video_hidden_states: torch.Tensor | None = None
     router_logits: torch.Tensor | None = None
     routing_token_batch_index: torch.Tensor | None = None
     visor_configurations: list[tuple[int, ...]] | None = None
@@ -45,8 +41,9 @@ class VisorModelOutputWithPast(ModelOutput):
 
 
 @dataclass
-class VisorCausalLMOutputWithPast(ModelOutput):
-    """Output of [`VisorForConditionalGeneration`]; fields as [`VisorModelOutputWithPast`] plus `loss` and `logits`.
+class VisorCausalLMOutputWithPast(LlavaOnevisionCausalLMOutputWithPast):
+    """Output of [`VisorForConditionalGeneration`]: LLaVA-OV's `loss`, `logits`, ..., then the VISOR fields of
+    [`VisorModelOutputWithPast`] and `flops`.
 
     logits: `[B, T, vocab]` like LLaVA-OV's. Text positions are VISOR's predictions; visual positions come from the
         visual tokens' last states (meaningful only when the last layer is an active SA layer, as in the dense layout).
@@ -55,13 +52,6 @@ class VisorCausalLMOutputWithPast(ModelOutput):
         None in training mode.
     """
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor, ...] | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
-    image_hidden_states: torch.Tensor | None = None
-    video_hidden_states: torch.Tensor | None = None
     router_logits: torch.Tensor | None = None
     routing_token_batch_index: torch.Tensor | None = None
     visor_configurations: list[tuple[int, ...]] | None = None
