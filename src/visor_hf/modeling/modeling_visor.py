@@ -171,7 +171,7 @@ class RouterInputs:
     """What the router step of a prefill reads (the routing tokens of the text stream) and what it returns."""
 
     text_routing: torch.Tensor | None  # [B, N_text] slots holding the routing token (None: no router / no token id)
-    text_filled: torch.Tensor  # [B, N_text] slots holding a token (not the left fill of the compact stream)
+    text_valid: torch.Tensor  # [B, N_text] slots holding a real token (not fill, not hidden by the attention mask)
     always: bool  # score the routing tokens even when no sample asks the router (`output_router_logits`)
     logits: torch.Tensor | None = None
     batch_index: torch.Tensor | None = None
@@ -229,11 +229,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             return input_ids == token_id
         return embedded_token_mask(self.get_input_embeddings(), inputs_embeds, [token_id])
 
-    def _router_logits(self, text_states, text_routing, text_filled):
+    def _router_logits(self, text_states, text_routing, text_valid):
         """Router scores for every routing token in the text stream: (logits [N, C], sample index [N])."""
         if self.router is None or text_routing is None:
             return None, None
-        is_routing = text_routing & text_filled
+        is_routing = text_routing & text_valid
         batch_index = is_routing.nonzero()[:, 0]
         return self.router(text_states[is_routing]), batch_index
 
@@ -354,7 +354,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
 
     def _router_step(self, plan: VisorLayerPlan, streams: VisorStreams, router: RouterInputs) -> None:
         """Score the routing tokens; the samples that asked for "auto" get the configuration the router picks."""
-        router.logits, router.batch_index = self._router_logits(streams.text, router.text_routing, router.text_filled)
+        router.logits, router.batch_index = self._router_logits(streams.text, router.text_routing, router.text_valid)
         if plan.pending:
             chosen = self._route(router.logits, router.batch_index, streams.text.shape[0])
             plan.complete(chosen, self.config.configurations, tuple(self.config.default_layers()))
@@ -374,7 +374,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         routing_mask = self._routing_mask(input_ids, inputs_embeds)
         router = RouterInputs(
             gather_tokens(routing_mask, streams.text_index) if routing_mask is not None else None,
-            streams.text_filled, bool(output_router_logits),
+            streams.text_valid, bool(output_router_logits),  # a routing token the attention mask hides is not read
         )
         capture.record_input(streams)
         self._decoder_loop(plan, streams, cache, capture, router, kwargs)
@@ -420,7 +420,6 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             text_index=text_index,
             visual_index=visual_index,
             visual_segments=torch.where(visual_filled, gather_tokens(segments, visual_index), -1),
-            text_filled=text_filled,
             text_valid=text_filled & gather_tokens(valid, text_index),
             visual_filled=visual_filled,
         )

@@ -78,7 +78,6 @@ class VisorStreams:
     text_index: torch.Tensor | None = None
     visual_index: torch.Tensor | None = None
     visual_segments: torch.Tensor | None = None
-    text_filled: torch.Tensor | None = None  # [B, N_text] slots holding a token (not the stream's left fill)
     text_valid: torch.Tensor | None = None  # [B, N_text] slots holding a real token (not padding either)
     visual_filled: torch.Tensor | None = None  # [B, N_vis] slots holding a visual token
 
