@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from ..modeling.requests_visor import parse_configuration
+from . import argument_type
 from .paths import check_data_path, check_model_path
 
 
@@ -17,7 +19,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--model", required=True, help="VISOR checkpoint folder (or Hub id)")
     parser.add_argument("--data", required=True, help="evaluation records: .json / .jsonl, a saved `datasets` folder or a Hub dataset id")
-    parser.add_argument("--configuration", default="auto", help="'auto' (router), 'max', an index, or a layer list '0,3'")
+    parser.add_argument("--configuration", type=argument_type(parse_configuration), default="auto", help="'auto' (router), 'max', an index, or a layer list '0,3'")
     parser.add_argument("--output-dir", default=None, help="folder for the results (summary.json, per_sample.jsonl / the label files)")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     parser.add_argument("--limit", type=int, default=None, help="use the first N records")
@@ -28,13 +30,13 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..training import evaluate, parse_configuration
+    from ..training import evaluate
 
     check_model_path(args.model)
     check_data_path(args.data)
 
     summary = evaluate(
-        args.model, args.data, visor_configuration=parse_configuration(args.configuration), batch_size=args.batch_size,
+        args.model, args.data, visor_configuration=args.configuration, batch_size=args.batch_size,
         image_root=args.image_root, limit=args.limit, output=args.output_dir, dtype=args.dtype,
         attn_implementation=args.attn_implementation,
     )
