@@ -86,13 +86,19 @@ class VisorHubMixin:
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
         # transformers copies a class's code file (and its relative imports) when the class is registered for an auto
-        # class, as classes loaded with `trust_remote_code` are; the package's own classes are registered here
-        if type(self)._auto_class is None:
-            type(self).register_for_auto_class("AutoModelForImageTextToText" if hasattr(self, "lm_head") else "AutoModel")
-        if type(self.config)._auto_class is None:
-            type(self.config).register_for_auto_class("AutoConfig")
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **MODEL_AUTO_MAP}
-        result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        # class, as classes loaded with `trust_remote_code` are; the package's own classes are registered for the
+        # duration of the save only (no lasting change to the running process)
+        model_class, config_class = type(self), type(self.config)
+        previous = model_class._auto_class, config_class._auto_class
+        try:
+            if model_class._auto_class is None:
+                model_class.register_for_auto_class("AutoModelForImageTextToText" if hasattr(self, "lm_head") else "AutoModel")
+            if config_class._auto_class is None:
+                config_class.register_for_auto_class("AutoConfig")
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **MODEL_AUTO_MAP}
+            result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        finally:
+            model_class._auto_class, config_class._auto_class = previous
         card = Path(save_directory) / "README.md"
         if is_main_process and not card.exists():
             base = getattr(self.config, "_name_or_path", None) or None
