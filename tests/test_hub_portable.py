@@ -111,6 +111,7 @@ def test_save_pretrained_of_a_model_built_in_process_loads_without_visor_hf(viso
     visor.save_pretrained(folder)
     tiny_processor().save_pretrained(folder)
     assert_portable(folder)
+    assert type(visor)._auto_class is None and type(visor.config)._auto_class is None  # registered only while saving
     assert "| configuration | SA layers | count |" in ModelCard.load(folder / "README.md").text  # the layout
     image, question = random_image(16, 32), "what is the colour ?"
     here = generate_here(folder, image, question, max_new_tokens=4)
