@@ -25,10 +25,22 @@ AutoModel.register(VisorConfig, VisorModel, exist_ok=True)
 AutoModelForImageTextToText.register(VisorConfig, VisorForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(VisorConfig, VisorProcessor, exist_ok=True)
 
+
+
+def __getattr__(name: str):
+    # the training collator without importing the Trainer machinery at `import visor_hf`
+    if name == "VisorDataCollator":
+        from .training.data import VisorDataCollator
+
+        return VisorDataCollator
+    raise AttributeError(f"module 'visor_hf' has no attribute {name!r}")
+
+
 __all__ = [
     "VisorCache",
     "VisorCausalLMOutputWithPast",
     "VisorConfig",
+    "VisorDataCollator",
     "VisorForConditionalGeneration",
     "VisorModel",
     "VisorModelOutputWithPast",

@@ -29,10 +29,12 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
+from .arguments_visor import check_forward_kwargs
 from .backbone_visor import LlavaOnevisionBackbone
 from .cache_visor import TEXT, VisorCache
 from .configuration_visor import VisorConfig
 from .generation_visor import VisorGenerationMixin
+from .hub_visor import VisorHubMixin
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast, capture_attentions
 from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
 from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
@@ -181,7 +183,7 @@ class RouterInputs:
 # Models
 
 
-class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
+class VisorPreTrainedModel(VisorHubMixin, LlavaOnevisionPreTrainedModel):
     config_class = VisorConfig
     config: VisorConfig
     base_model_prefix = "model"
@@ -564,6 +566,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             most expensive configuration of `config.configurations` within it (see `flops_visor.select_by_budget`).
             Replaces the router; read at prefill only.
         """
+        check_forward_kwargs(self.forward, kwargs)
         prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
         # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
         wants_counts = prefill and (visor_budget is not None or not self.training)

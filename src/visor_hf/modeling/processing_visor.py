@@ -52,6 +52,10 @@ class VisorProcessor(LlavaOnevisionProcessor):
         Whether calls insert the routing token (a call's own `add_routing_token=` wins).
     """
 
+    # `save_pretrained` always writes this file and `auto_map`: the folder then loads with `trust_remote_code=True`
+    # where `visor_hf` is not installed
+    _auto_class = "AutoProcessor"
+
     def __init__(
         self,
         image_processor=None,

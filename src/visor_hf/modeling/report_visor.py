@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .arguments_visor import check_visor_budget
 from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, select_by_budget
 from .requests_visor import AUTO, resolve_configuration
 from .streams_visor import embedded_token_mask
@@ -35,6 +36,7 @@ def prompt_token_counts(
 def budget_request(config, budget, request, counts) -> list[tuple[int, ...]]:
     """The SA layers a compute budget picks for each sample: one tuple per sample, so that the result always reads
     as a per-sample request (a plain list of indices would read as one layer set for the whole batch)."""
+    check_visor_budget(budget)
     if request is not None and not (isinstance(request, str) and request == AUTO):
         raise ValueError("pass either visor_configuration or visor_budget, not both")
     if counts is None:
