@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .commands import convert, demo, label, lmms_tasks, search, toy, train, train_router, verify
+from .commands import analyze, convert, demo, label, lmms_tasks, search, toy, train, train_router, verify
 from .commands import evaluate as evaluate_command
 
 # Each command module exposes `add_parser(subparsers)`, which registers its subcommand with `func=run`.
-COMMANDS = [demo, convert, verify, train, search, label, train_router, evaluate_command, toy, lmms_tasks]
+COMMANDS = [demo, convert, verify, train, search, label, train_router, evaluate_command, toy, lmms_tasks, analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:
