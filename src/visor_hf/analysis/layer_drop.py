@@ -56,12 +56,16 @@ class LayerDropResult:
     counts: dict[str, int] = field(default_factory=dict)
 
     def curve(self) -> np.ndarray:
-        """[group, k]: mean accuracy over the subsets with k layers keeping vision, k = 0..len(layers)."""
+        """[group, k]: mean accuracy over the subsets with k layers keeping vision, k = 0..len(layers) (NaN for a
+        size that no subset has)."""
         sizes = np.array([len(s) for s in self.subsets])
-        return np.stack([self.accuracy[sizes == k].mean(0) for k in range(len(self.layers) + 1)], axis=1)
+        empty = np.full(len(self.groups), np.nan)
+        return np.stack([self.accuracy[sizes == k].mean(0) if (sizes == k).any() else empty
+                         for k in range(len(self.layers) + 1)], axis=1)
 
     def sensitivity(self) -> np.ndarray:
-        """[group, layer]: mean accuracy with vision in the layer minus without it (balanced over subset sizes)."""
+        """[group, layer]: mean accuracy with vision in the layer minus without it (balanced over subset sizes; NaN
+        when no subset pair of sizes k+1 with the layer and k without it was run)."""
         sizes = np.array([len(s) for s in self.subsets])
         out = np.zeros((len(self.groups), len(self.layers)))
         for j, layer in enumerate(self.layers):
@@ -71,12 +75,13 @@ class LayerDropResult:
                 with_l, without_l = has & (sizes == k + 1), ~has & (sizes == k)
                 if with_l.any() and without_l.any():
                     diffs.append(self.accuracy[with_l].mean(0) - self.accuracy[without_l].mean(0))
-            out[:, j] = np.mean(diffs, axis=0)
+            out[:, j] = np.mean(diffs, axis=0) if diffs else np.nan
         return out
 
     def clusters(self) -> dict[str, str]:
         """"easy" or "hard" per group: 2-means on the accuracy curves, each divided by the group's full accuracy."""
         curves = self.curve()
+        curves = curves[:, ~np.isnan(curves).any(0)]  # the sizes that were run
         full = np.maximum(curves[:, -1:], 1e-9)
         points = curves / full
         robustness = points.mean(1)
@@ -100,7 +105,7 @@ class LayerDropResult:
         least `min_gain` (vision read there still helps), plus layer 0 when nothing else reads vision early. The
         remaining layers become text-only. Pass them to `visor-hf convert SRC DST --ca-layers ... --sa-layers ...`.
         """
-        score = self.sensitivity().max(0)
+        score = np.nan_to_num(self.sensitivity(), nan=0.0).max(0)
         order = [self.layers[i] for i in np.argsort(-score, kind="stable")]
         if sa_count is None:
             sa_count = max(1, int((score >= 0.5 * score.max()).sum())) if score.max() > 0 else 1
@@ -113,6 +118,9 @@ class LayerDropResult:
                 "command": f"--ca-layers {','.join(map(str, sorted(ca)))} --sa-layers {','.join(map(str, sa))}"}
 
     def to_dict(self) -> dict:
+        def number(v):
+            return None if np.isnan(v) else float(v)
+
         sens = self.sensitivity()
         return {
             "layers": self.layers,
@@ -121,8 +129,8 @@ class LayerDropResult:
             "samples": self.counts,
             "accuracy": [{"vision_layers": list(s), **{g: float(a) for g, a in zip(self.groups, row)}}
                          for s, row in zip(self.subsets, self.accuracy)],
-            "curve": {g: [float(v) for v in row] for g, row in zip(self.groups, self.curve())},
-            "sensitivity": {g: {str(layer): float(v) for layer, v in zip(self.layers, row)} for g, row in zip(self.groups, sens)},
+            "curve": {g: [number(v) for v in row] for g, row in zip(self.groups, self.curve())},
+            "sensitivity": {g: {str(layer): number(v) for layer, v in zip(self.layers, row)} for g, row in zip(self.groups, sens)},
             "clusters": self.clusters(),
             "suggested_layout": self.suggest_layout(),
         }

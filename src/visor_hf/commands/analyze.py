@@ -121,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cell(value) -> str:
+    return f"{'-':>7s}" if value is None else f"{value:7.3f}"
+
+
 def _print(result, summary: dict) -> None:
     layers = result.layers
     print(f"layers that can drop vision: {layers}; CA layers (always see vision): {result.cross_attention_layers}; "
@@ -129,11 +133,11 @@ def _print(result, summary: dict) -> None:
     print("mean accuracy against the number of layers keeping vision")
     print(f"{'group':{width}s}" + "".join(f"{k:>7d}" for k in range(len(layers) + 1)) + "  cluster")
     for g in result.groups:
-        print(f"{g:{width}s}" + "".join(f"{v:7.3f}" for v in summary["curve"][g]) + f"  {summary['clusters'][g]}")
+        print(f"{g:{width}s}" + "".join(_cell(v) for v in summary["curve"][g]) + f"  {summary['clusters'][g]}")
     print("\nvision sensitivity per layer (accuracy with vision in the layer minus without)")
     print(f"{'group':{width}s}" + "".join(f"{layer:>7d}" for layer in layers))
     for g in result.groups:
-        print(f"{g:{width}s}" + "".join(f"{summary['sensitivity'][g][str(layer)]:7.3f}" for layer in layers))
+        print(f"{g:{width}s}" + "".join(_cell(summary["sensitivity"][g][str(layer)]) for layer in layers))
     layout = summary["suggested_layout"]
     print(f"\nsuggested layout: CA {layout['cross_attention_layers']}, SA {layout['self_attention_layers']}: "
           f"visor-hf convert SRC DST {layout['command']}")
