@@ -1,6 +1,7 @@
 """The lmms-eval plugin (`--model visor`) and the `visor_toy` task, checked against direct `generate` calls.
 
-Needs lmms-eval (`bash scripts/setup.sh --eval`, which the CI's setup runs); skipped without it.
+Needs lmms-eval and the packages its evaluator imports (`bash scripts/setup.sh --eval`, which the CI's set-up
+runs); skipped without them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from visor_hf.toy.inference import DEFAULT_CHECKPOINT, answer_examples, fresh_examples, load_toy
 
-lmms_eval = pytest.importorskip("lmms_eval")
+pytest.importorskip("lmms_eval.evaluator")
 
 TOY = str(DEFAULT_CHECKPOINT)
 LIMIT = 6  # documents per subtask
