@@ -86,3 +86,29 @@ def test_analyze_rejects_layers_that_are_not_sa_layers(capsys):
 def test_analyze_rejects_a_missing_checkpoint(tmp_path, capsys):
     assert main(["analyze", str(tmp_path / "nothing")]) == 2
     assert "cannot load the VISOR checkpoint" in capsys.readouterr().err
+
+
+def test_dense_layout_drops_vision_where_asked():
+    """The analysis's premise on a dense-layout model (every layer SA, no CA): with every layer keeping vision it is
+    LLaVA-OV; with none the answer logits do not depend on the picture; with one layer they do."""
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from visor_hf.testing import visor_from_llava
+    from visor_hf.toy.data import Example, make_scene, sample_questions
+    from visor_hf.toy.model import encode_batch, toy_llava_config
+
+    torch.manual_seed(0)
+    llava = LlavaOnevisionForConditionalGeneration(toy_llava_config(num_layers=2)).eval()
+    dense = visor_from_llava(llava)
+    assert dense.config.self_attention_layers == [0, 1] and dense.config.cross_attention_layers == []
+    question = sample_questions(make_scene(1))[0]
+    pictures = [Example(make_scene(seed), question) for seed in (1, 2)]
+    batch = encode_batch(pictures)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+    with torch.no_grad():
+        reference = llava(**inputs).logits[:, -1]
+        logits = {layers: dense(**inputs, visor_configuration=list(layers)).logits[:, -1] for layers in [(0, 1), (), (1,)]}
+    torch.testing.assert_close(logits[(0, 1)], reference, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits[()][0], logits[()][1], rtol=1e-5, atol=1e-6)  # two pictures, one answer
+    assert not torch.allclose(logits[(1,)][0], logits[(1,)][1], atol=1e-4)
