@@ -236,3 +236,14 @@ def test_task_documents_are_the_toy_questions():
     assert torch.equal(torch.tensor(list(picture.getdata())), torch.tensor(list(examples[0].image.getdata())))
     assert task_utils.process_results(docs[0], [docs[0]["answer"] + " extra"]) == {"exact_match": 1.0}
     assert task_utils.process_results(docs[0], [""]) == {"exact_match": 0.0}
+
+
+def test_video_without_a_video_processor_is_refused(toy):
+    """Where torchvision is absent the processor has no video processor: a video document gets a clear error."""
+    plugin = _plugin()
+    if getattr(plugin.processor, "video_processor", None) is not None:
+        pytest.skip("this environment has a video processor (torchvision)")
+    plugin.task_dict = {"toy": {"test": [{"video": "clip.mp4"}]}}
+    request = _Request(("what is there ?", {"max_new_tokens": 2}, lambda doc: [doc["video"]], 0, "toy", "test"))
+    with pytest.raises(ValueError, match="gives a video .clip.mp4., but the processor has no video processor"):
+        plugin.generate_until([request])

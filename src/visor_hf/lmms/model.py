@@ -143,6 +143,12 @@ class Visor(lmms):
     def _load_video(self, path: str):
         from transformers.video_utils import load_video
 
+        if getattr(self.processor, "video_processor", None) is None:
+            raise ValueError(
+                f"--model visor: the task gives a video ({path}), but the processor has no video processor: "
+                "LLaVA-OneVision's video processor needs torchvision (and a video decoder such as PyAV)"
+            )
+
         frames, _ = load_video(path, num_frames=self.max_frames_num)
         return frames
 
