@@ -112,3 +112,30 @@ def test_dense_layout_drops_vision_where_asked():
     torch.testing.assert_close(logits[(0, 1)], reference, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(logits[()][0], logits[()][1], rtol=1e-5, atol=1e-6)  # two pictures, one answer
     assert not torch.allclose(logits[(1,)][0], logits[(1,)][1], atol=1e-4)
+
+
+def test_analyze_records_grouped_by_a_field(tmp_path, capsys):
+    """A record file (training format) grouped by `--group-key`: with every SA layer and with none, each group's
+    accuracy is that of greedy `generate` with those layers (the toy answers one word, then ends its turn)."""
+    from visor_hf.toy.inference import answer_examples, fresh_examples, load_toy
+
+    examples = fresh_examples(4, 2)
+    with open(tmp_path / "records.jsonl", "w") as f:
+        for i, e in enumerate(examples):
+            e.image.save(tmp_path / f"{i}.png")
+            record = {"image": f"{i}.png", "kind": e.question.difficulty,
+                      "conversations": [{"from": "human", "value": "<image>\n" + e.question.text},
+                                        {"from": "gpt", "value": e.question.answer}]}
+            f.write(json.dumps(record) + "\n")
+    code = main(["analyze", "toy", "--data", str(tmp_path / "records.jsonl"), "--group-key", "kind",
+                 "--layers", "1,3,6,7;", "--out", str(tmp_path / "out"), "--batch-size", "4"])
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "out" / "analysis.json").read_text())
+    assert summary["groups"] == ["easy", "hard"] and summary["samples"] == {"easy": 4, "hard": 6}
+    rows = {tuple(r["vision_layers"]): r for r in summary["accuracy"]}
+    model, processor = load_toy()
+    for layers in [(1, 3, 6, 7), ()]:
+        answers = answer_examples(model, processor, examples, visor_configuration=list(layers))
+        for group in ("easy", "hard"):
+            part = [a.correct for a in answers if a.example.question.difficulty == group]
+            assert math.isclose(rows[layers][group], sum(part) / len(part)), (layers, group)
