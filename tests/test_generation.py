@@ -1,5 +1,5 @@
 """Generation with VISOR: cached decoding vs recomputation, mixed batches, dense equivalence through `generate`,
-the router's decision, the compute budget and the per-sample FLOPs report (issue 3, DESIGN.md section 4)."""
+the router's decision, the compute budget and the per-sample FLOPs report (issue 3; docs/generation.md)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ from samples import ROUTED_TEXT_ONLY as TEXT_ONLY
 from samples import ROUTED_TWO_IMAGES as TWO_IMAGES
 from visor_hf.modeling import FlopsShape, VisorCache, decode_flops, prefill_flops
 from visor_hf.modeling.flops_visor import configuration_costs
-from visor_hf.testing import ROUTE_ID, build_batch, visor_from_llava, word_ids
+from visor_hf.testing import PAD_ID, ROUTE_ID, build_batch, visor_from_llava, word_ids
 from visor_hf.testing import TINY_LAYOUT as LAYOUT
 
 MIXED = [ONE_IMAGE, ANYRES, TWO_IMAGES, TEXT_ONLY]
@@ -185,6 +185,33 @@ def test_the_most_expensive_prediction_of_several_routing_tokens_wins(llava):
     logits = torch.tensor([[9.0, 0, 0], [0, 9.0, 0], [0, 0, 9.0], [0, 9.0, 0], [9.0, 0, 0]])
     index = torch.tensor([0, 0, 0, 1, 1])
     assert tie.model._route(logits, index, 3) == [2, 1, -1]
+
+
+def test_the_router_ignores_routing_tokens_the_attention_mask_hides(llava):
+    """A routing token under `attention_mask == 0` is not read: the router's rows and the configurations are those of
+    the same batch with that token replaced by padding."""
+    model = visor_from_llava(llava, **LAYOUT)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        model.model.router.fc2.weight.normal_(0, 3.0)
+    two_questions = {
+        "text": [*word_ids("user"), "<image>", *word_ids("what is the colour ?"), ROUTE_ID,
+                 *word_ids("how many circle are there ?"), ROUTE_ID],
+        "images": [(16, 16)],
+        "seed": 4,
+    }
+    batch = build_batch(model, [two_questions, ONE_IMAGE])
+    routing = (batch["input_ids"][0] == ROUTE_ID).nonzero()[:, 0]
+    hidden = routing[0].item()  # the first question's routing token is hidden
+    batch["attention_mask"][0, hidden] = 0
+    padded = {**batch, "input_ids": batch["input_ids"].clone()}
+    padded["input_ids"][0, hidden] = PAD_ID
+    with torch.no_grad():
+        out = model(**batch, output_router_logits=True, visor_configuration="auto")
+        want = model(**padded, output_router_logits=True, visor_configuration="auto")
+    assert out.routing_token_batch_index.tolist() == want.routing_token_batch_index.tolist() == [0, 1]
+    torch.testing.assert_close(out.router_logits, want.router_logits)
+    assert out.visor_configurations == want.visor_configurations
 
 
 def test_no_routing_token_falls_back_to_the_default_configuration(llava):

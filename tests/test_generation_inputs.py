@@ -1,4 +1,4 @@
-"""Generation with inputs and modes beyond `test_generation.py` (issue 3, DESIGN.md section 4): bf16, tied
+"""Generation with inputs and modes beyond `test_generation.py` (issue 3; docs/generation.md): bf16, tied
 embeddings, transformers' own tiny LLaVA-OV test configuration, `inputs_embeds`, videos, adjacent images with beams,
 hidden states, the compute budget without a cache, assisted decoding with a draft LM and cropping into the prompt.
 

@@ -1,7 +1,7 @@
 """Core semantics of VisorForConditionalGeneration against independent references.
 
 References: transformers' own LlavaOnevisionForConditionalGeneration (dense equivalence), its Qwen2 LLM run on
-the text alone, and `reference_text_logits` below, a direct per-sample transcription of DESIGN.md section 2 that
+the text alone, and `reference_text_logits` below, a direct per-sample transcription of the forward semantics in docs/model.md that
 keeps the whole sequence in its original order and uses plain tensor maths for the cross-attention.
 """
 

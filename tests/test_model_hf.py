@@ -198,6 +198,30 @@ def test_loss_hidden_states_and_attentions_as_llava(llava, dense):
         torch.testing.assert_close(got.masked_fill(~rows, 0), want.masked_fill(~rows, 0), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("selection", [[0, 2, -1], [-2], 1, [7, -9, 3]])
+def test_output_hidden_states_as_indices_returns_only_those(visor, selection):
+    """transformers' convention: `output_hidden_states` given as indices into the tuple of all hidden states returns
+    only those (negative ones from the end, out-of-range ones dropped), equal to the same entries of the full tuple;
+    prefill and a cached decoding step alike."""
+    batch = build_batch(visor, [ONE_IMAGE, TEXT_ONLY])
+    count = visor.config.text_config.num_hidden_layers + 1
+    indices = [selection] if isinstance(selection, int) else selection
+    wanted = sorted({i % count for i in indices if -count <= i < count})
+    with torch.no_grad():
+        full = visor(**batch, visor_configuration=[[0], "max"], output_hidden_states=True)
+        some = visor(**batch, visor_configuration=[[0], "max"], output_hidden_states=selection)
+        token = full.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
+        steps = [
+            visor(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, output_hidden_states=flag)
+            for out, flag in ((full, True), (some, selection))
+        ]
+    for got_all, want_all in ((some.hidden_states, full.hidden_states), (steps[1].hidden_states, steps[0].hidden_states)):
+        assert len(got_all) == len(wanted)
+        for got, index in zip(got_all, wanted):
+            torch.testing.assert_close(got, want_all[index], atol=0, rtol=0)
+
+
 def test_sparse_attentions_are_laid_out_in_the_original_order(llava):
     visor = visor_from_llava(llava, cross_attention_layers=[1], self_attention_layers=[0, 2], configurations=[[0]])
     batch = build_batch(llava, [ONE_IMAGE])
@@ -210,6 +234,23 @@ def test_sparse_attentions_are_laid_out_in_the_original_order(llava):
     assert full[:, :, visual].sum() > 0  # an active SA layer attends to the image
     assert text_only[:, :, visual].abs().sum() == 0 and text_only[:, visual].abs().sum() == 0
     torch.testing.assert_close(text_only[:, ~visual].sum(-1), torch.ones(4, int((~visual).sum())))
+
+
+def test_returned_attentions_get_gradients_and_change_nothing(llava):
+    """Every returned attention map (full-sequence, text-only and CA layers) is a tensor the layer computed with, so
+    `retain_grad()` on it gets a gradient (transformers' common tests check this), and asking for the maps changes
+    no output."""
+    visor = visor_from_llava(llava, attn_implementation="eager", cross_attention_layers=[1], self_attention_layers=[0, 2], configurations=[[0]])
+    batch = build_batch(llava, [ONE_IMAGE, TEXT_ONLY])
+    plain = visor(**batch, visor_configuration=[0])
+    out = visor(**batch, visor_configuration=[0], output_attentions=True)
+    torch.testing.assert_close(out.logits, plain.logits, atol=0, rtol=0)
+    for weights in out.attentions:
+        weights.retain_grad()
+    valid = batch["attention_mask"].bool()
+    out.logits[valid].sum().backward()
+    for layer, weights in enumerate(out.attentions):
+        assert weights.grad is not None and weights.grad.abs().sum() > 0, f"layer {layer}"
 
 
 def test_forward_returns_a_cache_like_llava(llava, dense):
@@ -303,7 +344,7 @@ def test_activation_checkpointing_runs_and_gives_the_same_gradients():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# visor_configuration: every accepted form (DESIGN.md section 4)
+# visor_configuration: every accepted form (docs/model.md, "Configuration per sample")
 
 
 @pytest.fixture(scope="module")

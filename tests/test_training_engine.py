@@ -6,40 +6,20 @@ in stage 1 (alone and on two DDP ranks), and the precision / checkpointing / acc
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from training_helpers import make_training_workdir, run_script, weights
 from visor_hf.cli import main
-from visor_hf.conversion import convert
-from visor_hf.testing import save_tiny_llava
-from visor_hf.training import UniversalConfigurationSampler, make_synthetic_dataset, train_stage
+from visor_hf.training import UniversalConfigurationSampler, train_stage
 
 ARGS = {"use_cpu": True, "report_to": "none", "save_strategy": "no", "disable_tqdm": True, "learning_rate": 1e-3}
 
 
-def weights(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("engine")
-    save_tiny_llava(root / "llava")
-    convert(root / "llava", root / "visor")  # CA 0, 3; SA 2, 4; configurations [], [2], [2, 4]; router layer 1
-    data = make_synthetic_dataset(root / "data", num_samples=8, seed=0)
-    records = [json.loads(line) for line in data.read_text().splitlines()]
-    for r in records:
-        if "image" in r:
-            r["image"] = str(root / "data" / r["image"])  # absolute: the files below live in another folder
-    (root / "mixed.json").write_text(json.dumps([next(r for r in records if "image" in r), next(r for r in records if "image" not in r)]))
-    (root / "text_only.json").write_text(json.dumps([r for r in records if "image" not in r]))
-    return root
+    return make_training_workdir(tmp_path_factory.mktemp("engine"))
 
 
 def test_gradient_accumulation_matches_the_large_batch_with_one_configuration_per_step(workdir):
@@ -108,21 +88,7 @@ with open(os.path.join(out, "rank%s.txt" % os.environ.get("RANK", "0")), "w") as
 def test_stage1_on_two_ddp_ranks_with_a_text_only_rank(workdir, tmp_path):
     """Two ranks, one sample each (one with an image, one without), activation checkpointing: no hang, no error, in
     stage 1 and in stage 2 with the vision tower (which has parameters outside the graph)."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-    script = tmp_path / "ddp_stage1.py"
-    script.write_text(DDP_SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               str(script), str(workdir / "visor"), str(workdir / "mixed.json"), str(tmp_path / "out")]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(DDP_SCRIPT, tmp_path, workdir / "visor", workdir / "mixed.json", tmp_path / "out", processes=2)
     assert [(tmp_path / "out" / f"rank{r}.txt").read_text() for r in range(2)] == ["steps 2 2 world 2"] * 2
     changed = {k for k, v in weights(tmp_path / "out").items() if not torch.equal(v, weights(workdir / "visor")[k])}
     assert changed and all(k.startswith("model.cross_attention_blocks.") for k in changed)

@@ -5,25 +5,17 @@ convert -> stage 1 -> stage 2 (LoRA and full) -> search -> universal -> label ->
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from training_helpers import run_script, weights
 from visor_hf.cli import main
 from visor_hf.conversion import convert
 from visor_hf.testing import save_tiny_llava
 from visor_hf.training import UniversalConfigurationSampler, make_synthetic_dataset, train_stage
 
 COMMON = ["--use-cpu", "--per-device-train-batch-size", "4", "--learning-rate", "1e-3", "--logging-steps", "1", "--report-to", "none"]
-
-
-def weights(folder) -> dict[str, torch.Tensor]:
-    out = {}
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(path)))
-    return out
 
 
 def changed(before: dict, after: dict) -> set[str]:
@@ -207,26 +199,11 @@ with open(os.path.join(out, "trace_rank%s.json" % os.environ.get("RANK", "0")), 
 @pytest.mark.slow
 def test_universal_on_two_ddp_processes_draws_the_same_configurations(workdir, stage1, tmp_path):
     """Two real processes (torchrun, gloo on the CPU): same configuration at every step on both ranks, no hang."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as probe:  # a free port for the rendezvous
-        probe.bind(("127.0.0.1", 0))
-        port = str(probe.getsockname()[1])
-
     searched = workdir / "search_ddp"
     assert main(["search", "--model", str(stage1), "--data", str(workdir / "eval/data.jsonl"), "--output-dir", str(searched),
                  "--threshold", "1.0", "--limit", "2"]) == 0
-    script = tmp_path / "ddp_universal.py"
-    script.write_text(DDP_SCRIPT)
     out = tmp_path / "ddp"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-               str(script), str(searched), str(workdir / "data/data.jsonl"), str(out)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_script(DDP_SCRIPT, tmp_path, searched, workdir / "data/data.jsonl", out, processes=2)
     traces = [json.loads((out / f"trace_rank{r}.json").read_text()) for r in range(2)]
     assert [t["world_size"] for t in traces] == [2, 2]
     assert traces[0]["trace"] == traces[1]["trace"]

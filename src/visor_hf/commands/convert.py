@@ -6,28 +6,8 @@ import argparse
 import json
 import sys
 
-
-def _layers(text: str) -> list[int]:
-    """`"0,3,6"` or `"0 3 6"` or `""` (none) → list of layer indices."""
-    items = [t for t in text.replace(",", " ").split() if t]
-    try:
-        return [int(t) for t in items]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(f"layer list must hold integers, got {text!r}") from error
-
-
-def _configurations(text: str) -> list[list[int]]:
-    """JSON (`"[[], [2], [2, 4]]"`) or `;`-separated layer lists (`"; 2; 2,4"`, an empty item is CA-only)."""
-    text = text.strip()
-    if text.startswith("["):
-        try:
-            value = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise argparse.ArgumentTypeError(f"--configurations is not valid JSON: {error}") from error
-        if not isinstance(value, list) or not all(isinstance(c, list) and all(isinstance(i, int) for i in c) for c in value):
-            raise argparse.ArgumentTypeError("--configurations must be a list of lists of layer indices")
-        return value
-    return [_layers(item) for item in text.split(";")]
+from ..modeling.requests_visor import parse_configuration_list, parse_layers
+from . import argument_type
 
 
 def add_parser(subparsers) -> None:
@@ -41,10 +21,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("src", help="LLaVA-OneVision checkpoint: a local folder or a Hub id (cached ids work offline)")
     parser.add_argument("dst", help="output folder (refused if it exists, unless --overwrite)")
     parser.add_argument("--dense", action="store_true", help="all-SA layout, no CA layer, no router (reproduces LLaVA-OV)")
-    parser.add_argument("--ca-layers", type=_layers, default=None, help="cross-attention layers, e.g. '0,3,6'")
-    parser.add_argument("--sa-layers", type=_layers, default=None, help="switchable self-attention layers, e.g. '2,4'")
+    parser.add_argument("--ca-layers", type=argument_type(parse_layers), default=None, help="cross-attention layers, e.g. '0,3,6'")
+    parser.add_argument("--sa-layers", type=argument_type(parse_layers), default=None, help="switchable self-attention layers, e.g. '2,4'")
     parser.add_argument(
-        "--configurations", type=_configurations, default=None,
+        "--configurations", type=argument_type(parse_configuration_list), default=None,
         help="viable SA subsets: JSON '[[], [2], [2, 4]]' or '; 2; 2,4' (empty item = CA only)",
     )
     parser.add_argument("--router-layer", type=int, default=None, help="layer whose output the router reads")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+from ..modeling.requests_visor import parse_configuration
+from . import argument_type
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -15,7 +18,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--model", required=True)
     parser.add_argument("--data", required=True)
-    parser.add_argument("--configuration", default="auto", help="'auto' (router), 'max', an index, or a layer list '0,3'")
+    parser.add_argument("--configuration", type=argument_type(parse_configuration), default="auto", help="'auto' (router), 'max', an index, or a layer list '0,3'")
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, default=None)
@@ -26,10 +29,10 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from ..training import evaluate, parse_configuration
+    from ..training import evaluate
 
     summary = evaluate(
-        args.model, args.data, visor_configuration=parse_configuration(args.configuration), batch_size=args.batch_size,
+        args.model, args.data, visor_configuration=args.configuration, batch_size=args.batch_size,
         image_root=args.image_root, limit=args.limit, output=args.output_dir, dtype=args.dtype,
         attn_implementation=args.attn_implementation,
     )

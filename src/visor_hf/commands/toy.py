@@ -7,6 +7,9 @@ import os
 import random
 import sys
 
+from ..modeling.requests_visor import check_configuration, parse_configuration
+from . import argument_type
+
 
 def _integer(text: str, minimum: int, what: str) -> int:
     try:
@@ -33,40 +36,6 @@ def _seed(text: str) -> int:
     return _integer(text, 0, "a non-negative integer (the picture seed)")
 
 
-def parse_configuration(text: str) -> str | int | list[int]:
-    """`auto`, `max`, a configuration index (`2`) or an explicit list of SA layers (`1,6`, `[1, 6]`, `[]`)."""
-    text = text.strip()
-    if text in ("auto", "max"):
-        return text
-    if text.startswith("[") or "," in text:
-        items = [t for t in text.strip("[]").replace(",", " ").split() if t]
-        try:
-            return [int(t) for t in items]
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"a layer list must hold integers, got {text!r}") from error
-    try:
-        return int(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"--configuration must be 'auto', 'max', a configuration index or a list of SA layers like '1,6' or '[]', "
-            f"got {text!r}"
-        ) from error
-
-
-def _check_configuration(configuration, config) -> str | None:
-    """An error message when `configuration` does not fit the loaded model, else None."""
-    if isinstance(configuration, int) and not 0 <= configuration < len(config.configurations):
-        return (f"configuration index {configuration} is out of range: the model has {len(config.configurations)} "
-                f"configurations {config.configurations} (0..{len(config.configurations) - 1})")
-    if isinstance(configuration, list):
-        extra = sorted(set(configuration) - set(config.self_attention_layers))
-        if extra:
-            return f"layers {extra} are not SA layers of the model (SA layers: {config.self_attention_layers})"
-    if configuration == "auto" and config.router_layer is None:
-        return "the model has no router: use --configuration max, an index or a list of SA layers"
-    return None
-
-
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "toy",
@@ -78,7 +47,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--images", type=_images, default=4, help="number of new pictures (5 questions each)")
     parser.add_argument("--seed", type=_seed, default=None, help="picture seed (default: a random one, printed)")
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped toy-visor)")
-    parser.add_argument("--configuration", type=parse_configuration, default="auto",
+    parser.add_argument("--configuration", type=argument_type(parse_configuration), default="auto",
                         help="'auto' (router, default), 'max', a configuration index, or SA layers like '1,6' or '[]'")
     parser.add_argument("--save-images", default=None, help="folder to write the pictures to (PNG)")
     parser.add_argument("--quiet", action="store_true", help="print the summary only")
@@ -104,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"visor-hf toy: error: cannot load the checkpoint {args.model or DEFAULT_CHECKPOINT}: {error}", file=sys.stderr)
         return 2
     config = model.config
-    problem = _check_configuration(configuration, config)
-    if problem:
-        print(f"visor-hf toy: error: {problem}", file=sys.stderr)
+    try:
+        check_configuration(config, configuration)
+    except ValueError as error:
+        print(f"visor-hf toy: error: {error}", file=sys.stderr)
         return 2
     params = sum(p.numel() for p in model.parameters())
     print(f"toy VISOR from {args.model or DEFAULT_CHECKPOINT}: {params / 1e6:.2f} M parameters, "

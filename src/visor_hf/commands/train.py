@@ -52,7 +52,7 @@ def run(args) -> int:
         train_vision_tower=args.train_vision_tower, seed=args.seed, sampling=args.sampling,
         configurations=configurations, resume_from_checkpoint=resume_value(args.resume_from_checkpoint),
         image_root=args.image_root, max_length=args.max_length, limit=args.limit, dtype=args.dtype,
-        attn_implementation=args.attn_implementation,
+        attn_implementation=args.attn_implementation, fsdp_size=args.fsdp_size,
     )
     if trainer.is_world_process_zero():
         print(json.dumps({"stage": args.stage, "output_dir": args.output_dir, "global_step": trainer.state.global_step}))

@@ -34,6 +34,7 @@ def run(args) -> int:
         args.model, args.data, args.labels, args.output_dir, eval_data=args.eval_data, eval_labels_path=args.eval_labels,
         training_args=training_args_from(args), seed=args.seed, image_root=args.image_root, batch_size=args.batch_size,
         dtype=args.dtype, attn_implementation=args.attn_implementation, resume_from_checkpoint=resume_value(args.resume_from_checkpoint),
+        fsdp_size=args.fsdp_size,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "train_metrics"}, indent=2))
     return 0

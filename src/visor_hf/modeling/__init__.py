@@ -18,8 +18,8 @@ from .modeling_visor import (
     VisorModel,
     VisorModelOutputWithPast,
     VisorPreTrainedModel,
-    resolve_configuration_request,
 )
+from .requests_visor import resolve_configuration_request
 
 __all__ = [
     "FlopsCount",

@@ -8,7 +8,9 @@ holds depends on the layer's *layout*, fixed at prefill:
 - ``"text"``: every other layer: keys/values of the text tokens only (the compact text stream).
 
 Cross-attention layers also keep the keys/values of the visual tokens, computed once at prefill.
-`VisorState` holds the token bookkeeping that the masks need at every decoding step.
+`VisorState` holds the token bookkeeping that the masks need at every decoding step. The cache owns it: the model
+starts it with `start_prompt`, books new tokens with `append_text` and reads it through the cache's methods
+(`valid_keys`, `visual_keys_for`, `cross_attention_kv`, ...); `visor_state` is a read-only view.
 """
 
 from __future__ import annotations
@@ -54,11 +56,8 @@ class VisorState:
     prompt_text: list[int] = field(default_factory=list)
     prompt_visual: list[int] = field(default_factory=list)
     prompt_length: int = -1  # -1: the whole sequence at construction (the prefill) is the prompt
-    # per sample: FLOPs of the first decoding step, and how much each further cached token adds (set lazily)
-    decode_base: list[int] = field(default_factory=list)
-    decode_increment: list[int] = field(default_factory=list)
 
-    HOST_LISTS = ("configurations", "prompt_text", "prompt_visual", "decode_base", "decode_increment")
+    HOST_LISTS = ("configurations", "prompt_text", "prompt_visual")
 
     def __post_init__(self) -> None:
         if self.prompt_length < 0:
@@ -90,6 +89,13 @@ class VisorState:
     def repeat_interleave(self, repeats: int) -> None:
         self.map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
         self._map_host(lambda values: [v for v in values for _ in range(repeats)])
+
+    def append_text(self, new_valid: torch.Tensor) -> None:
+        """`new_valid` ([B, new]): which new (text) tokens are real; they extend both layouts."""
+        self.text_valid = torch.cat([self.text_valid, new_valid], dim=1)
+        self.full_valid = torch.cat([self.full_valid, new_valid], dim=1)
+        self.full_visual = torch.cat([self.full_visual, torch.zeros_like(new_valid)], dim=1)
+        self.seq_length += new_valid.shape[1]
 
     @property
     def decode_steps(self) -> int:
@@ -125,7 +131,6 @@ class VisorState:
                 removed = self.text_valid[:, start : start + into_prompt].sum(1).tolist()
                 self.prompt_text = [n - r for n, r in zip(self.prompt_text, removed)]
             self.prompt_length -= into_prompt
-            self.decode_base, self.decode_increment = [], []
         self.text_valid = self.text_valid[:, :-tokens_to_remove]
         self.full_valid = self.full_valid[:, :-tokens_to_remove]
         self.full_visual = self.full_visual[:, :-tokens_to_remove]
@@ -138,11 +143,77 @@ class VisorCache(DynamicCache):
     `get_seq_length()` reports the *logical* length (what `generate` counts), not the length of a text-only slot.
     """
 
-    visor_state: VisorState | None = None
+    _visor_state: VisorState | None = None
+
+    @property
+    def visor_state(self) -> VisorState | None:
+        """The VISOR bookkeeping of the prompt this cache holds (None before the prefill). Read-only: the cache's
+        methods change it."""
+        return self._visor_state
+
+    def start_prompt(self, **fields) -> None:
+        """Record a prefill: the fields of `VisorState` (layouts, masks of the streams, cross-attention keys/values,
+        configurations); the sequence length is the prompt's."""
+        if self._visor_state is not None:
+            raise ValueError("this VisorCache already holds a prompt; pass a fresh cache for a new prompt")
+        fields.setdefault("seq_length", fields["full_valid"].shape[1])
+        self._visor_state = VisorState(**fields)
+
+    def record_prompt_counts(self, text: list[int], visual: list[int]) -> None:
+        """Real text and visual tokens of each prompt (host side, for the FLOPs report; no sync while decoding)."""
+        state = self._visor_state
+        state.prompt_text, state.prompt_visual = list(text), list(visual)
+        state.prompt_length = state.seq_length
+
+    @property
+    def layouts(self) -> list[str]:
+        return self._visor_state.layouts
+
+    @property
+    def configurations(self) -> list[tuple[int, ...]]:
+        return self._visor_state.configurations
+
+    @property
+    def configuration_index(self) -> torch.Tensor:
+        return self._visor_state.configuration_index
+
+    @property
+    def visual_valid(self) -> torch.Tensor:
+        """`[B, N_vis]` cross-attention key slots that hold a real visual token."""
+        return self._visor_state.visual_valid
+
+    def valid_keys(self, layout: str) -> torch.Tensor:
+        """`[B, K]` which slots of a `layout` layer hold real tokens (the 2D attention mask of that slot)."""
+        return self._visor_state.full_valid if layout == FULL else self._visor_state.text_valid
+
+    def visual_keys_for(self, layer_idx: int) -> torch.Tensor:
+        """`[B, K_full]` the visual keys of a full slot that the samples whose configuration does not hold
+        `layer_idx` must not see (a device tensor: beams reorder it, no host sync)."""
+        state = self._visor_state
+        return state.full_visual & ~state.active[:, layer_idx : layer_idx + 1]
+
+    def cross_attention_kv(self) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values per CA layer (computed once at prefill), apart from the self-attention slots."""
+        return self._visor_state.cross_kv
+
+    def append_text(self, attention_mask: torch.Tensor | None, new: int) -> None:
+        """Book `new` text tokens fed after the prefill (their slots are filled by the layers as they run).
+        `attention_mask` covers the whole sequence, as in transformers' generation; None: every new token is real."""
+        state = self._visor_state
+        if attention_mask is not None:
+            if attention_mask.shape[1] != state.seq_length + new:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} tokens; the cache holds {state.seq_length} and "
+                    f"{new} are new: pass the mask of the whole sequence"
+                )
+            new_valid = attention_mask[:, -new:].bool()
+        else:
+            new_valid = torch.ones(state.text_valid.shape[0], new, dtype=torch.bool, device=state.text_valid.device)
+        state.append_text(new_valid)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        if self.visor_state is not None:
-            return self.visor_state.seq_length
+        if self._visor_state is not None:
+            return self._visor_state.seq_length
         return super().get_seq_length(layer_idx)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
@@ -153,20 +224,20 @@ class VisorCache(DynamicCache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor):
         super().reorder_cache(beam_idx)
-        if self.visor_state is not None:
+        if self._visor_state is not None:
             # Beams of one sample share its configuration and prompt and beam_idx never crosses samples, so the
             # host-side lists (`HOST_LISTS`) stay valid; reordering them would need a host sync at every step.
-            self.visor_state.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+            self._visor_state.map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def batch_repeat_interleave(self, repeats: int):
         super().batch_repeat_interleave(repeats)
-        if self.visor_state is not None:
-            self.visor_state.repeat_interleave(repeats)
+        if self._visor_state is not None:
+            self._visor_state.repeat_interleave(repeats)
 
     def batch_select_indices(self, indices: torch.Tensor):
         super().batch_select_indices(indices)
-        if self.visor_state is not None:
-            self.visor_state.select(indices)
+        if self._visor_state is not None:
+            self._visor_state.select(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the last `-tokens_to_remove` tokens (a negative count, as `DynamicCache.crop` takes it).
@@ -175,7 +246,7 @@ class VisorCache(DynamicCache):
         but the visual tokens of the prompt sit in full slots only, so cropping into them would leave the layers out
         of step (`ValueError`).
         """
-        state = self.visor_state
+        state = self._visor_state
         if state is not None and tokens_to_remove < 0:
             state.check_crop(-tokens_to_remove)
         super().crop(tokens_to_remove)
@@ -191,13 +262,13 @@ class VisorCache(DynamicCache):
         return sizes
 
     def cross_attention_bytes(self) -> int:
-        if self.visor_state is None:
+        if self._visor_state is None:
             return 0
-        return sum(t.numel() * t.element_size() for kv in self.visor_state.cross_kv.values() for t in kv)
+        return sum(t.numel() * t.element_size() for kv in self._visor_state.cross_kv.values() for t in kv)
 
     def layer_report(self) -> list[dict]:
         """Per LLM layer: its layout, how many positions its slot caches, and its bytes (cross-attention K/V apart)."""
-        layouts = self.visor_state.layouts if self.visor_state is not None else []
+        layouts = self._visor_state.layouts if self._visor_state is not None else []
         sizes = self.layer_layout_bytes()
         report = []
         for index, layer in enumerate(self.layers):
@@ -208,8 +279,8 @@ class VisorCache(DynamicCache):
                 "cached_positions": keys.shape[-2] if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0,
                 "bytes": sizes[index],
             }
-            if self.visor_state is not None and index in self.visor_state.cross_kv:
-                cross = self.visor_state.cross_kv[index]
+            if self._visor_state is not None and index in self._visor_state.cross_kv:
+                cross = self._visor_state.cross_kv[index]
                 entry["cross_attention_positions"] = cross[0].shape[-2]
                 entry["cross_attention_bytes"] = sum(t.numel() * t.element_size() for t in cross)
             report.append(entry)

@@ -1,4 +1,4 @@
-"""Analytical FLOPs of dense LLaVA-OneVision and of VISOR (DESIGN.md section 6): the one set of functions used by
+"""Analytical FLOPs of dense LLaVA-OneVision and of VISOR: the one set of functions used by
 `generate`'s report, the compute budget, the training/toy evaluations and the benchmarks.
 
 `count_flops` gives everything for one sample in one call (prefill, every decode step, vision tower and projector

@@ -47,6 +47,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="random seed (also the universal configuration schedule's)")
     group.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint-N folder, or 'latest' (the newest in --output-dir)")
     group.add_argument("--training-args", default=None, help="more TrainingArguments fields: a JSON object or a JSON file")
+    group.add_argument("--fsdp-size", type=int, default=None,
+                       help="shard the model with FSDP2 over N ranks as it loads (transformers' DistributedConfig, CPU or "
+                       "GPU; launch N processes with torchrun). Not a TrainingArguments field; see docs/training.md")
 
 
 def training_args_from(args) -> dict:

@@ -22,6 +22,7 @@ import torch
 from torch.nn import functional as F
 
 from ..modeling.flops_visor import FlopsShape, prefill_flops
+from ..modeling.requests_visor import check_configuration, parse_configuration
 from .data import IGNORE_INDEX, model_inputs
 
 FIELDS = ("index", "correct", "loss", "answer_tokens", "n_text", "n_visual", "layers_mask", "configuration", "flops", "flops_max", "flops_dense")
@@ -44,10 +45,12 @@ def _accelerator(accelerator=None):
 
 
 @torch.no_grad()
-def score_dataset(model, dataset, collator, visor_configuration="max", batch_size: int = 8, accelerator=None, progress: bool = True) -> list[dict]:
+def score_dataset(model, dataset, collator, visor_configuration="max", batch_size: int = 8, accelerator=None, progress: bool = True, prepare_inputs=None) -> list[dict]:
     """One result dict per sample (fields `FIELDS`, `layers` instead of `layers_mask`), sorted by dataset index.
 
     `visor_configuration`: anything the model's forward takes (index, layer list, `"max"`, `"auto"` = the router).
+    `prepare_inputs(model, inputs)`: changes the forward's inputs only (not what is counted), e.g. the unseen image
+    that a sharded model needs on a text-only batch (`sharding.ShardedStep`).
     """
     from torch.utils.data import DataLoader
 
@@ -74,8 +77,10 @@ def score_dataset(model, dataset, collator, visor_configuration="max", batch_siz
         keep = torch.zeros_like(labels, dtype=torch.bool)
         keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
         targets = labels[:, 1:][keep[:, :-1]]
-        inputs = model_inputs(batch, keep_labels=False)
-        out = model(**inputs, visor_configuration=visor_configuration, logits_to_keep=keep, use_cache=False)
+        inputs = {**model_inputs(batch, keep_labels=False), "logits_to_keep": keep}
+        if prepare_inputs is not None:
+            inputs = prepare_inputs(model, inputs)
+        out = model(**inputs, visor_configuration=visor_configuration, use_cache=False)
         logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
         row_of = keep.nonzero()[:, 0]
         size = labels.shape[0]
@@ -171,19 +176,6 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def parse_configuration(value: str | None):
-    """A `--configuration` command-line value: `auto`, `max`, an index (`2`) or a layer list (`[0, 3]` or `0,3`)."""
-    if value is None:
-        return "auto"
-    value = value.strip()
-    if value in ("auto", "max"):
-        return value
-    if value.lstrip("-").isdigit():
-        return int(value)
-    text = value.strip("[]() ")
-    return [int(v) for v in text.replace(",", " ").split()] if text else []
-
-
 def evaluate(model_path, data, *, visor_configuration="auto", batch_size: int = 8, image_root=None, limit=None, output=None, dtype=None, attn_implementation=None) -> dict:
     """Run a checkpoint on an evaluation set with a fixed configuration or the router (`"auto"`); returns the
     summary (accuracy, average FLOPs, configuration histogram) and writes `output` (a folder: `summary.json` and
@@ -192,8 +184,7 @@ def evaluate(model_path, data, *, visor_configuration="auto", batch_size: int = 
     from .stages import load_model
 
     model = load_model(model_path, dtype, attn_implementation)
-    if visor_configuration == "auto" and model.model.router is None:
-        raise ValueError("this checkpoint has no router: pass a fixed configuration (index, layer list or 'max')")
+    check_configuration(model.config, visor_configuration)
     processor = load_processor(model_path)
     dataset = load_records(data, image_root, limit)
     accelerator = _accelerator()

@@ -18,6 +18,7 @@ from transformers import Trainer
 from .data import VisorDataCollator, load_processor, load_records, model_inputs
 from .evaluation import _accelerator, score_dataset, summarize
 from .labels import read_labels
+from .sharding import ShardedStep
 from .stages import load_model, make_training_arguments, save_trained, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -61,12 +62,13 @@ class RouterTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the loss is a mean: let the Trainer scale it for accumulation
+        self.sharded_step = ShardedStep(self)  # sharded model: every rank runs the visual path (see `sharding`)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         targets = inputs["route_labels"]
         config = self.accelerator.unwrap_model(model).config
         cheapest = min(range(len(config.configurations)), key=lambda c: (len(config.configurations[c]), c))
-        outputs = model(**model_inputs(inputs, keep_labels=False), visor_configuration=cheapest, output_router_logits=True, logits_to_keep=1, use_cache=False)
+        outputs = model(**self.sharded_step(model, model_inputs(inputs, keep_labels=False)), visor_configuration=cheapest, output_router_logits=True, logits_to_keep=1, use_cache=False)
         logits = outputs.router_logits
         if logits is None or logits.shape[0] == 0:
             raise ValueError("no routing token in the batch: the data must be built by a processor that adds the routing token")
@@ -77,11 +79,12 @@ class RouterTrainer(Trainer):
         return dataset
 
 
-def router_report(model, dataset, collator, labels: dict[int, int], batch_size: int = 8, accelerator=None) -> dict:
-    """Router accuracy against the labels, and accuracy / average FLOPs with the router against always-max."""
+def router_report(model, dataset, collator, labels: dict[int, int], batch_size: int = 8, accelerator=None, prepare_inputs=None) -> dict:
+    """Router accuracy against the labels, and accuracy / average FLOPs with the router against always-max.
+    `prepare_inputs`: see `score_dataset`."""
     accelerator = _accelerator(accelerator)
-    routed = score_dataset(model, dataset, collator, "auto", batch_size, accelerator)
-    maximal = score_dataset(model, dataset, collator, "max", batch_size, accelerator)
+    routed = score_dataset(model, dataset, collator, "auto", batch_size, accelerator, prepare_inputs=prepare_inputs)
+    maximal = score_dataset(model, dataset, collator, "max", batch_size, accelerator, prepare_inputs=prepare_inputs)
     labelled = [r for r in routed if r["index"] in labels]
     hits = sum(r["configuration"] == labels[r["index"]] for r in labelled)
     config = model.config
@@ -117,10 +120,12 @@ def train_router(
     dtype=None,
     attn_implementation=None,
     resume_from_checkpoint=None,
+    fsdp_size: int | None = None,
 ) -> dict:
     """Train the router of a checkpoint on pseudo-labels; write the checkpoint (with `visor_training.json`) and
-    `router_report.json` (on `eval_data` and its labels when given, else on the labelled training records)."""
-    model = load_model(model_path, dtype, attn_implementation)
+    `router_report.json` (on `eval_data` and its labels when given, else on the labelled training records).
+    `fsdp_size`: shard the model with FSDP2 over that many ranks, as in `train_stage`."""
+    model = load_model(model_path, dtype, attn_implementation, fsdp_size)
     if model.model.router is None:
         raise ValueError("this checkpoint has no router (a single configuration, or no router layer)")
     processor = load_processor(model_path)
@@ -143,7 +148,7 @@ def train_router(
     else:
         report_records, report_labels = torch.utils.data.Subset(records, train_dataset.indices), labels
     model = trainer.accelerator.unwrap_model(trainer.model)
-    report = router_report(model, report_records, collator, report_labels, batch_size, trainer.accelerator)
+    report = router_report(model, report_records, collator, report_labels, batch_size, trainer.accelerator, trainer.sharded_step)
     report["train_metrics"] = result.metrics
     save_trained(trainer, processor, output_dir, {"stage": "router", "source": str(model_path), "labels": str(labels_path), "global_step": trainer.state.global_step})
     if trainer.is_world_process_zero():

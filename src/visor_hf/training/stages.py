@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from transformers import Trainer, TrainingArguments
 
 from ..modeling import VisorForConditionalGeneration
 from .data import VisorDataCollator, load_processor, load_records, model_inputs
+from .sharding import ShardedStep, fsdp_config
 from .universal import ConfigurationLogCallback, UniversalConfigurationSampler
 
 logger = logging.getLogger(__name__)
@@ -131,8 +132,9 @@ class VisorTrainer(Trainer):
     blocks): in stage 1 its loss would depend on no trainable parameter at all (`backward` fails), and under DDP a
     rank would skip the gradient all-reduce of those parameters while the others wait. The trainer therefore adds
     `0 x sum(p)` over the trainable visual-path parameters to the loss of such micro-batches, inside the model's
-    forward (a forward hook), so every trainable parameter gets a (zero) gradient on every rank. Not done under
-    DeepSpeed ZeRO-3 / FSDP, whose sharded parameters cannot be touched outside their modules (see docs/training.md).
+    forward (a forward hook), so every trainable parameter gets a (zero) gradient on every rank. A sharded model
+    (FSDP, DeepSpeed ZeRO-3), whose parameters cannot be touched outside their modules, gets an image nothing
+    attends to instead, so that every rank runs the whole visual path (`sharding.ShardedStep`, docs/training.md).
     """
 
     def __init__(self, *args, visor_configuration="max", sampler: UniversalConfigurationSampler | None = None, **kwargs):
@@ -140,13 +142,11 @@ class VisorTrainer(Trainer):
         self.visor_configuration = visor_configuration
         self.sampler = sampler
         self.configuration_trace: list[tuple[int, object]] = []
-        sharded = getattr(self, "is_fsdp_enabled", False) or (
-            getattr(self, "is_deepspeed_enabled", False) and getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3
-        )
+        self.sharded_step = ShardedStep(self)
         self._visual_parameters = [
             p for name, p in self.model.named_parameters() if p.requires_grad and any(k in name for k in VISUAL_PATH_KEYS)
         ]
-        if self._visual_parameters and not sharded:
+        if self._visual_parameters and not self.sharded_step.enabled:
             self.model.register_forward_hook(self._touch_visual_path, with_kwargs=True)
 
     def _touch_visual_path(self, module, args, kwargs, output):
@@ -164,7 +164,7 @@ class VisorTrainer(Trainer):
         return self.visor_configuration
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = model_inputs(inputs)
+        inputs = self.sharded_step(model, model_inputs(inputs))
         # evaluation runs the fixed configuration ("max"); training the step's configuration
         configuration = self.current_configuration() if model.training else self.visor_configuration
         if model.training:
@@ -201,10 +201,14 @@ def make_training_arguments(output_dir, training_args=None, **overrides) -> Trai
 # -- checkpoints ---------------------------------------------------------------------------------------------------
 
 
-def load_model(path, dtype=None, attn_implementation: str | None = None) -> VisorForConditionalGeneration:
+def load_model(path, dtype=None, attn_implementation: str | None = None, fsdp_size: int | None = None) -> VisorForConditionalGeneration:
+    """Load a VISOR checkpoint; with `fsdp_size`, sharded with FSDP2 over that many ranks as it loads (transformers'
+    `DistributedConfig` with VISOR's wrapping plan `sharding.FSDP_PLAN`; run under `torchrun`)."""
     import visor_hf  # noqa: F401
 
     kwargs = {}
+    if fsdp_size is not None:
+        kwargs["distributed_config"] = fsdp_config(fsdp_size)
     if dtype is not None:
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if attn_implementation is not None:
@@ -293,6 +297,7 @@ def train_stage(
     attn_implementation: str | None = None,
     callbacks: list | None = None,
     data_collator=None,
+    fsdp_size: int | None = None,
 ):
     """Train one stage and write the result to `output_dir` (a complete VISOR checkpoint; with LoRA the merged
     model, and the adapter in `output_dir/adapter`). Returns the `VisorTrainer` (its `state`, `configuration_trace`).
@@ -303,15 +308,20 @@ def train_stage(
     is drawn from the final `args.seed`, so the `Trainer` and the schedule always share one seed.
     `data_collator`: batches the records (default: `VisorDataCollator(processor, max_length)`), e.g. a subclass
     that adds targets of its own.
+    `fsdp_size`: shard the model with FSDP2 over that many ranks (each decoder layer, CA block and the router a unit;
+    see `sharding`), on CPU (gloo) or GPU; launch with `torchrun --nproc_per_node N`.
     """
     stage = str(stage)
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
     if stage == "1" and lora is not None:
         raise ValueError("stage 1 trains the new modules fully; LoRA is for stage 2 and universal fine-tuning")
+    if fsdp_size is not None and lora is not None and lora.merge:
+        raise ValueError("with fsdp_size (--fsdp-size), LoRA writes the adapter only: pass merge=False (--no-merge) and "
+                         "merge it afterwards (merging needs the full weights on one process)")
     args = make_training_arguments(output_dir, training_args, seed=seed)
     seed = args.seed
-    model = load_model(model_path, dtype, attn_implementation)
+    model = load_model(model_path, dtype, attn_implementation, fsdp_size)
     processor = load_processor(model_path)
     config = model.config
 
@@ -325,6 +335,10 @@ def train_stage(
         if len(pool) == 1:
             logger.warning("universal fine-tuning with a single configuration: run `visor-hf search` first")
 
+    if lora is not None and fsdp_size is not None and lora.modules_to_save:
+        # PEFT copies a `modules_to_save` module, which FSDP2 forbids; the router does not train in these stages
+        logger.warning("FSDP: LoRA trains without modules_to_save %s (a sharded module cannot be copied)", list(lora.modules_to_save))
+        lora = replace(lora, modules_to_save=())
     if lora is not None:
         model = apply_lora(model, lora, train_vision_tower)
     else:

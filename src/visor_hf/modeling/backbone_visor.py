@@ -1,0 +1,84 @@
+"""The backbone seam: what VISOR takes from LLaVA-OneVision, as the methods a backbone provides.
+
+VISOR itself (the layer plan, the two streams, the cross-attention blocks, the router, the cache) does not know
+how visual features are computed and placed in the sequence, how position ids are made or which decoder-layer
+class runs. A backbone says it through these methods (see docs/model.md, "The backbone seam"):
+
+- `embed_visual`: the prompt's embeddings with the visual features placed, which positions are visual, and the
+  image each visual token belongs to (for the CA blocks' position convolution, which stops at image boundaries);
+- `backbone_position_ids`: position ids of `length` new tokens after `start` (1-D here; M-RoPE backbones make
+  3-D ones);
+- `backbone_rotary`: the rotary embeddings of the decoder layers for given positions;
+- `backbone_layers` / `backbone_norm`: the decoder layers (each called as a transformers decoder layer with
+  `attention_mask`, `position_embeddings`, `position_ids`, `past_key_values`) and the final norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .streams_visor import segment_ids
+
+
+class LlavaOnevisionBackbone:
+    """LLaVA-OneVision (SigLIP tower, projector with anyres packing, Qwen2 LLM) as VISOR's backbone. A mixin of
+    `VisorModel`, which also inherits `LlavaOnevisionModel` (`get_image_features`, `get_placeholder_mask`, ...)."""
+
+    decoder_layer_class = "Qwen2DecoderLayer"
+
+    def embed_visual(self, input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs):
+        """Scatter image/video features into the embeddings; return the visual mask, an image id per token and the
+        image and video features. Features come from the pixels or, as in LLaVA-OV, from `mm_encoder_outputs`
+        (`{"image": ..., "video": ...}` outputs of `get_image_features` / `get_video_features`)."""
+        visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        encoded = dict(vision_kwargs.get("encoded") or {})
+        segment_lengths = []
+        image_features = video_features = None
+        segments = torch.full(visual_mask.shape, -1, dtype=torch.long, device=visual_mask.device)
+        if encoded.get("image") is None and pixel_values is not None:
+            encoded["image"] = self.get_image_features(pixel_values, image_sizes, return_dict=True, **vision_kwargs["image"])
+        if encoded.get("image") is not None:
+            features = encoded["image"].pooler_output
+            segment_lengths += [f.shape[0] for f in features]
+            image_features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
+            image_mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(image_mask, image_features)
+            visual_mask |= image_mask[..., 0]
+            # image k's features fill the image tokens in row-major order (masked_scatter): tag them with k
+            segments[image_mask[..., 0]] = segment_ids(segment_lengths, 0, segments.device)
+        if encoded.get("video") is None and pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(pixel_values_videos, return_dict=True, **vision_kwargs["video"])
+        if encoded.get("video") is not None:
+            video = encoded["video"].pooler_output
+            video_features = video.flatten(0, 1).to(inputs_embeds.device, inputs_embeds.dtype)
+            _, video_mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, video_features=video_features)
+            inputs_embeds = inputs_embeds.masked_scatter(video_mask, video_features)
+            visual_mask |= video_mask[..., 0]
+            # one segment per video (all its frames), numbered after the images
+            segments[video_mask[..., 0]] = segment_ids([video.shape[1]] * video.shape[0], len(segment_lengths), segments.device)
+        if image_features is None and video_features is None and input_ids is not None:
+            placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
+            if placeholders.any():
+                raise ValueError(
+                    f"input_ids hold {int(placeholders.sum())} image/video placeholder tokens but no pixel_values were given"
+                )
+        return inputs_embeds, visual_mask, segments, image_features, video_features
+
+    def backbone_position_ids(self, position_ids, batch: int, start: int, length: int, device) -> torch.Tensor:
+        """`[B, length]` position ids of tokens `start .. start + length - 1` (given ones are broadcast)."""
+        if position_ids is None:
+            position_ids = torch.arange(start, start + length, device=device)[None]
+        return position_ids.expand(batch, -1)
+
+    def backbone_rotary(self, states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.language_model.rotary_emb(states, position_ids)
+
+    def backbone_layers(self) -> nn.ModuleList:
+        return self.language_model.layers
+
+    def backbone_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.language_model.norm(hidden_states)
+
+
+__all__ = ["LlavaOnevisionBackbone"]

@@ -1,0 +1,177 @@
+"""Generation plumbing of VISOR: the per-sample report of `generate`, the VISOR cache it starts with, the expansion
+of per-sample inputs (images, configuration requests, budgets) for beams and returned sequences, and the inputs
+that a draft model of assisted decoding does not take."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import ModelOutput
+
+from .cache_visor import VisorCache
+from .flops_visor import VisorFlopsReport
+from .report_visor import budget_request, generation_report, prompt_token_counts
+from .requests_visor import is_per_sample
+from .streams_visor import embedded_token_mask
+
+# inputs of `generate` that a draft model (assisted decoding) receives only if its forward takes them
+_TARGET_ONLY_GENERATE_KWARGS = (
+    "visor_configuration", "visor_budget", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
+    "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
+)
+
+
+class VisorGenerationMixin(GenerationMixin):
+    """`GenerationMixin` with VISOR's hooks; the model provides `config`, `model.get_image_features` and the input
+    embeddings."""
+
+    last_visor_report: VisorFlopsReport | None = None
+    _visor_generation_cache = None
+
+    def _prompt_token_counts(self, input_ids, attention_mask, inputs_embeds=None) -> tuple[list[int], list[int]] | None:
+        """Real text and visual tokens of each prompt (see `report_visor.prompt_token_counts`)."""
+        return prompt_token_counts(self.config, self.get_input_embeddings(), input_ids, attention_mask, inputs_embeds)
+
+    def generate(self, *args, **kwargs) -> torch.LongTensor | ModelOutput:
+        """`GenerationMixin.generate`, plus the per-sample VISOR report.
+
+        After the call, `model.last_visor_report` (and `output.visor_report` when `return_dict_in_generate=True`)
+        is a `VisorFlopsReport`: configuration and analytical FLOPs (prefill, every decoding step, dense reference)
+        of each returned sequence. None when generating without a cache.
+        """
+        self.last_visor_report = None
+        self._visor_generation_cache = None
+        prompt = next(
+            (p for p in (kwargs.get("input_ids"), kwargs.get("inputs"), args[0] if args else None, kwargs.get("inputs_embeds")) if p is not None),
+            None,
+        )
+        cache_in = kwargs.get("past_key_values")
+        continuing = isinstance(cache_in, VisorCache) and cache_in.visor_state is not None
+        if kwargs.get("visor_budget") is not None and not continuing and isinstance(prompt, torch.Tensor):
+            # decide once, on the prompt: without a cache every step re-runs the prefill on a longer text, whose
+            # budget could pick another configuration (or none) halfway through the answer
+            embeds = prompt.is_floating_point()
+            counts = self._prompt_token_counts(None if embeds else prompt, kwargs.get("attention_mask"), prompt if embeds else None)
+            kwargs["visor_configuration"] = budget_request(self.config, kwargs.pop("visor_budget"), kwargs.get("visor_configuration"), counts)
+        try:
+            output = super().generate(*args, **kwargs)
+            cache = self._visor_generation_cache
+        finally:
+            self._visor_generation_cache = None
+        sequences = output if isinstance(output, torch.Tensor) else output.sequences
+        state = cache.visor_state if isinstance(cache, VisorCache) else None
+        report = generation_report(self.config, state, prompt.shape[0] if prompt is not None else None, sequences.shape[0])
+        self.last_visor_report = report
+        if isinstance(output, ModelOutput):
+            output["visor_report"] = report
+            if report is not None:  # the names the forward output uses, for the returned sequences
+                output["visor_configurations"] = list(report.configurations)
+                output["configuration_index"] = torch.tensor(report.configuration_index, dtype=torch.long)
+        return output
+
+    def _expand_images_per_sample(self, expand_size, input_ids, model_kwargs) -> dict:
+        """Expand `pixel_values`/`image_sizes` sample by sample (all images of a sample, then again for each copy).
+
+        `generate` repeats every tensor row by row, which is right only with one image per sample: with several, the
+        copies of a sample would get the images in the wrong order. Images per sample come from `batch_num_images`
+        (when it has one entry per sample), else from the runs of image tokens in `input_ids`, else (adjacent images,
+        as LLaVA-OV's chat template puts them, form one run) by matching each sample's image tokens with the images'
+        feature lengths. Pops and returns the expanded tensors (empty: nothing to do).
+        """
+        pixel_values = model_kwargs.get("pixel_values")
+        if expand_size <= 1 or not isinstance(pixel_values, torch.Tensor):
+            return {}
+        embeds = model_kwargs.get("inputs_embeds")
+        if input_ids is not None and input_ids.shape[1] > 0:
+            image = input_ids == self.config.image_token_id
+        elif isinstance(embeds, torch.Tensor):  # placeholders found as LLaVA-OV finds them in embeddings
+            image = embedded_token_mask(self.get_input_embeddings(), embeds, [self.config.image_token_id])
+        else:
+            return {}
+        images, batch = pixel_values.shape[0], image.shape[0]
+        counts = model_kwargs.get("batch_num_images")
+        if counts is not None:
+            counts = torch.as_tensor(counts).flatten().tolist()
+        if counts is None or len(counts) != batch or sum(counts) != images:
+            starts = image & ~nn.functional.pad(image[:, :-1], (1, 0), value=False)
+            counts = starts.sum(1).tolist()  # once per generate call
+            if sum(counts) != images:
+                counts = self._images_per_sample(pixel_values, image.sum(1).tolist(), model_kwargs)
+        if all(c == 1 for c in counts):
+            return {}
+        first = [sum(counts[:i]) for i in range(len(counts))]
+        order = [first[i] + k for i, c in enumerate(counts) for _ in range(expand_size) for k in range(c)]
+        order = torch.tensor(order, device=pixel_values.device)
+        expanded = {"pixel_values": model_kwargs.pop("pixel_values").index_select(0, order)}
+        if isinstance(model_kwargs.get("image_sizes"), torch.Tensor):
+            sizes = model_kwargs.pop("image_sizes")
+            expanded["image_sizes"] = sizes.index_select(0, order.to(sizes.device))
+        return expanded
+
+    def _images_per_sample(self, pixel_values, image_tokens: list[int], model_kwargs) -> list[int]:
+        """Images of each sample, from the feature length of every image (one extra vision pass, only for
+        adjacent images without `batch_num_images`): images fill the samples' image tokens in order."""
+        options = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio", "batch_num_images")
+        with torch.no_grad():
+            features = self.model.get_image_features(
+                pixel_values, model_kwargs.get("image_sizes"), return_dict=True,
+                **{key: model_kwargs[key] for key in options if model_kwargs.get(key) is not None},
+            ).pooler_output
+        lengths = [f.shape[0] for f in features]
+        counts, next_image = [], 0
+        for tokens in image_tokens:
+            taken, first = 0, next_image
+            while taken < tokens and next_image < len(lengths):
+                taken += lengths[next_image]
+                next_image += 1
+            if taken != tokens:
+                raise ValueError(
+                    f"the images' features ({lengths} tokens each) do not fill the samples' image tokens "
+                    f"({image_tokens} per sample)"
+                )
+            counts.append(next_image - first)
+        if next_image != len(lengths):
+            raise ValueError(f"{len(lengths)} images were given for {next_image} images' worth of image tokens ({image_tokens} per sample)")
+        return counts
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, VisorCache) and cache.get_seq_length() == 0:
+            model_kwargs["past_key_values"] = VisorCache(config=self.config.text_config)
+        # kept for the report that `generate` builds when it returns (dropped right after)
+        self._visor_generation_cache = model_kwargs.get("past_key_values")
+
+    def _get_candidate_generator(self, *args, **kwargs):
+        generator = super()._get_candidate_generator(*args, **kwargs)
+        assistant = kwargs.get("assistant_model")
+        assistant_kwargs = getattr(generator, "assistant_kwargs", None)
+        if assistant is not None and isinstance(assistant_kwargs, dict):
+            # the draft gets copies of the target's inputs: drop those it does not take (VISOR's configuration
+            # request; the images for a text-only draft, as LLaVA-OV's generate, which pre-encodes them, does)
+            accepted = set(inspect.signature(assistant.forward).parameters)
+            for key in _TARGET_ONLY_GENERATE_KWARGS:
+                if key not in accepted:
+                    assistant_kwargs.pop(key, None)
+        return generator
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        images = self._expand_images_per_sample(expand_size, input_ids, model_kwargs)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs.update(images)
+        request = model_kwargs.get("visor_configuration")
+        if expand_size > 1 and is_per_sample(request):
+            # a per-sample request follows its sample into the beams / returned sequences
+            model_kwargs["visor_configuration"] = [v for v in request for _ in range(expand_size)]
+        budget = model_kwargs.get("visor_budget")
+        if expand_size > 1 and isinstance(budget, (list, tuple)):
+            model_kwargs["visor_budget"] = [b for b in budget for _ in range(expand_size)]
+        return input_ids, model_kwargs
+
+
+__all__ = ["VisorGenerationMixin"]

@@ -1,0 +1,217 @@
+"""The layer plan of VISOR and the one step function that runs a layer, at prefill and while decoding.
+
+For every LLM layer and sample the plan says what runs (see docs/model.md, "The engine: a layer plan and one step function"):
+
+- a *cross-attention* (CA) block before the layer, when the layer is a CA layer and there are visual tokens;
+- the decoder layer over the whole sequence (layout ``"full"``), when it is an SA layer of at least one sample's
+  configuration; samples for which the layer is off do not see the visual keys (a mask), and keep their visual
+  states;
+- else the decoder layer over the text tokens only (layout ``"text"``).
+
+The plan is built once per forward from the configuration and the per-sample requests; at prefill the router
+completes it at `router_layer` (samples that asked for "auto" run, until then, the SA layers that every
+configuration holds). It owns the attention masks, keyed by layout as qwen2 keys its masks by layer type, and the
+cross-attention keys/values of the visual stream. Prefill and decoding differ only in their inputs: at prefill the
+visual tokens are a stream of their own; while decoding they live in the cache and every new token is text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .cache_visor import FULL, TEXT
+from .streams_visor import gather_tokens, merge_streams
+
+
+def to_attention_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean `[B, Q, K]` (True = attend) to the 4D mask the attention implementation takes."""
+    allowed = allowed[:, None]
+    if implementation == "eager":
+        return torch.zeros((), dtype=dtype, device=allowed.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
+def hide_keys(hidden: torch.Tensor) -> Callable:
+    """A mask function for `create_causal_mask(and_mask_function=...)`: no query sees the keys `hidden` ([B, K],
+    True = hidden), so the mask is built with the constraint instead of edited afterwards."""
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        return ~hidden[batch_idx, kv_idx]
+
+    return inner
+
+
+@dataclass
+class CrossAttentionInputs:
+    """What the CA blocks of one forward share: the mask over the visual stream and which text tokens see any
+    visual token (`has_key`, `[B, Q, 1]` in the hidden dtype; a text token that sees none gets nothing added)."""
+
+    mask: torch.Tensor
+    has_key: torch.Tensor
+
+    @classmethod
+    def from_allowed(cls, allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> CrossAttentionInputs:
+        """From a boolean `[B, Q, N_vis]` (text token q may see visual token j)."""
+        has_key = allowed.any(-1, keepdim=True)
+        return cls(to_attention_mask(allowed | ~has_key, implementation, dtype), has_key.to(dtype))
+
+
+@dataclass
+class VisorStreams:
+    """The token streams a layer reads and writes, with their positions and rotary embeddings.
+
+    At prefill: the text stream and the visual stream (compact, right-aligned; `*_index` are their positions in the
+    original sequence of `length` tokens). While decoding: the new (text) tokens only, `visual` is None.
+    """
+
+    text: torch.Tensor
+    text_positions: torch.Tensor
+    text_rotary: tuple[torch.Tensor, torch.Tensor]
+    full_positions: torch.Tensor
+    full_rotary: tuple[torch.Tensor, torch.Tensor] | None
+    length: int
+    visual: torch.Tensor | None = None
+    text_index: torch.Tensor | None = None
+    visual_index: torch.Tensor | None = None
+    visual_segments: torch.Tensor | None = None
+    text_valid: torch.Tensor | None = None  # [B, N_text] slots holding a real token (not padding either)
+    visual_filled: torch.Tensor | None = None  # [B, N_vis] slots holding a visual token
+
+    def merged(self) -> torch.Tensor:
+        """The hidden states in the original order (the new tokens alone while decoding)."""
+        if self.visual is None or (self.visual.shape[1] == 0 and self.text.shape[1] == self.length):
+            return self.text
+        return merge_streams(self.text, self.text_index, self.visual, self.visual_index, self.length)
+
+    def split(self, merged: torch.Tensor, keeps_visual: torch.Tensor | None) -> None:
+        """Take a full-sequence layer's output back into the streams; samples in `keeps_visual` ([B] bool, for
+        which the layer was off) keep their visual states."""
+        if self.visual is None:
+            self.text = merged
+            return
+        self.text = gather_tokens(merged, self.text_index)
+        updated = gather_tokens(merged, self.visual_index)
+        self.visual = updated if keeps_visual is None else torch.where(keeps_visual[:, None, None], self.visual, updated)
+
+
+@dataclass
+class VisorLayerPlan:
+    """What runs at every layer for every sample, and the masks and cross-attention inputs that this needs.
+
+    layer_sets: the SA layers of each sample (provisional for `pending` samples until the router has run).
+    layouts: per layer, `"full"` or `"text"` (the cache slot's layout). At prefill it is decided layer by layer as
+        the loop reaches it (the router may still change later layers); while decoding it is the cache's.
+    masks: self-attention masks keyed by layout (`"full"` / `"text"`), and for full layers that some samples skip by
+        which samples run them (prefill) or by layer (decoding); built on first use by `mask_factory(layout,
+        layer_idx, and_mask_function)`.
+    visual_keys: `[B, K]` the keys of the full sequence that are visual tokens (prefill; hidden from the samples
+        whose configuration does not hold the layer).
+    hidden_keys_for: while decoding, `[B, K]` the keys a full layer hides (the cache's `visual_keys_for`: a device
+        copy of the configurations, so no host sync per step).
+    cross: the inputs of the CA blocks (None without visual tokens or without CA layers).
+    cross_kv: cross-attention keys/values per CA layer (computed at prefill, the cache's while decoding).
+    """
+
+    layer_sets: list[tuple[int, ...]]
+    layouts: list[str]
+    mask_factory: Callable[[str, int, Callable | None], torch.Tensor | None]
+    visual_keys: torch.Tensor | None
+    has_visual: bool
+    prefill: bool
+    pending: list[int] = field(default_factory=list)
+    router_layer: int | None = None
+    hidden_keys_for: Callable[[int], torch.Tensor] | None = None
+    cross: CrossAttentionInputs | None = None
+    cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    masks: dict = field(default_factory=dict)
+
+    def runs(self, layer_idx: int) -> list[bool]:
+        """Per sample: does the layer run over the whole sequence (host side, from the configurations)."""
+        return [layer_idx in layers for layers in self.layer_sets]
+
+    def layout(self, layer_idx: int) -> str:
+        if self.prefill:
+            self.layouts[layer_idx] = FULL if self.has_visual and any(self.runs(layer_idx)) else TEXT
+        return self.layouts[layer_idx]
+
+    def mask(self, key, layer_idx: int, layout: str, and_mask_function: Callable | None = None) -> torch.Tensor | None:
+        """The mask stored under `key`, built on first use, when `layer_idx` (a layer of that layout) is about to run
+        (so that a mask sized on the cache sees the slot before this step's tokens)."""
+        if key not in self.masks:
+            self.masks[key] = self.mask_factory(layout, layer_idx, and_mask_function)
+        return self.masks[key]
+
+    def keeps_visual(self, layer_idx: int) -> torch.Tensor | None:
+        """`[B]` samples for which a full layer is off (they keep their visual states), None when it runs for all.
+        While decoding there is no visual stream to keep: None."""
+        if not self.prefill:
+            return None
+        runs = self.runs(layer_idx)
+        return None if all(runs) else torch.tensor([not r for r in runs], device=self.visual_keys.device)
+
+    def attention_mask(self, layer_idx: int, layout: str) -> torch.Tensor | None:
+        """The self-attention mask of a layer: its layout's, with the visual keys hidden from the samples whose
+        configuration does not hold the layer."""
+        if layout == TEXT:
+            return self.mask(TEXT, layer_idx, TEXT)
+        if self.prefill:
+            runs = self.runs(layer_idx)
+            if all(runs):
+                return self.mask(FULL, layer_idx, FULL)
+            off = torch.tensor([not r for r in runs], device=self.visual_keys.device)
+            return self.mask((FULL, tuple(runs)), layer_idx, FULL, hide_keys(self.visual_keys & off[:, None]))
+        # decoding: the cache's device copy of the configurations (reordered with the beams), no host sync
+        return self.mask((FULL, layer_idx), layer_idx, FULL, hide_keys(self.hidden_keys_for(layer_idx)))
+
+    def complete(self, chosen: list[int], configurations, fallback: tuple[int, ...]) -> None:
+        """The router's choice (configuration index per sample, -1: none) for the samples still pending."""
+        for i in self.pending:
+            self.layer_sets[i] = tuple(configurations[chosen[i]]) if chosen[i] >= 0 else fallback
+        self.pending = []
+
+    def cross_attends(self, layer_idx: int, streams: VisorStreams) -> bool:
+        """A CA layer's block runs when the forward has visual tokens: in the visual stream, or in the cache."""
+        return self.cross is not None and (layer_idx in self.cross_kv or streams.visual is not None)
+
+    def wants_router(self, layer_idx: int, output_router_logits: bool) -> bool:
+        return layer_idx == self.router_layer and bool(self.pending or output_router_logits)
+
+
+def cross_attention_step(plan: VisorLayerPlan, layer_idx: int, streams: VisorStreams, block: nn.Module) -> None:
+    """`t = t + CA(norm(t), pos(v))` before the layer; the visual keys/values are computed once (at prefill)."""
+    if layer_idx not in plan.cross_kv:
+        plan.cross_kv[layer_idx] = block.visual_key_values(streams.visual, streams.visual_segments)
+    key_states, value_states = plan.cross_kv[layer_idx]
+    streams.text = block(streams.text, key_states, value_states, plan.cross.mask, plan.cross.has_key)
+
+
+def run_layer(
+    plan: VisorLayerPlan, layer_idx: int, streams: VisorStreams, cache, decoder_layer: nn.Module,
+    cross_block: nn.Module | None = None, **kwargs,
+) -> str:
+    """One LLM layer for the whole batch, at prefill and while decoding: the CA block (if any), then the decoder
+    layer over the full sequence or over the text tokens. Returns the layer's layout."""
+    if cross_block is not None and plan.cross_attends(layer_idx, streams):
+        cross_attention_step(plan, layer_idx, streams, cross_block)
+    layout = plan.layout(layer_idx)
+    mask = plan.attention_mask(layer_idx, layout)
+    common = {"past_key_values": cache, "use_cache": cache is not None, **kwargs}
+    if layout == FULL:
+        merged = decoder_layer(
+            streams.merged(), attention_mask=mask, position_embeddings=streams.full_rotary,
+            position_ids=streams.full_positions, **common,
+        )
+        streams.split(merged, plan.keeps_visual(layer_idx))
+    else:
+        streams.text = decoder_layer(
+            streams.text, attention_mask=mask, position_embeddings=streams.text_rotary,
+            position_ids=streams.text_positions, **common,
+        )
+    return layout
+
+
+__all__ = ["CrossAttentionInputs", "VisorLayerPlan", "VisorStreams", "hide_keys", "run_layer", "to_attention_mask"]
