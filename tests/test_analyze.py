@@ -45,12 +45,12 @@ def test_known_pattern_is_recovered():
 
 
 def test_suggested_layout_is_accepted_by_convert():
-    from visor_hf.commands.convert import _layers
     from visor_hf.conversion.convert import resolve_layout
+    from visor_hf.modeling.requests_visor import parse_layers
 
     result = run_layer_drop(lambda s: [7 in s, 3 in s], [0, 3, 5, 7], layer_subsets([0, 3, 5, 7]), ["a", "b"], [], 8)
     command = result.suggest_layout()["command"].split()
-    ca, sa = _layers(command[1]), _layers(command[3])
+    ca, sa = parse_layers(command[1]), parse_layers(command[3])
     layout = resolve_layout(8, ca, sa)
     assert layout["self_attention_layers"] == [3, 7] and layout["cross_attention_layers"] == [0]
 

@@ -11,13 +11,12 @@ from pathlib import Path
 
 def _subsets(text: str) -> list[tuple[int, ...]]:
     """`"1,3;6,7;"` -> [(1, 3), (6, 7), ()]: the given subsets of layers that keep vision (`;` between subsets)."""
-    out = []
-    for item in text.split(";"):
-        try:
-            out.append(tuple(sorted(int(t) for t in item.replace(",", " ").split())))
-        except ValueError as error:
-            raise argparse.ArgumentTypeError(f"--layers takes layer lists like '1,3;6,7;' (';' between subsets), got {text!r}") from error
-    return out
+    from ..modeling.requests_visor import parse_layers
+
+    try:
+        return [tuple(sorted(parse_layers(item))) for item in text.split(";")]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"--layers takes layer lists like '1,3;6,7;' (';' between subsets), got {text!r}") from error
 
 
 def add_parser(subparsers) -> None:

@@ -3,11 +3,10 @@ against the loaded model. Kept free of lmms-eval so that it is testable on its o
 
 from __future__ import annotations
 
-import argparse
 import inspect
 from dataclasses import dataclass
 
-from ..commands.toy import _check_configuration, parse_configuration
+from ..modeling.requests_visor import check_configuration, parse_configuration
 
 
 @dataclass
@@ -38,7 +37,7 @@ def _configuration(value) -> str | int | list[int]:
         return value
     try:
         return parse_configuration(str(value).replace(";", ","))
-    except argparse.ArgumentTypeError as error:
+    except ValueError as error:
         raise ValueError(str(error).replace("--configuration", "visor_configuration")) from error
 
 
@@ -68,9 +67,10 @@ def check_options(options: VisorOptions, model) -> None:
     "auto"/a threshold, a model that does not take `visor_router_threshold` yet)."""
     config = model.config
     if options.configuration is not None:
-        problem = _check_configuration(options.configuration, config)
-        if problem:
-            raise ValueError(f"visor_configuration: {problem.replace('--configuration', 'visor_configuration=')}")
+        try:
+            check_configuration(config, options.configuration)
+        except ValueError as error:
+            raise ValueError(f"visor_configuration: {error}") from error
     if options.router_threshold is not None:
         accepted = inspect.signature(model.forward).parameters
         if "visor_router_threshold" not in accepted:
