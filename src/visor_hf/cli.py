@@ -7,11 +7,11 @@ import os
 import sys
 
 from . import __version__
-from .commands import convert, demo, label, search, toy, train, train_router, verify
+from .commands import analyze, convert, demo, label, lmms_tasks, search, toy, train, train_router, verify
 from .commands import evaluate as evaluate_command
 
 # Each command module exposes `add_parser(subparsers)`, which registers its subcommand with `func=run`.
-COMMANDS = [demo, convert, verify, train, search, label, train_router, evaluate_command, toy]
+COMMANDS = [demo, convert, verify, train, search, label, train_router, evaluate_command, toy, lmms_tasks, analyze]
 
 
 def build_parser() -> argparse.ArgumentParser:
