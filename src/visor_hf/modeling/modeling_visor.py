@@ -386,7 +386,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             cache.start_prompt(
                 layouts=plan.layouts, cross_kv=plan.cross_kv, active=active, configurations=configurations,
                 configuration_index=configuration_index, text_valid=streams.text_valid, full_valid=valid,
-                full_visual=visual_mask, visual_valid=streams.visual_filled,
+                full_visual=visual_mask, visual_valid=streams.visual_valid,
             )
         return VisorModelOutputWithPast(
             last_hidden_state=hidden,
@@ -409,6 +409,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         text = gather_tokens(inputs_embeds, text_index)
         text_positions = gather_tokens(position_ids, text_index)
         has_visual = visual_index.shape[1] > 0
+        # a visual token the attention mask hides is, for the CA blocks, absent (their mask and convolution skip it)
+        visual_valid = visual_filled & gather_tokens(valid, visual_index)
         return VisorStreams(
             text=text,
             text_positions=text_positions,
@@ -419,9 +421,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             visual=gather_tokens(inputs_embeds, visual_index),
             text_index=text_index,
             visual_index=visual_index,
-            visual_segments=torch.where(visual_filled, gather_tokens(segments, visual_index), -1),
+            visual_segments=torch.where(visual_valid, gather_tokens(segments, visual_index), -1),
             text_valid=text_filled & gather_tokens(valid, text_index),
-            visual_filled=visual_filled,
+            visual_valid=visual_valid,
         )
 
     def _prefill_plan(self, streams, visual_mask, attention_mask, position_ids, inputs_embeds, cache, request) -> VisorLayerPlan:
@@ -450,7 +452,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         cross = None
         if has_visual and config.cross_attention_layers:
             # text token i sees visual token j only if j comes before i in the original sequence
-            allowed = streams.visual_filled[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
+            allowed = streams.visual_valid[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
             cross = CrossAttentionInputs.from_allowed(allowed, config.text_config._attn_implementation, streams.text.dtype)
         return VisorLayerPlan(
             layer_sets=[provisional if r == AUTO else r for r in requests],

@@ -79,7 +79,7 @@ class VisorStreams:
     visual_index: torch.Tensor | None = None
     visual_segments: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None  # [B, N_text] slots holding a real token (not padding either)
-    visual_filled: torch.Tensor | None = None  # [B, N_vis] slots holding a visual token
+    visual_valid: torch.Tensor | None = None  # [B, N_vis] slots holding a visual token the attention mask shows
 
     def merged(self) -> torch.Tensor:
         """The hidden states in the original order (the new tokens alone while decoding)."""
