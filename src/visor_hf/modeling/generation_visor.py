@@ -47,9 +47,12 @@ class VisorGenerationMixin(GenerationMixin):
         """The report of the last `generate` call of this thread with this model (None before, or without a cache)."""
         return _thread_slots("reports").get(self)
 
-    def _prompt_token_counts(self, input_ids, attention_mask, inputs_embeds=None) -> tuple[list[int], list[int]] | None:
+    def _prompt_token_counts(
+        self, input_ids, attention_mask, inputs_embeds=None, visual_inputs: bool = True
+    ) -> tuple[list[int], list[int]] | None:
         """Real text and visual tokens of each prompt (see `report_visor.prompt_token_counts`)."""
-        return prompt_token_counts(self.config, self.get_input_embeddings(), input_ids, attention_mask, inputs_embeds)
+        embeddings = self.get_input_embeddings()
+        return prompt_token_counts(self.config, embeddings, input_ids, attention_mask, inputs_embeds, visual_inputs)
 
     def generate(self, *args, **kwargs) -> torch.LongTensor | ModelOutput:
         """`GenerationMixin.generate`, plus the per-sample VISOR report.
@@ -70,7 +73,10 @@ class VisorGenerationMixin(GenerationMixin):
             # decide once, on the prompt: without a cache every step re-runs the prefill on a longer text, whose
             # budget could pick another configuration (or none) halfway through the answer
             embeds = prompt.is_floating_point()
-            counts = self._prompt_token_counts(None if embeds else prompt, kwargs.get("attention_mask"), prompt if embeds else None)
+            visual_inputs = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
+            counts = self._prompt_token_counts(
+                None if embeds else prompt, kwargs.get("attention_mask"), prompt if embeds else None, visual_inputs
+            )
             kwargs["visor_configuration"] = budget_request(self.config, kwargs.pop("visor_budget"), kwargs.get("visor_configuration"), counts)
         try:
             output = super().generate(*args, **kwargs)

@@ -569,7 +569,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
         # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
         wants_counts = prefill and (visor_budget is not None or not self.training)
-        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds) if wants_counts else None
+        visual_inputs = pixel_values is not None or pixel_values_videos is not None or bool(kwargs.get("mm_encoder_outputs"))
+        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds, visual_inputs) if wants_counts else None
         if prefill and visor_budget is not None:
             visor_configuration = budget_request(self.config, visor_budget, visor_configuration, counts)
         outputs = self.model(
