@@ -260,6 +260,33 @@ def test_two_threads_generating_with_one_model_get_their_own_reports(visor):
     assert results["second"][1] is results["second"][0]
 
 
+def test_without_a_cache_a_generated_routing_token_does_not_re_route(llava):
+    """With `use_cache=False` every step re-runs the whole sequence; the configuration decided on the prompt still
+    holds for the whole answer (as with a cache), even when the answer itself holds a routing token. Here the prompt
+    has none (so the default configuration runs) and the router would pick another one from the answer's."""
+    model = visor_from_llava(llava, **{**LAYOUT, "default_configuration": 0})
+    _force_router(model, [0.0, 0.0, 5.0])
+    sample = {"text": [*word_ids("user"), "<image>", *word_ids("what is the colour ?")], "images": [(16, 16)]}
+    batch = build_batch(model, [sample, ONE_IMAGE])
+    prompt_length = batch["input_ids"].shape[1]
+
+    class RouteAtStep:  # the answer's second token is the routing token
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == prompt_length + 1:
+                scores = torch.full_like(scores, -1e9)
+                scores[:, ROUTE_ID] = 0
+            return scores
+
+    kwargs = dict(logits_processor=LogitsProcessorList([RouteAtStep()]), output_logits=True)
+    cached = _generate(model, batch, use_cache=True, **kwargs)
+    uncached = _generate(model, batch, use_cache=False, **kwargs)
+    assert cached.visor_configurations == [(0,), (0, 2, 3, 5)]
+    assert (cached.sequences[:, prompt_length + 1] == ROUTE_ID).all()
+    assert torch.equal(uncached.sequences, cached.sequences)
+    for got, want in zip(uncached.logits, cached.logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_later_steps_ignore_visor_configuration(visor):
     batch = build_batch(visor, [ONE_IMAGE])
     with torch.no_grad():

@@ -166,6 +166,15 @@ class VisorGenerationMixin(GenerationMixin):
         # kept for the report that `generate` builds when it returns (dropped right after)
         _thread_slots("caches")[self] = model_kwargs.get("past_key_values")
 
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        configurations = getattr(outputs, "visor_configurations", None)
+        if configurations and getattr(outputs, "past_key_values", None) is None:
+            # without a cache every step re-runs the prefill over prompt and answer: keep the configuration decided
+            # on the prompt (a routing token in the answer must not re-route it), as a cache would
+            model_kwargs["visor_configuration"] = [tuple(layers) for layers in configurations]
+        return model_kwargs
+
     def _get_candidate_generator(self, *args, **kwargs):
         generator = super()._get_candidate_generator(*args, **kwargs)
         assistant = kwargs.get("assistant_model")
