@@ -339,18 +339,18 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         """Every LLM layer, as qwen2's loop: the plan says what runs; the CA block sits inside `run_layer`, the
         router is the visible step after its layer."""
         layers = self.backbone_layers()[: len(plan.layouts)]
-        def text_stream(layer_idx: int):  # prefill: a text-layout layer's map is laid out in the original order
-            if streams.text_index is None or plan.layouts[layer_idx] != TEXT:
-                return None
-            return streams.text_index, streams.length
-
-        with capture_attentions(layers, capture.attentions is not None, text_stream) as captured:
+        # a layer that ran over the text stream lays its attention map out in the original order
+        laid_out = capture_attentions(layers, capture.attentions is not None, lambda i: streams.compact_text(plan.layouts[i]))
+        with laid_out as captured:
             for layer_idx, decoder_layer in enumerate(layers):
-                block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
-                run_layer(plan, layer_idx, streams, cache, decoder_layer, block, **kwargs)
+                run_layer(plan, layer_idx, streams, cache, decoder_layer, self._cross_attention_block(layer_idx), **kwargs)
                 capture.record(streams, captured)
                 if router is not None and plan.wants_router(layer_idx, router.always):
                     self._router_step(plan, streams, router)
+
+    def _cross_attention_block(self, layer_idx: int) -> VisorCrossAttentionBlock | None:
+        key = str(layer_idx)
+        return self.cross_attention_blocks[key] if key in self.cross_attention_blocks else None
 
     def _router_step(self, plan: VisorLayerPlan, streams: VisorStreams, router: RouterInputs) -> None:
         """Score the routing tokens; the samples that asked for "auto" get the configuration the router picks."""

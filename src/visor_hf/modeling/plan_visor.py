@@ -87,6 +87,13 @@ class VisorStreams:
             return self.text
         return merge_streams(self.text, self.text_index, self.visual, self.visual_index, self.length)
 
+    def compact_text(self, layout: str) -> tuple[torch.Tensor, int] | None:
+        """For a layer of `layout` at prefill that ran over the text stream: the stream's positions and the sequence
+        length (how its attention map is laid out in the original order); None otherwise."""
+        if self.text_index is None or layout != TEXT:
+            return None
+        return self.text_index, self.length
+
     def split(self, merged: torch.Tensor, keeps_visual: torch.Tensor | None) -> None:
         """Take a full-sequence layer's output back into the streams; samples in `keeps_visual` ([B] bool, for
         which the layer was off) keep their visual states."""
