@@ -135,6 +135,7 @@ class VisorLayerPlan:
     cross: CrossAttentionInputs | None = None
     cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
+    skipping: dict = field(default_factory=dict)  # [B] samples that skip a full layer, per set of running samples
 
     def runs(self, layer_idx: int) -> list[bool]:
         """Per sample: does the layer run over the whole sequence (host side, from the configurations)."""
@@ -157,8 +158,12 @@ class VisorLayerPlan:
         While decoding there is no visual stream to keep: None."""
         if not self.prefill:
             return None
-        runs = self.runs(layer_idx)
-        return None if all(runs) else torch.tensor([not r for r in runs], device=self.visual_keys.device)
+        runs = tuple(self.runs(layer_idx))
+        if all(runs):
+            return None
+        if runs not in self.skipping:  # one host-to-device copy per set of running samples, not per layer
+            self.skipping[runs] = torch.tensor([not r for r in runs], device=self.visual_keys.device)
+        return self.skipping[runs]
 
     def attention_mask(self, layer_idx: int, layout: str) -> torch.Tensor | None:
         """The self-attention mask of a layer: its layout's, with the visual keys hidden from the samples whose
@@ -166,11 +171,10 @@ class VisorLayerPlan:
         if layout == TEXT:
             return self.mask(TEXT, layer_idx, TEXT)
         if self.prefill:
-            runs = self.runs(layer_idx)
-            if all(runs):
+            off = self.keeps_visual(layer_idx)
+            if off is None:
                 return self.mask(FULL, layer_idx, FULL)
-            off = torch.tensor([not r for r in runs], device=self.visual_keys.device)
-            return self.mask((FULL, tuple(runs)), layer_idx, FULL, hide_keys(self.visual_keys & off[:, None]))
+            return self.mask((FULL, tuple(self.runs(layer_idx))), layer_idx, FULL, hide_keys(self.visual_keys & off[:, None]))
         # decoding: the cache's device copy of the configurations (reordered with the beams), no host sync
         return self.mask((FULL, layer_idx), layer_idx, FULL, hide_keys(self.hidden_keys_for(layer_idx)))
 
