@@ -341,18 +341,18 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         """Every LLM layer, as qwen2's loop: the plan says what runs; the CA block sits inside `run_layer`, the
         router is the visible step after its layer."""
         layers = self.backbone_layers()[: len(plan.layouts)]
-        def text_stream(layer_idx: int):  # prefill: a text-layout layer's map is laid out in the original order
-            if streams.text_index is None or plan.layouts[layer_idx] != TEXT:
-                return None
-            return streams.text_index, streams.length
-
-        with capture_attentions(layers, capture.attentions is not None, text_stream) as captured:
+        # a layer that ran over the text stream lays its attention map out in the original order
+        laid_out = capture_attentions(layers, capture.attentions is not None, lambda i: streams.compact_text(plan.layouts[i]))
+        with laid_out as captured:
             for layer_idx, decoder_layer in enumerate(layers):
-                block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
-                run_layer(plan, layer_idx, streams, cache, decoder_layer, block, **kwargs)
+                run_layer(plan, layer_idx, streams, cache, decoder_layer, self._cross_attention_block(layer_idx), **kwargs)
                 capture.record(streams, captured)
                 if router is not None and plan.wants_router(layer_idx, router.always):
                     self._router_step(plan, streams, router)
+
+    def _cross_attention_block(self, layer_idx: int) -> VisorCrossAttentionBlock | None:
+        key = str(layer_idx)
+        return self.cross_attention_blocks[key] if key in self.cross_attention_blocks else None
 
     def _router_step(self, plan: VisorLayerPlan, streams: VisorStreams, router: RouterInputs) -> None:
         """Score the routing tokens; the samples that asked for "auto" get the configuration the router picks."""
@@ -388,7 +388,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             cache.start_prompt(
                 layouts=plan.layouts, cross_kv=plan.cross_kv, active=active, configurations=configurations,
                 configuration_index=configuration_index, text_valid=streams.text_valid, full_valid=valid,
-                full_visual=visual_mask, visual_valid=streams.visual_filled,
+                full_visual=visual_mask, visual_valid=streams.visual_valid,
             )
         return VisorModelOutputWithPast(
             last_hidden_state=hidden,
@@ -411,6 +411,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         text = gather_tokens(inputs_embeds, text_index)
         text_positions = gather_tokens(position_ids, text_index)
         has_visual = visual_index.shape[1] > 0
+        # a visual token the attention mask hides is, for the CA blocks, absent (their mask and convolution skip it)
+        visual_valid = visual_filled & gather_tokens(valid, visual_index)
         return VisorStreams(
             text=text,
             text_positions=text_positions,
@@ -421,9 +423,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             visual=gather_tokens(inputs_embeds, visual_index),
             text_index=text_index,
             visual_index=visual_index,
-            visual_segments=torch.where(visual_filled, gather_tokens(segments, visual_index), -1),
+            visual_segments=torch.where(visual_valid, gather_tokens(segments, visual_index), -1),
             text_valid=text_filled & gather_tokens(valid, text_index),
-            visual_filled=visual_filled,
+            visual_valid=visual_valid,
         )
 
     def _prefill_plan(self, streams, visual_mask, attention_mask, position_ids, inputs_embeds, cache, request) -> VisorLayerPlan:
@@ -452,7 +454,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         cross = None
         if has_visual and config.cross_attention_layers:
             # text token i sees visual token j only if j comes before i in the original sequence
-            allowed = streams.visual_filled[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
+            allowed = streams.visual_valid[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
             cross = CrossAttentionInputs.from_allowed(allowed, config.text_config._attn_implementation, streams.text.dtype)
         return VisorLayerPlan(
             layer_sets=[provisional if r == AUTO else r for r in requests],
@@ -570,7 +572,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
         # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
         wants_counts = prefill and (visor_budget is not None or not self.training)
-        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds) if wants_counts else None
+        visual_inputs = pixel_values is not None or pixel_values_videos is not None or bool(kwargs.get("mm_encoder_outputs"))
+        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds, visual_inputs) if wants_counts else None
         if prefill and visor_budget is not None:
             visor_configuration = budget_request(self.config, visor_budget, visor_configuration, counts)
         outputs = self.model(

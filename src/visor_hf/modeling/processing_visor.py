@@ -89,16 +89,10 @@ class VisorProcessor(LlavaOnevisionProcessor):
         else:
             self.routing_token_id = None
         super().__init__(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=video_processor,
-            num_image_tokens=num_image_tokens,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            chat_template=chat_template,
-            image_token=image_token,
-            video_token=video_token,
-            vision_aspect_ratio=vision_aspect_ratio,
-            **kwargs,
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+            num_image_tokens=num_image_tokens, vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template, image_token=image_token, video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio, **kwargs,
         )
 
     @classmethod

@@ -17,17 +17,20 @@ from .streams_visor import embedded_token_mask
 
 def prompt_token_counts(
     config, embeddings: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-    inputs_embeds: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None, visual_inputs: bool = True,
 ) -> tuple[list[int], list[int]] | None:
     """Real text and visual tokens of each prompt (one host sync, at prefill only). Placeholders are found in
     `input_ids`, or in `inputs_embeds` as LLaVA-OV finds them (the image/video token's own embedding); None
-    without either."""
-    if input_ids is not None:
-        visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
-    elif inputs_embeds is not None:
-        visual = embedded_token_mask(embeddings, inputs_embeds, [config.image_token_id, config.video_token_id])
-    else:
+    without either. Without visual inputs (`visual_inputs=False`) placeholders run as text and count as text."""
+    source = input_ids if input_ids is not None else inputs_embeds
+    if source is None:
         return None
+    if not visual_inputs:
+        visual = torch.zeros(source.shape[:2], dtype=torch.bool, device=source.device)
+    elif input_ids is not None:
+        visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+    else:
+        visual = embedded_token_mask(embeddings, inputs_embeds, [config.image_token_id, config.video_token_id])
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
     counts = torch.stack([(valid & ~visual).sum(1), (valid & visual).sum(1)]).tolist()
     return counts[0], counts[1]
