@@ -378,7 +378,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             gather_tokens(routing_mask, streams.text_index) if routing_mask is not None else None,
             streams.text_valid, bool(output_router_logits),  # a routing token the attention mask hides is not read
         )
-        capture.record_input(streams)
+        capture.record_input(inputs_embeds)
         self._decoder_loop(plan, streams, cache, capture, router, kwargs)
         if plan.pending:  # the router never ran (no router layer reached): fall back to the default configuration
             plan.complete([-1] * batch, self.config.configurations, tuple(self.config.default_layers()))
@@ -499,7 +499,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             layer_sets=cache.configurations, layouts=cache.layouts, mask_factory=mask_factory, visual_keys=None,
             has_visual=bool(cross_kv), prefill=False, hidden_keys_for=cache.visual_keys_for, cross=cross, cross_kv=cross_kv,
         )
-        capture.record_input(streams)
+        capture.record_input(inputs_embeds)
         self._decoder_loop(plan, streams, cache, capture, None, kwargs)
         hidden = self.backbone_norm(streams.text)
         return VisorModelOutputWithPast(
