@@ -92,9 +92,11 @@ def test_pipeline_end_to_end(workdir, stage1):
     assert not any("lora" in k for k in weights(stage2))  # merged
     assert not list(stage2.glob("*.bin")) and not list((stage2 / "adapter").glob("*.bin"))
 
-    # search: exhaustive over the switchable layers (2 and 4), every candidate viable with threshold 1
+    # search: exhaustive over the switchable layers (2 and 4), every candidate viable with threshold 1; the pooled rule
+    # writes every viable one (the default per-group rule would thin them to the cheapest and the maximal)
     searched = workdir / "search"
-    assert main(["search", "--model", str(stage2), "--data", eval_data, "--output-dir", str(searched), "--threshold", "1.0"]) == 0
+    assert main(["search", "--model", str(stage2), "--data", eval_data, "--output-dir", str(searched), "--threshold", "1.0",
+                 "--rule", "pooled"]) == 0
     results = [json.loads(line) for line in (searched / "search_results.jsonl").read_text().splitlines()]
     assert sorted(r["layers"] for r in results) == [[], [2], [2, 4], [4]]
     for r in results:
@@ -138,6 +140,8 @@ def test_pipeline_end_to_end(workdir, stage1):
         keeping = [r for r in rows if float(r["correct"]) >= 0.99 * float(top["correct"])]
         assert entry["label"] == min(keeping, key=lambda r: (r["flops"], r["num_layers"], r["loss"]))["configuration"]
         assert entry["layers"] == config["configurations"][entry["label"]]
+        # the calibrated router's targets: does each configuration keep the maximal one's accuracy on the sample?
+        assert entry["targets"] == [float(float(r["correct"]) >= 0.99 * float(top["correct"])) for r in sorted(rows, key=lambda r: r["configuration"])]
     assert json.loads((labelled / "pseudo_label_summary.json").read_text())["samples"] == 8
 
     # router training: only the router changes; the report compares with always-max
@@ -149,6 +153,28 @@ def test_pipeline_end_to_end(workdir, stage1):
     report = json.loads((routed / "router_report.json").read_text())
     assert 0.0 <= report["router_accuracy"] <= 1.0
     assert report["average_flops_router"] <= report["average_flops_max"]
+    assert report["router_type"] == "argmax"
+
+    # the calibrated router: binary cross-entropy on the targets, type and threshold written into the config
+    calibrated = workdir / "router_calibrated"
+    assert main(["train-router", "--model", str(universal), "--data", data, "--labels", str(labelled), "--output-dir",
+                 str(calibrated), "--max-steps", "3", "--router-type", "calibrated", "--router-threshold", "0.8", *COMMON]) == 0
+    assert changed(weights(universal), weights(calibrated)) and all(k.startswith("model.router.") for k in changed(weights(universal), weights(calibrated)))
+    saved = json.loads((calibrated / "config.json").read_text())
+    assert saved["router_type"] == "calibrated" and saved["router_threshold"] == 0.8
+    assert 0.0 <= json.loads((calibrated / "router_report.json").read_text())["routed_configuration_keeps"] <= 1.0
+    # its curve: every configuration as a point and the router at each threshold (0: the cheapest, 1: the maximal)
+    assert main(["evaluate", "--model", str(calibrated), "--data", eval_data, "--curve", "--thresholds", "0,0.5,1",
+                 "--output-dir", str(workdir / "curve")]) == 0
+    curve = json.loads((workdir / "curve" / "curve.json").read_text())
+    points = {p["name"]: p for p in curve["points"]}
+    assert set(points) == {"fixed []", "fixed [2]", "fixed [4]", "fixed [2, 4]", "router t=0", "router t=0.5", "router t=1"}
+    assert points["router t=0"]["configuration_histogram"] == {"[]": 8} and points["router t=1"]["configuration_histogram"] == {"[2, 4]": 8}
+    assert points["router t=1"]["accuracy"] == points["fixed [2, 4]"]["accuracy"]
+    assert curve["lookup_agreement"] == 1.0 and (workdir / "curve" / "curve.png").is_file()
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(ValueError, match="visor_router_threshold"):
+            main(["evaluate", "--model", str(calibrated), "--data", eval_data, "--router-threshold", bad])
 
     # evaluation with the router and with a fixed configuration
     for configuration, name in (("auto", "eval_router"), ("max", "eval_max"), ("0", "eval_ca_only")):

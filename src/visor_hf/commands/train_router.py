@@ -23,6 +23,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size of the report")
     parser.add_argument("--dtype", default=None)
     parser.add_argument("--attn-implementation", default=None)
+    parser.add_argument("--router-type", choices=["argmax", "calibrated"], default=None,
+                        help="argmax: the paper's router (cross-entropy on the labels); calibrated: a probability per "
+                        "configuration that it keeps the maximal one's answer (binary cross-entropy on the targets). "
+                        "Default: the checkpoint's config.router_type")
+    parser.add_argument("--router-threshold", type=float, default=None, help="default threshold of a calibrated router, in [0, 1]")
     add_training_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -34,6 +39,7 @@ def run(args) -> int:
         args.model, args.data, args.labels, args.output_dir, eval_data=args.eval_data, eval_labels_path=args.eval_labels,
         training_args=training_args_from(args), seed=args.seed, image_root=args.image_root, batch_size=args.batch_size,
         dtype=args.dtype, attn_implementation=args.attn_implementation, resume_from_checkpoint=resume_value(args.resume_from_checkpoint),
+        router_type=args.router_type, router_threshold=args.router_threshold,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "train_metrics"}, indent=2))
     return 0

@@ -38,6 +38,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from .cache_visor import FULL, TEXT, VisorCache, VisorState
 from .configuration_visor import VisorConfig
 from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, select_by_budget
+from .routing_visor import resolve_router_threshold, select_configurations
 
 AUTO = "auto"
 # what `visor_configuration=` takes: an index, a list of SA layers, "max"/"auto", or one entry per sample
@@ -476,18 +477,10 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         batch_index = is_routing.nonzero()[:, 0]
         return self.router(text_states[is_routing]), batch_index
 
-    def _route(self, router_logits, batch_index, batch_size) -> list[int]:
-        """Configuration index per sample; the most expensive prediction of a sample's routing tokens wins
-        (ties: the higher index). -1 where a sample has no routing token."""
-        count = len(self.config.configurations)
-        if router_logits is None or router_logits.shape[0] == 0:
-            return [-1] * batch_size
-        cost = torch.tensor([len(c) for c in self.config.configurations], device=router_logits.device)
-        predicted = router_logits.argmax(-1)
-        score = cost[predicted] * count + predicted
-        best = torch.full((batch_size,), -1, dtype=score.dtype, device=score.device)
-        best = best.scatter_reduce(0, batch_index, score, reduce="amax", include_self=True)
-        return torch.where(best >= 0, best % count, -1).tolist()  # one host sync per prefill
+    def _route(self, router_logits, batch_index, batch_size, thresholds=None) -> list[int]:
+        """Configuration index per sample (arg-max, or calibrated with per-sample `thresholds`): see
+        `routing_visor.select_configurations`. -1 where a sample has no routing token."""
+        return select_configurations(router_logits, batch_index, batch_size, self.config.configurations, thresholds)
 
     # -- forward ---------------------------------------------------------------------------------------------------
 
@@ -512,6 +505,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         visor_configuration: ConfigurationRequest = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
+        visor_router_threshold: float | list[float] | torch.Tensor | None = None,
         **kwargs,
     ) -> VisorModelOutputWithPast:
         r"""
@@ -520,6 +514,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             decision taken at prefill holds for the whole generation.
         output_router_logits (`bool`, *optional*):
             Return the router's scores for every routing token even when no sample asks the router.
+        visor_router_threshold (`float`, or one per sample, *optional*):
+            Threshold of a calibrated router (default `config.router_threshold`); see `routing_visor.py`.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -570,7 +566,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
             return self._prefill(
                 input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs,
                 attention_mask, position_ids, cache, visor_configuration, output_hidden_states, output_router_logits,
-                kwargs,
+                kwargs, visor_router_threshold,
             )
         if pixel_values is not None or pixel_values_videos is not None or mm_encoder_outputs:
             raise ValueError("images must be given in the first forward (prefill); this cache already holds a prompt")
@@ -579,6 +575,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
     def _prefill(
         self, input_ids, inputs_embeds, pixel_values, image_sizes, pixel_values_videos, vision_kwargs,
         attention_mask, position_ids, cache, visor_configuration, output_hidden_states, output_router_logits, kwargs,
+        visor_router_threshold=None,
     ) -> VisorModelOutputWithPast:
         config = self.config
         batch, length = inputs_embeds.shape[:2]
@@ -603,6 +600,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
         visual_segments = torch.where(visual_filled, gather_tokens(segments, visual_index), -1)
 
         requests = resolve_configuration_request(config, visor_configuration, batch, self.router is not None)
+        thresholds = resolve_router_threshold(config, visor_router_threshold, requests, batch)
         num_layers = config.text_config.num_hidden_layers
         router_layer = config.router_layer if self.router is not None else None
         pending = [i for i, r in enumerate(requests) if r == AUTO]
@@ -702,7 +700,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
                 if layer_idx == router_layer and (pending or output_router_logits):
                     router_logits, routing_batch_index = self._router_logits(text, text_routing, text_filled)
                     if pending:
-                        chosen = self._route(router_logits, routing_batch_index, batch)
+                        chosen = self._route(router_logits, routing_batch_index, batch, thresholds)
                         fallback = tuple(config.default_layers())
                         for i in pending:
                             layer_sets[i] = tuple(config.configurations[chosen[i]]) if chosen[i] >= 0 else fallback
@@ -814,7 +812,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionModel):
 
 # inputs of `generate` that a draft model (assisted decoding) receives only if its forward takes them
 _TARGET_ONLY_GENERATE_KWARGS = (
-    "visor_configuration", "visor_budget", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
+    "visor_configuration", "visor_budget", "visor_router_threshold", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
     "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
 )
 
@@ -863,6 +861,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         visor_configuration: ConfigurationRequest = None,
         output_router_logits: bool | None = None,
         visor_budget: float | list[float] | torch.Tensor | None = None,
+        visor_router_threshold: float | list[float] | torch.Tensor | None = None,
         **kwargs,
     ) -> VisorCausalLMOutputWithPast:
         r"""
@@ -874,6 +873,10 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             Compute budget as a fraction of the dense LLaVA-OV prefill FLOPs of each sample: each sample runs the
             most expensive configuration of `config.configurations` within it (see `flops_visor.select_by_budget`).
             Replaces the router; read at prefill only.
+        visor_router_threshold (`float`, or one per sample, *optional*):
+            Threshold of a calibrated router (`config.router_type="calibrated"`; default `config.router_threshold`):
+            each sample runs the cheapest configuration whose predicted probability of keeping the maximal
+            configuration's answer is at least this, else the maximal one. Read at prefill only.
         """
         prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
         # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
@@ -898,6 +901,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             visor_configuration=visor_configuration,
             output_router_logits=output_router_logits,
+            visor_router_threshold=visor_router_threshold,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -1177,9 +1181,10 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, GenerationMixin):
         ):
             # a per-sample request follows its sample into the beams / returned sequences
             model_kwargs["visor_configuration"] = [v for v in request for _ in range(expand_size)]
-        budget = model_kwargs.get("visor_budget")
-        if expand_size > 1 and isinstance(budget, (list, tuple)):
-            model_kwargs["visor_budget"] = [b for b in budget for _ in range(expand_size)]
+        for name in ("visor_budget", "visor_router_threshold"):  # per-sample lists follow their sample (tensors are
+            value = model_kwargs.get(name)  # expanded row by row by `generate` itself)
+            if expand_size > 1 and isinstance(value, (list, tuple)):
+                model_kwargs[name] = [v for v in value for _ in range(expand_size)]
         return input_ids, model_kwargs
 
 

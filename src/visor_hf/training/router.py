@@ -1,8 +1,14 @@
-"""Router training: cross-entropy on the pseudo-labels, everything but the router frozen (HF `Trainer`).
+"""Router training on the pseudo-labels, everything but the router frozen (HF `Trainer`).
 
-Every routing token of a sample is a training example with the sample's label. The forward runs the cheapest
-configuration with `logits_to_keep=1`: the router reads the routing token at the output of `config.router_layer`,
-which comes before every switchable SA layer, so its input does not depend on the configuration that runs after it.
+Two heads (`config.router_type`, see `modeling/routing_visor.py`): the paper's `"argmax"` router learns the label
+(cross-entropy); the `"calibrated"` router learns, for every configuration, whether it keeps the maximal
+configuration's answer (binary cross-entropy on the label file's `targets`), so that its sigmoid outputs are
+probabilities and a threshold chooses between them at inference.
+
+Every routing token of a sample is a training example with the sample's label (or targets). The forward runs the
+cheapest configuration with `logits_to_keep=1`: the router reads the routing token at the output of
+`config.router_layer`, which comes before every switchable SA layer, so its input does not depend on the
+configuration that runs after it.
 """
 
 from __future__ import annotations
@@ -17,16 +23,17 @@ from transformers import Trainer
 
 from .data import VisorDataCollator, load_processor, load_records, model_inputs
 from .evaluation import _accelerator, score_dataset, summarize
-from .labels import read_labels
+from .labels import read_labels, read_targets
 from .stages import load_model, make_training_arguments, save_trained, set_trainable
 
 logger = logging.getLogger(__name__)
 
 
 class LabelledRecords(torch.utils.data.Dataset):
-    """The records of `dataset` that have a label, each with its `route_label`."""
+    """The records of `dataset` that have a label, each with its `route_label` (a configuration index, or a list of
+    per-configuration targets for the calibrated router)."""
 
-    def __init__(self, dataset, labels: dict[int, int]):
+    def __init__(self, dataset, labels: dict[int, int | list[float]]):
         self.dataset = dataset
         self.indices = [i for i in range(len(dataset)) if i in labels]
         self.labels = labels
@@ -51,12 +58,15 @@ class RouterCollator:
     def __call__(self, records):
         batch = self.collator(records)
         batch.pop("labels", None)
-        batch["route_labels"] = torch.tensor([r["route_label"] for r in records], dtype=torch.long)
+        values = [r["route_label"] for r in records]
+        batch["route_labels"] = torch.tensor(values, dtype=torch.float if isinstance(values[0], list) else torch.long)
         return batch
 
 
 class RouterTrainer(Trainer):
-    """`Trainer` whose loss is the router's cross-entropy against `route_labels`."""
+    """`Trainer` whose loss is the router's cross-entropy against `route_labels` (configuration indices), or its
+    binary cross-entropy per configuration against `route_labels` of shape `[batch, configurations]` (targets in
+    [0, 1], the calibrated router)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -70,15 +80,21 @@ class RouterTrainer(Trainer):
         logits = outputs.router_logits
         if logits is None or logits.shape[0] == 0:
             raise ValueError("no routing token in the batch: the data must be built by a processor that adds the routing token")
-        loss = F.cross_entropy(logits.float(), targets[outputs.routing_token_batch_index])
+        targets = targets[outputs.routing_token_batch_index]
+        if targets.is_floating_point():
+            loss = F.binary_cross_entropy_with_logits(logits.float(), targets.to(logits.device))
+        else:
+            loss = F.cross_entropy(logits.float(), targets)
         return (loss, outputs) if return_outputs else loss
 
     def _remove_unused_columns(self, dataset, description=None):
         return dataset
 
 
-def router_report(model, dataset, collator, labels: dict[int, int], batch_size: int = 8, accelerator=None) -> dict:
-    """Router accuracy against the labels, and accuracy / average FLOPs with the router against always-max."""
+def router_report(model, dataset, collator, labels: dict[int, int], batch_size: int = 8, accelerator=None,
+                  targets: dict[int, list[float]] | None = None) -> dict:
+    """Router accuracy against the labels, the share of samples routed to a configuration that keeps them (with
+    `targets`), and accuracy / average FLOPs with the router against always-max."""
     accelerator = _accelerator(accelerator)
     routed = score_dataset(model, dataset, collator, "auto", batch_size, accelerator)
     maximal = score_dataset(model, dataset, collator, "max", batch_size, accelerator)
@@ -88,8 +104,12 @@ def router_report(model, dataset, collator, labels: dict[int, int], batch_size: 
     cost = {i: len(c) for i, c in enumerate(config.configurations)}
     at_least = sum(r["configuration"] >= 0 and cost[r["configuration"]] >= cost[labels[r["index"]]] for r in labelled)
     summary_router, summary_max = summarize(routed), summarize(maximal)
+    kept = [targets[r["index"]][r["configuration"]] for r in routed if targets and r["index"] in targets and r["configuration"] >= 0]
     return {
         "samples": len(routed),
+        "router_type": config.router_type,
+        "router_threshold": config.router_threshold if config.router_type == "calibrated" else None,
+        "routed_configuration_keeps": sum(kept) / len(kept) if kept else None,
         "router_accuracy": hits / len(labelled) if labelled else None,
         "router_at_least_label_cost": at_least / len(labelled) if labelled else None,
         "accuracy_router": summary_router["accuracy"],
@@ -117,20 +137,37 @@ def train_router(
     dtype=None,
     attn_implementation=None,
     resume_from_checkpoint=None,
+    router_type: str | None = None,
+    router_threshold: float | None = None,
 ) -> dict:
     """Train the router of a checkpoint on pseudo-labels; write the checkpoint (with `visor_training.json`) and
-    `router_report.json` (on `eval_data` and its labels when given, else on the labelled training records)."""
+    `router_report.json` (on `eval_data` and its labels when given, else on the labelled training records).
+    `router_type` (`"argmax"` or `"calibrated"`; default: the checkpoint's) and `router_threshold` (the calibrated
+    router's default threshold) are written into the config."""
+    from ..modeling.routing_visor import ROUTER_TYPES, check_threshold
+
     model = load_model(model_path, dtype, attn_implementation)
     if model.model.router is None:
         raise ValueError("this checkpoint has no router (a single configuration, or no router layer)")
+    if router_type is not None:
+        if router_type not in ROUTER_TYPES:
+            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {router_type!r}")
+        model.config.router_type = router_type
+    if router_threshold is not None:
+        model.config.router_threshold = check_threshold(router_threshold, "router_threshold")
+    calibrated = model.config.router_type == "calibrated"
     processor = load_processor(model_path)
     labels = read_labels(labels_path)
-    bad = sorted({c for c in labels.values() if not 0 <= c < len(model.config.configurations)})
+    targets = read_targets(labels_path) if calibrated else None
+    count = len(model.config.configurations)
+    bad = sorted({c for c in labels.values() if not 0 <= c < count})
     if bad:
-        raise ValueError(f"labels name configurations {bad} that the checkpoint does not have ({len(model.config.configurations)})")
+        raise ValueError(f"labels name configurations {bad} that the checkpoint does not have ({count})")
+    if targets is not None and any(len(t) != count for t in targets.values()):
+        raise ValueError(f"the label file's targets do not have one entry per configuration ({count})")
     set_trainable(model, "router")
     records = load_records(data, image_root)
-    train_dataset = LabelledRecords(records, labels)
+    train_dataset = LabelledRecords(records, targets if calibrated else labels)
     collator = VisorDataCollator(processor)
     args = make_training_arguments(output_dir, training_args, seed=seed)
     trainer = RouterTrainer(model=model, args=args, data_collator=RouterCollator(collator), train_dataset=train_dataset, processing_class=processor)
@@ -140,10 +177,11 @@ def train_router(
     if eval_data is not None:
         report_records = load_records(eval_data, image_root)
         report_labels = read_labels(eval_labels_path) if eval_labels_path is not None else {}
+        report_targets = read_targets(eval_labels_path) if eval_labels_path is not None and calibrated else None
     else:
-        report_records, report_labels = torch.utils.data.Subset(records, train_dataset.indices), labels
+        report_records, report_labels, report_targets = torch.utils.data.Subset(records, train_dataset.indices), labels, targets
     model = trainer.accelerator.unwrap_model(trainer.model)
-    report = router_report(model, report_records, collator, report_labels, batch_size, trainer.accelerator)
+    report = router_report(model, report_records, collator, report_labels, batch_size, trainer.accelerator, report_targets)
     report["train_metrics"] = result.metrics
     save_trained(trainer, processor, output_dir, {"stage": "router", "source": str(model_path), "labels": str(labels_path), "global_step": trainer.state.global_step})
     if trainer.is_world_process_zero():
