@@ -149,6 +149,12 @@ def test_keep_targets_and_group_labels_on_a_hand_made_table():
     assert assign_labels(table, keep=0.6, groups=groups)[0] == {0: 1, 1: 1, 2: 1, 3: 0, 4: 0, 5: 0}
     with pytest.raises(ValueError, match="no group"):
         assign_labels(table, groups={0: "x"})
+    # soft group targets: the share of the maximal configuration's accuracy kept on the group, at most 1
+    soft = keep_targets(table, groups=groups)
+    assert soft[0] == soft[1] == soft[2] == pytest.approx([1 / 3, 2 / 3, 1 / 3, 1.0])
+    assert soft[3] == soft[4] == soft[5] == pytest.approx([1.0, 1.0, 1.0, 1.0])  # [] answers 3, the max 2: capped at 1
+    with pytest.raises(ValueError, match="no group"):
+        keep_targets(table, groups={0: "x"})
 
 
 def test_pseudo_label_ties_fewer_layers_then_loss_when_the_flops_are_equal():

@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--ci-images", type=int, default=CI_IMAGES, help="pictures of the CI test's held-out set")
     parser.add_argument("--reuse-llava", action="store_true", help="skip step 1 when OUT/llava exists")
     parser.add_argument("--reuse-stages", action="store_true", help="skip stage 1 and 2 when OUT/stages/stage2 exists")
+    parser.add_argument("--reuse-universal", action="store_true",
+                        help="skip the search and universal fine-tuning when OUT/stages/universal exists")
     parser.add_argument("--from-checkpoint", default=None,
                         help="start at the configuration search from this VISOR checkpoint (e.g. the shipped toy-visor, "
                         "trained by an earlier run) instead of steps 1-2 and stages 1-2; the dense LLaVA-OV rows of the "
@@ -242,7 +244,17 @@ def main() -> None:
     # search with the pipeline's defaults: every subset of the SA layers on held-out records, viable when it keeps 99 %
     # of the maximal configuration's accuracy on one question kind, then each kind's cheapest one (and the maximal)
     t = time.time()
-    found = search(start_from or stages / "stage2", search_data, stages / "search", batch_size=50, seed=args.seed, attn_implementation="sdpa")
+    reuse = args.reuse_universal and (stages / "universal" / "config.json").is_file()
+    if reuse:  # the search and universal fine-tuning of an earlier run in the same --out
+        import json
+
+        from visor_hf.training.evaluation import read_jsonl
+
+        found = {"candidates": read_jsonl(stages / "search" / "search_results.jsonl"),
+                 **json.loads((stages / "search" / "search_summary.json").read_text())}
+    else:
+        found = search(start_from or stages / "stage2", search_data, stages / "search", batch_size=50, seed=args.seed,
+                       attn_implementation="sdpa")
     search_summary = [{k: c[k] for k in ("layers", "accuracy", "loss", "flops_ratio_to_max", "groups", "viable_groups", "viable")
                        if k in c} for c in found["candidates"]]
     for c in search_summary:
@@ -251,13 +263,15 @@ def main() -> None:
     timings["search"] = round(time.time() - t, 1)
     log(f"kept configurations: {kept}", logfile)
     t = time.time()
-    train_stage(stages / "search", stage_data["universal"], stages / "universal", "universal", seed=args.seed,
-                attn_implementation="sdpa", data_collator=collator(stages / "search"),
-                training_args=trainer_args(args.universal_steps, 2e-4, batch, min(50, args.universal_steps // 5), args.seed))
-    timings["universal"] = round(time.time() - t, 1)
+    if not reuse:
+        train_stage(stages / "search", stage_data["universal"], stages / "universal", "universal", seed=args.seed,
+                    attn_implementation="sdpa", data_collator=collator(stages / "search"),
+                    training_args=trainer_args(args.universal_steps, 2e-4, batch, min(50, args.universal_steps // 5), args.seed))
+        timings["universal"] = round(time.time() - t, 1)
     t = time.time()
+    # labels and targets per question kind (the records' `source`): see docs/toy.md for the comparison of the rules
     label_report = pseudo_label(stages / "universal", label_data, stages / "labels", keep=0.99, batch_size=50,
-                                attn_implementation="sdpa")
+                                group_field="source", attn_implementation="sdpa")
     label_report.pop("moved_to_cheapest", None)
     log(f"labels: {label_report}", logfile)
     router_report = train_router(stages / "universal", label_data, stages / "labels", stages / "router", seed=args.seed,

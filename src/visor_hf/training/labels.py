@@ -81,12 +81,27 @@ def _by_sample(table: list[dict], max_configuration: int | None) -> tuple[dict[i
     return by_sample, max_configuration
 
 
-def keep_targets(table: list[dict], keep: float = 0.99, max_configuration: int | None = None) -> dict[int, list[float]]:
-    """`{sample index: [target per configuration]}`: 1.0 when the configuration keeps `>= keep` of the maximal
-    configuration's accuracy on the sample, else 0.0 (the calibrated router's targets)."""
+def keep_targets(table: list[dict], keep: float = 0.99, max_configuration: int | None = None,
+                 groups: dict[int, str] | None = None) -> dict[int, list[float]]:
+    """`{sample index: [target per configuration]}`, the calibrated router's targets.
+
+    Per sample (`groups` None): 1.0 when the configuration keeps `>= keep` of the maximal configuration's accuracy on
+    the sample, else 0.0. Per group (`groups`: `{sample index: group}`): the fraction of the maximal configuration's
+    accuracy that the configuration keeps on the sample's group, `min(1, accuracy_c / accuracy_max)` (1 when the
+    maximal configuration answers nothing of the group); every sample of a group gets the same soft targets, and a
+    router threshold `t` then reads "keep at least `t` of the maximal configuration's accuracy on this kind of
+    question"."""
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"keep must be in [0, 1], got {keep}")
     by_sample, max_configuration = _by_sample(table, max_configuration)
+    if groups is not None:
+        targets = {}
+        for indices in _group_members(by_sample, groups).values():
+            configurations = sorted(by_sample[indices[0]])
+            total = {c: sum(_score(by_sample[i][c]) for i in indices) for c in configurations}
+            ratio = [1.0 if total[max_configuration] <= 0 else min(1.0, total[c] / total[max_configuration]) for c in configurations]
+            targets.update(dict.fromkeys(indices, ratio))
+        return targets
     targets = {}
     for index, rows in by_sample.items():
         bar = keep * _score(rows[max_configuration]) - TOLERANCE
@@ -164,17 +179,22 @@ def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int 
     return labels, report
 
 
-def _group_labels(by_sample, groups: dict[int, str], keep: float, max_configuration: int) -> dict[str, int]:
-    """Each group's cheapest configuration (mean cost over the group's samples, then fewer layers, then lower mean
-    loss, then index) whose accuracy on the group is `>= keep x` the maximal configuration's."""
+def _group_members(by_sample, groups: dict[int, str]) -> dict[str, list[int]]:
+    """`{group: [sample index, ...]}`; every sample of the table must have a group."""
     missing = sorted(set(by_sample) - set(groups))
     if missing:
         raise ValueError(f"samples {missing[:5]} have no group")
     members: dict[str, list[int]] = defaultdict(list)
     for index in by_sample:
         members[groups[index]].append(index)
+    return members
+
+
+def _group_labels(by_sample, groups: dict[int, str], keep: float, max_configuration: int) -> dict[str, int]:
+    """Each group's cheapest configuration (mean cost over the group's samples, then fewer layers, then lower mean
+    loss, then index) whose accuracy on the group is `>= keep x` the maximal configuration's."""
     out = {}
-    for group, indices in members.items():
+    for group, indices in _group_members(by_sample, groups).items():
         configurations = sorted(by_sample[indices[0]])
 
         def mean(c, field, indices=indices):
@@ -243,7 +263,7 @@ def pseudo_label(
 
         groups = dict(enumerate(record_groups(dataset, group_field)))
     labels, report = assign_labels(table, keep, max_index, spend_slack=spend_slack, groups=groups)
-    targets = keep_targets(table, keep, max_index)
+    targets = keep_targets(table, keep, max_index, groups=groups)
     report["group_field"] = group_field
     report["target_means"] = [sum(t[c] for t in targets.values()) / len(targets) for c in range(len(model.config.configurations))]
     report["checkpoint"] = str(model_path)
