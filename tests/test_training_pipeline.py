@@ -340,3 +340,36 @@ def test_a_model_that_learns_gives_consistent_search_labels_and_router_reports(w
         })
         assert 0 <= router["router_accuracy"] <= 1
         assert router["average_flops_router"] <= router["average_flops_max"]
+
+
+def test_cached_router_inputs_are_what_the_router_reads_in_a_forward(workdir):
+    """`train_router` trains on router inputs computed once: they equal the hidden states the router reads in the
+    model's own forward (router outputs compared with `router_logits`, sample by sample), and training on them
+    changes the router only."""
+    from visor_hf.training import VisorDataCollator, load_model, load_processor, load_records, train_router
+    from visor_hf.training.data import model_inputs
+    from visor_hf.training.router import routing_features
+
+    model = load_model(workdir / "visor").eval()
+    collator = VisorDataCollator(load_processor(workdir / "visor"))
+    records = load_records(workdir / "data/data.jsonl")
+    features, samples = routing_features(model, records, collator, batch_size=5)
+    assert sorted(set(samples.tolist())) == list(range(12))  # every sample, one row per routing token (question)
+    for index in (0, 7, 11):
+        with torch.no_grad():
+            out = model(**model_inputs(collator([records[index]]), keep_labels=False), visor_configuration="max",
+                        output_router_logits=True)
+            mine = model.model.router(features[samples == index])
+        torch.testing.assert_close(mine, out.router_logits, rtol=1e-5, atol=1e-5)
+    labels = workdir / "labels_cached"
+    labels.mkdir()
+    (labels / "pseudo_labels.jsonl").write_text("".join(json.dumps({"index": i, "label": i % 3, "targets": [1.0, float(i % 2), 1.0]}) + "\n"
+                                                        for i in range(12)))
+    for router_type in ("argmax", "calibrated"):
+        out_dir = workdir / f"router_cached_{router_type}"
+        train_router(workdir / "visor", workdir / "data/data.jsonl", labels, out_dir, router_type=router_type, training_args={
+            "max_steps": 30, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "use_cpu": True, "report_to": "none",
+            "save_strategy": "no", "disable_tqdm": True})
+        diff = changed(weights(workdir / "visor"), weights(out_dir))
+        assert diff and all(k.startswith("model.router.") for k in diff)
+        assert json.loads((out_dir / "config.json").read_text())["router_type"] == router_type

@@ -56,7 +56,7 @@ SELF = [1, 3, 6, 7]
 ROUTER_LAYER = 0
 TEST_SEED, TEST_IMAGES = 2, 200  # the held-out set of the results table (1000 questions)
 CI_SEED, CI_IMAGES = 3, 40  # the fixed held-out set of the CI test (200 questions)
-ROUTER_THRESHOLD = 0.9  # the calibrated router's default threshold (docs/toy.md: the curve over thresholds)
+ROUTER_THRESHOLD = 0.99  # the calibrated router's default threshold: keep 99 % of max's accuracy per question kind
 SEARCH_SEED_BASE, SEARCH_IMAGES = 40_000_000, 120
 
 
@@ -154,7 +154,7 @@ def main() -> None:
     parser.add_argument("--stage2-steps", type=int, default=200)
     parser.add_argument("--universal-steps", type=int, default=300)
     parser.add_argument("--label-images", type=int, default=300)
-    parser.add_argument("--router-steps", type=int, default=200)
+    parser.add_argument("--router-steps", type=int, default=2000, help="router steps (on cached router inputs: seconds)")
     parser.add_argument("--images-per-step", type=int, default=8)
     parser.add_argument("--search-images", type=int, default=SEARCH_IMAGES, help="pictures of the search set (5 questions each)")
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES, help="pictures of the results table's held-out set")

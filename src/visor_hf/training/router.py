@@ -5,10 +5,13 @@ Two heads (`config.router_type`, see `modeling/routing_visor.py`): the paper's `
 configuration's answer (binary cross-entropy on the label file's `targets`), so that its sigmoid outputs are
 probabilities and a threshold chooses between them at inference.
 
-Every routing token of a sample is a training example with the sample's label (or targets). The forward runs the
-cheapest configuration with `logits_to_keep=1`: the router reads the routing token at the output of
-`config.router_layer`, which comes before every switchable SA layer, so its input does not depend on the
-configuration that runs after it.
+Every routing token of a sample is a training example with the sample's label (or targets). The router reads the
+routing token at the output of `config.router_layer`, which comes before every switchable SA layer, so its input
+does not depend on the configuration that runs after it, nor, with everything but the router frozen, on the training
+step. By default (`cache_features=True`) the router's inputs are therefore computed once, one forward of the
+cheapest configuration per batch, and the `Trainer` then trains the router alone on them: thousands of steps cost
+seconds. `cache_features=False` runs the model's forward at every step instead (the same loss; needed only for a
+model with dropout before the router layer).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from transformers import Trainer
 from .data import VisorDataCollator, load_processor, load_records, model_inputs
 from .evaluation import _accelerator, score_dataset, summarize
 from .labels import read_labels, read_targets
-from .stages import load_model, make_training_arguments, save_trained, set_trainable
+from .stages import load_model, make_training_arguments, save_checkpoint, save_trained, set_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,74 @@ class RouterTrainer(Trainer):
         return dataset
 
 
+@torch.no_grad()
+def routing_features(model, dataset, collator, batch_size: int = 8, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router's input for every routing token of `dataset` (`[N, hidden]`) and the dataset index of its sample
+    (`[N]`): the hidden states the router module receives, captured with a forward hook while the cheapest
+    configuration runs."""
+    from torch.utils.data import DataLoader
+
+    accelerator = _accelerator(accelerator)
+    unwrapped = accelerator.unwrap_model(model)
+    if next(model.parameters()).device != accelerator.device:
+        model.to(accelerator.device)
+    config = unwrapped.config
+    cheapest = min(range(len(config.configurations)), key=lambda c: (len(config.configurations[c]), c))
+    captured = []
+    hook = unwrapped.model.router.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
+    was_training = model.training
+    model.eval()
+    features, samples = [], []
+    try:
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False):
+            batch = {k: v.to(accelerator.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            out = model(**model_inputs(batch, keep_labels=False), visor_configuration=cheapest, output_router_logits=True,
+                        logits_to_keep=1, use_cache=False)
+            features.append(captured.pop().float().cpu())
+            samples.append(batch["sample_index"][out.routing_token_batch_index].cpu())
+    finally:
+        hook.remove()
+        model.train(was_training)
+    if not features or sum(len(f) for f in features) == 0:
+        raise ValueError("no routing token in the data: it must be built by a processor that adds the routing token")
+    return torch.cat(features), torch.cat(samples)
+
+
+class RoutingFeatures(torch.utils.data.Dataset):
+    """Cached router inputs with the label (or targets) of their sample."""
+
+    def __init__(self, features: torch.Tensor, samples: torch.Tensor, labels: dict[int, int | list[float]]):
+        keep = [i for i, s in enumerate(samples.tolist()) if s in labels]
+        if not keep:
+            raise ValueError("no record of the dataset has a pseudo-label (do the label file and the data match?)")
+        self.features = features[keep]
+        values = [labels[int(samples[i])] for i in keep]
+        self.targets = torch.tensor(values, dtype=torch.float if isinstance(values[0], list) else torch.long)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"features": self.features[i], "route_labels": self.targets[i]}
+
+
+class RouterOnFeatures(torch.nn.Module):
+    """The model's router module (shared, so training it trains the model's) with the router loss on cached inputs:
+    cross-entropy on configuration indices, binary cross-entropy on per-configuration targets."""
+
+    def __init__(self, router: torch.nn.Module):
+        super().__init__()
+        self.router = router
+
+    def forward(self, features: torch.Tensor, route_labels: torch.Tensor) -> dict:
+        logits = self.router(features.to(self.router.fc2.weight.dtype)).float()
+        if route_labels.is_floating_point():
+            loss = F.binary_cross_entropy_with_logits(logits, route_labels)
+        else:
+            loss = F.cross_entropy(logits, route_labels)
+        return {"loss": loss, "logits": logits}
+
+
 def router_report(model, dataset, collator, labels: dict[int, int], batch_size: int = 8, accelerator=None,
                   targets: dict[int, list[float]] | None = None) -> dict:
     """Router accuracy against the labels, the share of samples routed to a configuration that keeps them (with
@@ -139,11 +210,13 @@ def train_router(
     resume_from_checkpoint=None,
     router_type: str | None = None,
     router_threshold: float | None = None,
+    cache_features: bool = True,
 ) -> dict:
     """Train the router of a checkpoint on pseudo-labels; write the checkpoint (with `visor_training.json`) and
     `router_report.json` (on `eval_data` and its labels when given, else on the labelled training records).
     `router_type` (`"argmax"` or `"calibrated"`; default: the checkpoint's) and `router_threshold` (the calibrated
-    router's default threshold) are written into the config."""
+    router's default threshold) are written into the config. `cache_features` (default): train on the router inputs
+    computed once (see the module documentation)."""
     from ..modeling.routing_visor import ROUTER_TYPES, check_threshold
 
     model = load_model(model_path, dtype, attn_implementation)
@@ -170,7 +243,13 @@ def train_router(
     train_dataset = LabelledRecords(records, targets if calibrated else labels)
     collator = VisorDataCollator(processor)
     args = make_training_arguments(output_dir, training_args, seed=seed)
-    trainer = RouterTrainer(model=model, args=args, data_collator=RouterCollator(collator), train_dataset=train_dataset, processing_class=processor)
+    if cache_features:
+        features, samples = routing_features(model, torch.utils.data.Subset(records, train_dataset.indices), collator, batch_size)
+        head = RouterOnFeatures(model.model.router)
+        trainer = Trainer(model=head, args=args, train_dataset=RoutingFeatures(features, samples, targets if calibrated else labels))
+    else:
+        trainer = RouterTrainer(model=model, args=args, data_collator=RouterCollator(collator), train_dataset=train_dataset,
+                                processing_class=processor)
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.log_metrics("train", result.metrics)
 
@@ -180,14 +259,22 @@ def train_router(
         report_targets = read_targets(eval_labels_path) if eval_labels_path is not None and calibrated else None
     else:
         report_records, report_labels, report_targets = torch.utils.data.Subset(records, train_dataset.indices), labels, targets
-    model = trainer.accelerator.unwrap_model(trainer.model)
+    if not cache_features:
+        model = trainer.accelerator.unwrap_model(trainer.model)
     report = router_report(model, report_records, collator, report_labels, batch_size, trainer.accelerator, report_targets)
     report["train_metrics"] = result.metrics
-    save_trained(trainer, processor, output_dir, {"stage": "router", "source": str(model_path), "labels": str(labels_path), "global_step": trainer.state.global_step})
+    summary = {"stage": "router", "source": str(model_path), "labels": str(labels_path), "global_step": trainer.state.global_step,
+               "router_type": model.config.router_type, "cache_features": cache_features}
+    if cache_features:  # the trainer holds the router alone: write the whole model
+        if trainer.is_world_process_zero():
+            save_checkpoint(model, processor, output_dir, {**summary, "training_args": trainer.args.to_dict()})
+    else:
+        save_trained(trainer, processor, output_dir, summary)
     if trainer.is_world_process_zero():
         (Path(output_dir) / "router_report.json").write_text(json.dumps(report, indent=2, default=str))
     trainer.accelerator.wait_for_everyone()
     return report
 
 
-__all__ = ["LabelledRecords", "RouterCollator", "RouterTrainer", "router_report", "train_router"]
+__all__ = ["LabelledRecords", "RouterCollator", "RouterOnFeatures", "RouterTrainer", "RoutingFeatures", "router_report",
+           "routing_features", "train_router"]
