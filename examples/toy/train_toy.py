@@ -341,20 +341,26 @@ def main() -> None:
     print(table(results))
 
     if args.ship:
-        assets = REPO / "src" / "visor_hf" / "assets" / "toy-visor"
-        if assets.exists():
-            shutil.rmtree(assets)
-        assets.mkdir(parents=True)
-        for path in final.iterdir():
-            if path.is_file() and path.suffix != ".py":  # the package holds the modeling code itself
-                shutil.copyfile(path, assets / path.name)
-        strip_auto_map(assets)
-        shutil.copyfile(out / "results.json", assets / "results.json")
-        shutil.copyfile(out / "accuracy_vs_flops.png", REPO / "docs" / "toy_accuracy_vs_flops.png")
-        shutil.copyfile(out / "results.md", REPO / "docs" / "toy_results.md")
-        shutil.copyfile(out / "curve" / "curve.png", REPO / "docs" / "toy_router_curve.png")
-        shutil.copyfile(out / "curve" / "curve.md", REPO / "docs" / "toy_router_curve.md")
-        log(f"shipped to {assets}", logfile)
+        ship(out)
+        log("shipped", logfile)
+
+
+def ship(out: Path) -> None:
+    """Copy a finished run (`--out`) into the repository: the router checkpoint to `src/visor_hf/assets/toy-visor/`
+    (with `results.json`), the results table and plots and the router curve to `docs/` (what `--ship` does)."""
+    assets = REPO / "src" / "visor_hf" / "assets" / "toy-visor"
+    if assets.exists():
+        shutil.rmtree(assets)
+    assets.mkdir(parents=True)
+    for path in (out / "stages" / "router").iterdir():
+        if path.is_file() and path.suffix != ".py":  # the package holds the modeling code itself
+            shutil.copyfile(path, assets / path.name)
+    strip_auto_map(assets)
+    shutil.copyfile(out / "results.json", assets / "results.json")
+    shutil.copyfile(out / "accuracy_vs_flops.png", REPO / "docs" / "toy_accuracy_vs_flops.png")
+    shutil.copyfile(out / "results.md", REPO / "docs" / "toy_results.md")
+    shutil.copyfile(out / "curve" / "curve.png", REPO / "docs" / "toy_router_curve.png")
+    shutil.copyfile(out / "curve" / "curve.md", REPO / "docs" / "toy_router_curve.md")
 
 
 if __name__ == "__main__":
