@@ -193,7 +193,8 @@ def test_pipeline_end_to_end(workdir, stage1):
 def test_resume_continues_the_configuration_sequence(workdir, stage1):
     data = str(workdir / "data/data.jsonl")
     searched = workdir / "search_resume"
-    assert main(["search", "--model", str(stage1), "--data", data, "--output-dir", str(searched), "--threshold", "1.0", "--limit", "4"]) == 0
+    assert main(["search", "--model", str(stage1), "--data", data, "--output-dir", str(searched), "--threshold", "1.0", "--limit", "4",
+                 "--rule", "pooled"]) == 0  # every subset written: the schedule cycles over 4 configurations
     straight, resumed = workdir / "universal_straight", workdir / "universal_resumed"
     args = ["train", "--stage", "universal", "--model", str(searched), "--data", data, "--seed", "5", "--max-steps", "6",
             "--save-steps", "3", *COMMON]
@@ -244,7 +245,7 @@ def test_universal_on_two_ddp_processes_draws_the_same_configurations(workdir, s
 
     searched = workdir / "search_ddp"
     assert main(["search", "--model", str(stage1), "--data", str(workdir / "eval/data.jsonl"), "--output-dir", str(searched),
-                 "--threshold", "1.0", "--limit", "2"]) == 0
+                 "--threshold", "1.0", "--limit", "2", "--rule", "pooled"]) == 0
     script = tmp_path / "ddp_universal.py"
     script.write_text(DDP_SCRIPT)
     out = tmp_path / "ddp"
