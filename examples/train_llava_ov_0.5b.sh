@@ -15,7 +15,8 @@
 #   STAGE1_DATA  ~4M "knowledge" samples (e.g. LLaVA-OneVision's single-image stage-1.5 mix)
 #   STAGE2_DATA  ~3.2M instruction samples (e.g. LLaVA-OneVision's SI / OV instruction mix)
 #   SEARCH_DATA  a held-out set with short exact answers (a few thousand samples from the target benchmarks' train
-#                or dev splits: VQAv2, GQA, DocVQA, ChartQA, ...), used by search and evaluation
+#                or dev splits: VQAv2, GQA, DocVQA, ChartQA, ...), used by search and evaluation; each record's
+#                `source` names its benchmark (the search keeps what is viable on at least one of them)
 #   EVAL_DATA    the evaluation set
 #
 # Global batch 128 = NUM_GPUS x PER_DEVICE x ACCUM (8 x 4 x 4 by default); AdamW, no weight decay (paper).
@@ -70,9 +71,10 @@ finished "$WORK/stage2" || $LAUNCH train --stage 2 --model "$WORK/stage1" --data
   --output-dir "$WORK/stage2" --learning-rate 1e-5 --num-train-epochs 1 "${COMMON[@]}" $(resume "$WORK/stage2")
 
 # 3. Configuration search on held-out data: 8 switchable SA layers -> exhaustive (256 subsets) by default;
-#    keep those within 1 % of the maximal configuration's accuracy (at most 8 of them, one per SA-layer count).
+#    viable when within 1 % of the maximal configuration's accuracy on at least one benchmark (`source`); each
+#    benchmark's cheapest viable subset and the maximal one are kept (at most 8); the router layer is recomputed.
 finished "$WORK/searched" || $LAUNCH search --model "$WORK/stage2" --data "$SEARCH_DATA" --output-dir "$WORK/searched" \
-  --threshold 0.01 --max-configurations 8 --batch-size 8 "${ROOT_ARG[@]}"
+  --rule group --group-field source --threshold 0.01 --max-configurations 8 --batch-size 8 "${ROOT_ARG[@]}"
 
 # 4. Universal fine-tuning: one viable configuration per optimisation step, the same on every rank.
 finished "$WORK/universal" || $LAUNCH train --stage universal --model "$WORK/searched" --data "$STAGE2_DATA" \
@@ -82,8 +84,10 @@ finished "$WORK/universal" || $LAUNCH train --stage universal --model "$WORK/sea
 [[ -f "$WORK/labels/pseudo_labels.jsonl" ]] || $LAUNCH label --model "$WORK/universal" --data "$STAGE2_DATA" --limit "$LABEL_SAMPLES" --output-dir "$WORK/labels" \
   --keep 0.99 --batch-size 8 "${ROOT_ARG[@]}"
 
-# 6. Router: cross-entropy on the labels, everything else frozen; the report compares with always-max.
+# 6. Router: the calibrated head (per configuration, the probability of keeping the maximal configuration's answer;
+#    binary cross-entropy on the labels' targets), everything else frozen; the report compares with always-max.
 finished "$WORK/final" || $LAUNCH train-router --model "$WORK/universal" --data "$STAGE2_DATA" --labels "$WORK/labels" \
+  --router-type calibrated --router-threshold 0.97 \
   --output-dir "$WORK/final" --learning-rate 1e-3 --num-train-epochs 1 --per-device-train-batch-size 16 \
   "$PRECISION" --logging-steps 10 --report-to "$REPORT_TO" "${ROOT_ARG[@]}"
 
@@ -92,4 +96,7 @@ for configuration in auto max 0; do
   $LAUNCH evaluate --model "$WORK/final" --data "$EVAL_DATA" --configuration "$configuration" \
     --output-dir "$WORK/eval-$configuration" "${ROOT_ARG[@]}"
 done
-echo "done: $WORK/final (router report: $WORK/final/router_report.json)"
+# 8. The router's accuracy-vs-FLOPs curve over thresholds, fixed configurations as points (curve.md, curve.png):
+#    choose the threshold from it (`visor_router_threshold=` per call, or `router_threshold` in the config).
+$LAUNCH evaluate --model "$WORK/final" --data "$EVAL_DATA" --curve --output-dir "$WORK/curve" "${ROOT_ARG[@]}"
+echo "done: $WORK/final (router report: $WORK/final/router_report.json, curve: $WORK/curve/curve.md)"

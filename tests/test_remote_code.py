@@ -88,7 +88,7 @@ def test_remote_code_in_a_fresh_process(tmp_path):
 
     # the re-saved folder is again a complete remote-code checkpoint
     names = {p.name for p in resave.iterdir()}
-    assert {"configuration_visor.py", "modeling_visor.py", "cache_visor.py", "processing_visor.py"} <= names
+    assert {"configuration_visor.py", "modeling_visor.py", "cache_visor.py", "processing_visor.py", "routing_visor.py"} <= names
     config = json.loads((resave / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageTextToText"].endswith("modeling_visor.VisorForConditionalGeneration")
     assert config["auto_map"]["AutoConfig"].endswith("configuration_visor.VisorConfig")

@@ -365,6 +365,8 @@ def test_toy_command_output_against_independent_answers(toy, capsys):
     (["--seed", "-1"], "non-negative integer (the picture seed)"),
     (["--configuration", "fast"], "--configuration must be"),
     (["--configuration", "1,x"], "layer list must hold integers"),
+    (["--router-threshold", "1.5"], "probability in [0, 1]"),
+    (["--router-threshold", "x"], "probability in [0, 1]"),
 ])
 def test_toy_command_refuses_bad_arguments(argv, message, capsys):
     from visor_hf.cli import main
@@ -380,6 +382,7 @@ def test_toy_command_refuses_bad_arguments(argv, message, capsys):
     (["--configuration", "9"], "configuration index 9 is out of range"),
     (["--configuration", "0,2"], "not SA layers of the model"),
     (["--model", "/nonexistent/toy"], "no such checkpoint folder"),
+    (["--configuration", "max", "--router-threshold", "0.5"], "only applies to --configuration auto"),
 ])
 def test_toy_command_refuses_what_the_checkpoint_cannot_run(argv, message, capsys):
     from visor_hf.cli import main
@@ -424,7 +427,10 @@ def test_training_script_runs_end_to_end(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     assert list(results["rows"])[:3] == ["LLaVA-OV (dense)", "LLaVA-OV pool 2x", "LLaVA-OV pool 4x"]
-    assert list(results["rows"])[-1] == "VISOR router" and len(results["rows"]) == 3 + 5 + 1
+    configurations = results["layout"]["configurations"]
+    assert list(results["rows"])[-1] == "VISOR router" and len(results["rows"]) == 3 + len(configurations) + 1
+    assert results["search_kept"] == configurations and configurations[-1] == [1, 3, 6, 7]  # the maximal one is kept
+    assert (out / "curve" / "curve.png").is_file() and results["layout"]["router_type"] == "calibrated"
     assert (out / "accuracy_vs_flops.png").is_file() and (out / "results.md").is_file()
     final = out / "stages" / "router"
     import importlib.util

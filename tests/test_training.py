@@ -125,6 +125,38 @@ def test_pseudo_label_rule_on_a_hand_made_table():
     assert set(labels.values()) == {0}
 
 
+def test_keep_targets_and_group_labels_on_a_hand_made_table():
+    from visor_hf.training import keep_targets
+
+    table = _table({
+        0: [(True, 0.5), (True, 0.4), (True, 0.3), (True, 0.2)],
+        1: [(False, 2.0), (True, 0.9), (False, 0.7), (True, 0.1)],
+        2: [(False, 2.0), (False, 1.5), (False, 1.4), (True, 0.3)],
+        3: [(True, 2.0), (False, 2.0), (False, 2.0), (False, 2.0)],  # max wrong: every configuration keeps it
+        4: [(True, 0.2), (True, 0.6), (True, 1.0), (True, 1.2)],
+        5: [(True, 0.3), (True, 1.0), (True, 1.0), (True, 1.0)],
+    })
+    # per configuration: does it keep the maximal configuration's accuracy on the sample?
+    assert keep_targets(table) == {0: [1, 1, 1, 1], 1: [0, 1, 0, 1], 2: [0, 0, 0, 1], 3: [1, 1, 1, 1], 4: [1, 1, 1, 1], 5: [1, 1, 1, 1]}
+    # group-level labels: group "x" = samples 0-2 (max right on all 3; [] on 1, [a] on 2 of 3, [b] on 1, [a, b] on 3)
+    # -> only the max keeps 99 % of the group's accuracy; group "y" = samples 3-5 (max right on 2 of 3, [] on 3) -> []
+    groups = {0: "x", 1: "x", 2: "x", 3: "y", 4: "y", 5: "y"}
+    labels, report = assign_labels(table, groups=groups)
+    assert labels == {0: 3, 1: 3, 2: 3, 3: 0, 4: 0, 5: 0} and report["rule"] == "per-group"
+    # the per-sample rule on the same table differs (sample 0 -> [], sample 1 -> [a])
+    assert assign_labels(table)[0] == {0: 0, 1: 1, 2: 3, 3: 0, 4: 0, 5: 0}
+    # keeping 60 % of the group's accuracy: [a] (2/3 >= 0.6) is the cheapest for "x" once [] (1/3) is not
+    assert assign_labels(table, keep=0.6, groups=groups)[0] == {0: 1, 1: 1, 2: 1, 3: 0, 4: 0, 5: 0}
+    with pytest.raises(ValueError, match="no group"):
+        assign_labels(table, groups={0: "x"})
+    # soft group targets: the share of the maximal configuration's accuracy kept on the group, at most 1
+    soft = keep_targets(table, groups=groups)
+    assert soft[0] == soft[1] == soft[2] == pytest.approx([1 / 3, 2 / 3, 1 / 3, 1.0])
+    assert soft[3] == soft[4] == soft[5] == pytest.approx([1.0, 1.0, 1.0, 1.0])  # [] answers 3, the max 2: capped at 1
+    with pytest.raises(ValueError, match="no group"):
+        keep_targets(table, groups={0: "x"})
+
+
 def test_pseudo_label_ties_fewer_layers_then_loss_when_the_flops_are_equal():
     # a text-only sample costs the same under every configuration: fewer layers first, then lower loss
     # (max right, 0 wrong; 1 and 2 tie on one layer, 2 has the lower loss; the max has more layers)
@@ -268,6 +300,47 @@ def test_greedy_search_is_backward_elimination_and_reports_every_candidate(monke
         search_module.search_configurations(model, None, None, strategy="beam", accelerator=object())
 
 
+def test_pooled_and_per_group_rules_keep_different_subsets(monkeypatch):
+    """Two groups of 10 samples: group "a" needs SA layer 3 (without it half of them fail), group "b" is answered by
+    every configuration. Pooled over the 20 samples, CA-only ([0]) keeps 75 %: not viable, so the pooled rule keeps
+    only subsets with layer 3. Per group, [0] keeps all of group "b": viable, and the cheapest for "b"."""
+    import importlib
+
+    search_module = importlib.import_module("visor_hf.training.search")
+    model = tiny_visor()  # SA 0, 2, 3, 5; router layer 1 -> 0 fixed, 2, 3, 5 free
+    groups = ["a"] * 10 + ["b"] * 10
+
+    def fake(model, dataset, collator, layers, batch_size, accelerator, progress=True):
+        return [{"index": i, "correct": i >= 10 or 3 in layers or i < 5, "loss": 1.0, "answer_tokens": 1,
+                 "flops": 10 + len(layers), "flops_max": 14, "flops_dense": 20, "layers": list(layers)} for i in range(20)]
+
+    monkeypatch.setattr(search_module, "score_dataset", fake)
+    with_three = [[0, 3], [0, 2, 3], [0, 3, 5], [0, 2, 3, 5]]
+    pooled = search_module.search_configurations(model, None, None, rule="pooled", groups=groups, accelerator=object())
+    assert pooled["viable"] == pooled["kept"] == with_three
+    grouped = search_module.search_configurations(model, None, None, groups=groups, accelerator=object())
+    assert grouped["rule"] == "group"
+    assert len(grouped["viable"]) == 8  # every subset keeps group "b"
+    assert grouped["cheapest_per_group"] == {"a": [0, 3], "b": [0]}
+    assert grouped["kept"] == [[0], [0, 3], [0, 2, 3, 5]]  # thinned by cost: each group's cheapest, and the maximal
+    by_layers = {tuple(c["layers"]): c for c in grouped["candidates"]}
+    assert by_layers[(0,)]["groups"]["a"]["accuracy"] == 0.5 and by_layers[(0,)]["groups"]["b"]["accuracy"] == 1.0
+    assert by_layers[(0,)]["viable_groups"] == ["b"] and by_layers[(0, 3)]["viable_groups"] == ["a", "b"]
+    assert by_layers[(0,)]["accuracy"] == 0.75
+    with pytest.raises(ValueError, match="rule"):
+        search_module.search_configurations(model, None, None, rule="median", accelerator=object())
+
+
+def test_record_groups_reads_a_field_of_the_records():
+    from visor_hf.training.search import record_groups
+
+    records = [{"source": "vqa"}, {"source": "ocr"}, {"conversations": []}]
+    assert record_groups(records, "source") == ["vqa", "ocr", "(none)"]
+    datasets = pytest.importorskip("datasets")
+    assert record_groups(datasets.Dataset.from_list([{"source": "a", "x": 1}, {"source": "b", "x": 2}]), "source") == ["a", "b"]
+    assert record_groups(datasets.Dataset.from_list([{"x": 1}]), "source") == ["(none)"]
+
+
 def test_thin_configurations_keeps_the_maximal_and_the_best_per_layer_count():
     from visor_hf.training.search import thin_configurations
 
@@ -292,6 +365,16 @@ def test_set_configurations_resizes_the_router_and_keeps_surviving_rows():
     assert model.model.router.fc2.weight[1].abs().sum() == 0
     with pytest.raises(ValueError):
         set_configurations(model, [[1]])  # not an SA layer
+
+
+def test_set_configurations_recomputes_the_router_layer():
+    model = tiny_visor()  # SA 0, 2, 3, 5; router after layer 1
+    set_configurations(model, [[0, 2], [0, 2, 3, 5]])
+    assert model.config.router_layer == 1  # kept unless asked
+    set_configurations(model, [[0, 2], [0, 2, 3, 5]], recompute_router_layer=True)
+    assert model.config.router_layer == 2  # layer 3 is the first one a configuration switches off
+    set_configurations(model, [[2], [0, 2, 3, 5]], recompute_router_layer=True)
+    assert model.config.router_layer is None and model.model.router is None  # layer 0 is switched off: no router
 
 
 def test_parse_configuration():

@@ -64,7 +64,7 @@ def test_stage2_full_freezes_the_vision_tower_and_router(workdir, stage1):
     assert not any(k.startswith(("model.vision_tower.", "model.router.")) for k in diff)
 
 
-def test_pipeline_end_to_end(workdir, stage1):
+def test_pipeline_end_to_end(workdir, stage1, capsys):
     data = str(workdir / "data/data.jsonl")
     eval_data = str(workdir / "eval/data.jsonl")
 
@@ -84,9 +84,11 @@ def test_pipeline_end_to_end(workdir, stage1):
     assert not any("lora" in k for k in weights(stage2))  # merged
     assert not list(stage2.glob("*.bin")) and not list((stage2 / "adapter").glob("*.bin"))
 
-    # search: exhaustive over the switchable layers (2 and 4), every candidate viable with threshold 1
+    # search: exhaustive over the switchable layers (2 and 4), every candidate viable with threshold 1; the pooled rule
+    # writes every viable one (the default per-group rule would thin them to the cheapest and the maximal)
     searched = workdir / "search"
-    assert main(["search", "--model", str(stage2), "--data", eval_data, "--output-dir", str(searched), "--threshold", "1.0"]) == 0
+    assert main(["search", "--model", str(stage2), "--data", eval_data, "--output-dir", str(searched), "--threshold", "1.0",
+                 "--rule", "pooled"]) == 0
     results = [json.loads(line) for line in (searched / "search_results.jsonl").read_text().splitlines()]
     assert sorted(r["layers"] for r in results) == [[], [2], [2, 4], [4]]
     for r in results:
@@ -130,6 +132,8 @@ def test_pipeline_end_to_end(workdir, stage1):
         keeping = [r for r in rows if float(r["correct"]) >= 0.99 * float(top["correct"])]
         assert entry["label"] == min(keeping, key=lambda r: (r["flops"], r["num_layers"], r["loss"]))["configuration"]
         assert entry["layers"] == config["configurations"][entry["label"]]
+        # the calibrated router's targets: does each configuration keep the maximal one's accuracy on the sample?
+        assert entry["targets"] == [float(float(r["correct"]) >= 0.99 * float(top["correct"])) for r in sorted(rows, key=lambda r: r["configuration"])]
     assert json.loads((labelled / "pseudo_label_summary.json").read_text())["samples"] == 8
 
     # router training: only the router changes; the report compares with always-max
@@ -141,6 +145,29 @@ def test_pipeline_end_to_end(workdir, stage1):
     report = json.loads((routed / "router_report.json").read_text())
     assert 0.0 <= report["router_accuracy"] <= 1.0
     assert report["average_flops_router"] <= report["average_flops_max"]
+    assert report["router_type"] == "argmax"
+
+    # the calibrated router: binary cross-entropy on the targets, type and threshold written into the config
+    calibrated = workdir / "router_calibrated"
+    assert main(["train-router", "--model", str(universal), "--data", data, "--labels", str(labelled), "--output-dir",
+                 str(calibrated), "--max-steps", "3", "--router-type", "calibrated", "--router-threshold", "0.8", *COMMON]) == 0
+    assert changed(weights(universal), weights(calibrated)) and all(k.startswith("model.router.") for k in changed(weights(universal), weights(calibrated)))
+    saved = json.loads((calibrated / "config.json").read_text())
+    assert saved["router_type"] == "calibrated" and saved["router_threshold"] == 0.8
+    assert 0.0 <= json.loads((calibrated / "router_report.json").read_text())["routed_configuration_keeps"] <= 1.0
+    # its curve: every configuration as a point and the router at each threshold (0: the cheapest, 1: the maximal)
+    assert main(["evaluate", "--model", str(calibrated), "--data", eval_data, "--curve", "--thresholds", "0,0.5,1",
+                 "--output-dir", str(workdir / "curve")]) == 0
+    curve = json.loads((workdir / "curve" / "curve.json").read_text())
+    points = {p["name"]: p for p in curve["points"]}
+    assert set(points) == {"fixed []", "fixed [2]", "fixed [4]", "fixed [2, 4]", "router t=0", "router t=0.5", "router t=1"}
+    assert points["router t=0"]["configuration_histogram"] == {"[]": 8} and points["router t=1"]["configuration_histogram"] == {"[2, 4]": 8}
+    assert points["router t=1"]["accuracy"] == points["fixed [2, 4]"]["accuracy"]
+    assert curve["lookup_agreement"] == 1.0 and (workdir / "curve" / "curve.png").is_file()
+    for bad in ("1.5", "-0.1"):  # refused in one line, as the CLI reports bad input
+        capsys.readouterr()
+        assert main(["evaluate", "--model", str(calibrated), "--data", eval_data, "--router-threshold", bad]) == 2
+        assert "visor-hf evaluate: error: visor_router_threshold must be in [0, 1]" in capsys.readouterr().err
 
     # evaluation with the router and with a fixed configuration
     for configuration, name in (("auto", "eval_router"), ("max", "eval_max"), ("0", "eval_ca_only")):
@@ -159,7 +186,8 @@ def test_pipeline_end_to_end(workdir, stage1):
 def test_resume_continues_the_configuration_sequence(workdir, stage1):
     data = str(workdir / "data/data.jsonl")
     searched = workdir / "search_resume"
-    assert main(["search", "--model", str(stage1), "--data", data, "--output-dir", str(searched), "--threshold", "1.0", "--limit", "4"]) == 0
+    assert main(["search", "--model", str(stage1), "--data", data, "--output-dir", str(searched), "--threshold", "1.0", "--limit", "4",
+                 "--rule", "pooled"]) == 0  # every subset written: the schedule cycles over 4 configurations
     straight, resumed = workdir / "universal_straight", workdir / "universal_resumed"
     args = ["train", "--stage", "universal", "--model", str(searched), "--data", data, "--seed", "5", "--max-steps", "6",
             "--save-steps", "3", *COMMON]
@@ -201,7 +229,7 @@ def test_universal_on_two_ddp_processes_draws_the_same_configurations(workdir, s
     """Two real processes (torchrun, gloo on the CPU): same configuration at every step on both ranks, no hang."""
     searched = workdir / "search_ddp"
     assert main(["search", "--model", str(stage1), "--data", str(workdir / "eval/data.jsonl"), "--output-dir", str(searched),
-                 "--threshold", "1.0", "--limit", "2"]) == 0
+                 "--threshold", "1.0", "--limit", "2", "--rule", "pooled"]) == 0
     out = tmp_path / "ddp"
     run_script(DDP_SCRIPT, tmp_path, searched, workdir / "data/data.jsonl", out, processes=2)
     traces = [json.loads((out / f"trace_rank{r}.json").read_text()) for r in range(2)]
@@ -291,3 +319,36 @@ def test_a_model_that_learns_gives_consistent_search_labels_and_router_reports(w
         })
         assert 0 <= router["router_accuracy"] <= 1
         assert router["average_flops_router"] <= router["average_flops_max"]
+
+
+def test_cached_router_inputs_are_what_the_router_reads_in_a_forward(workdir):
+    """`train_router` trains on router inputs computed once: they equal the hidden states the router reads in the
+    model's own forward (router outputs compared with `router_logits`, sample by sample), and training on them
+    changes the router only."""
+    from visor_hf.training import VisorDataCollator, load_model, load_processor, load_records, train_router
+    from visor_hf.training.data import model_inputs
+    from visor_hf.training.router import routing_features
+
+    model = load_model(workdir / "visor").eval()
+    collator = VisorDataCollator(load_processor(workdir / "visor"))
+    records = load_records(workdir / "data/data.jsonl")
+    features, samples = routing_features(model, records, collator, batch_size=5)
+    assert sorted(set(samples.tolist())) == list(range(12))  # every sample, one row per routing token (question)
+    for index in (0, 7, 11):
+        with torch.no_grad():
+            out = model(**model_inputs(collator([records[index]]), keep_labels=False), visor_configuration="max",
+                        output_router_logits=True)
+            mine = model.model.router(features[samples == index])
+        torch.testing.assert_close(mine, out.router_logits, rtol=1e-5, atol=1e-5)
+    labels = workdir / "labels_cached"
+    labels.mkdir()
+    (labels / "pseudo_labels.jsonl").write_text("".join(json.dumps({"index": i, "label": i % 3, "targets": [1.0, float(i % 2), 1.0]}) + "\n"
+                                                        for i in range(12)))
+    for router_type in ("argmax", "calibrated"):
+        out_dir = workdir / f"router_cached_{router_type}"
+        train_router(workdir / "visor", workdir / "data/data.jsonl", labels, out_dir, router_type=router_type, training_args={
+            "max_steps": 30, "per_device_train_batch_size": 4, "learning_rate": 1e-2, "use_cpu": True, "report_to": "none",
+            "save_strategy": "no", "disable_tqdm": True})
+        diff = changed(weights(workdir / "visor"), weights(out_dir))
+        assert diff and all(k.startswith("model.router.") for k in diff)
+        assert json.loads((out_dir / "config.json").read_text())["router_type"] == router_type

@@ -4,13 +4,17 @@
 
 1. trains a tiny LLaVA-OneVision from scratch on the synthetic visual questions of `visor_hf.toy` (train_llava.py);
 2. converts it to VISOR with `visor_hf.conversion.convert` (8 layers: CA 0, 2, 5; SA 1, 3, 6, 7; router after 0);
-3. runs the VISOR stages (train_visor.py): stage 1, stage 2, configuration search, universal fine-tuning,
-   per-sample labels, router;
+3. runs the VISOR stages with the project's default pipeline (`visor_hf.training`): stage 1, stage 2,
+   configuration search (per question kind: each record's `source`), universal fine-tuning, labels and the
+   calibrated router;
 4. evaluates dense LLaVA-OV, token pooling 2x/4x on it, every kept VISOR configuration and the router on a
-   held-out set, and writes `results.json`, `results.md` and `accuracy_vs_flops.png` to `--out`.
+   held-out set, and writes `results.json`, `results.md` and `accuracy_vs_flops.png` to `--out`, and the router's
+   accuracy-vs-FLOPs curve over thresholds (`visor_hf.training.evaluate_curve`, what `visor-hf evaluate --curve`
+   runs) to `--out/curve`.
 
-`--ship` also copies the trained VISOR checkpoint to `src/visor_hf/assets/toy-visor/` and the table and plot to
-`docs/`. Every random draw is seeded: the pictures by their index, the model initialisations and data orders by
+`--ship` also copies the trained VISOR checkpoint to `src/visor_hf/assets/toy-visor/` and the tables and plots to
+`docs/`. `--reuse-llava` and `--reuse-stages` restart from the LLaVA-OV of step 1 and the stage-1/2 checkpoints of an
+earlier run in the same `--out` (the steps after them are seeded the same way, so a restarted run equals a full one). Every random draw is seeded: the pictures by their index, the model initialisations and data orders by
 `--seed`. (Float summation order on other machines may still change the last digits.)
 """
 
@@ -52,7 +56,8 @@ SELF = [1, 3, 6, 7]
 ROUTER_LAYER = 0
 TEST_SEED, TEST_IMAGES = 2, 200  # the held-out set of the results table (1000 questions)
 CI_SEED, CI_IMAGES = 3, 40  # the fixed held-out set of the CI test (200 questions)
-SEARCH_SEED_BASE, SEARCH_IMAGES = 40_000_000, 60
+ROUTER_THRESHOLD = 0.99  # the calibrated router's default threshold: keep 99 % of max's accuracy per question kind
+SEARCH_SEED_BASE, SEARCH_IMAGES = 40_000_000, 120
 
 
 def dense_report(llava, examples, pool: int) -> dict:
@@ -75,44 +80,6 @@ def _text_counts(examples) -> list[int]:
     for e in examples:
         counts.append(2 + len(e.question.text.split()) + 3)  # <|im_start|> user ... <|im_end|> <|im_start|> assistant
     return counts
-
-
-def soft_labels(model_path, data, output_dir, keep: float = 0.99) -> dict:
-    """Router labels with the project's rule (`visor_hf.training.assign_labels`: the cheapest configuration that
-    keeps the sample, ties by loss) on a per-sample *expected* accuracy: a configuration keeps a sample when its
-    probability of the reference answer, exp(-loss) over the answer and its <|im_end|>, is at least `keep` times the
-    maximal configuration's. (On one-word answers the greedy 0/1 correctness of a single sample is mostly chance for
-    the cheap configurations: with it, 80 % of the counting questions were labelled CA-only and the router learned to
-    pick CA-only for everything.) Writes `pseudo_label_table.jsonl`, `pseudo_labels.jsonl` and the summary."""
-    import json
-    import math
-
-    from visor_hf.training import assign_labels, build_table
-    from visor_hf.training.data import VisorDataCollator, load_processor, load_records
-    from visor_hf.training.evaluation import write_jsonl
-    from visor_hf.training.stages import load_model
-
-    model = load_model(model_path, attn_implementation="sdpa").eval()
-    processor = load_processor(model_path)
-    table = build_table(model, load_records(data), VisorDataCollator(processor), batch_size=50)
-    configurations = model.config.configurations
-    max_index = max(range(len(configurations)), key=lambda c: (len(configurations[c]), c))
-    best = {r["index"]: r for r in table if r["configuration"] == max_index}
-    for r in table:
-        p = math.exp(-r["loss"] * r["answer_tokens"])
-        p_max = math.exp(-best[r["index"]]["loss"] * best[r["index"]]["answer_tokens"])
-        r["greedy_correct"] = r["correct"]
-        r["correct"] = p >= keep * p_max
-    labels, summary = assign_labels(table, keep=keep, max_configuration=max_index, spend_slack=False)
-    summary["rule"] = f"cheapest configuration with p(answer) >= {keep} x p_max(answer); ties: lowest loss"
-    summary["configurations"] = configurations
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_jsonl(output_dir / "pseudo_label_table.jsonl", table)
-    write_jsonl(output_dir / "pseudo_labels.jsonl",
-                [{"index": i, "label": c, "layers": configurations[c]} for i, c in sorted(labels.items())])
-    (output_dir / "pseudo_label_summary.json").write_text(json.dumps(summary, indent=2))
-    return {k: v for k, v in summary.items() if k != "moved_to_cheapest"}
 
 
 def plot(results: dict, path: Path) -> None:
@@ -208,12 +175,23 @@ def main() -> None:
     parser.add_argument("--stage2-steps", type=int, default=200)
     parser.add_argument("--universal-steps", type=int, default=300)
     parser.add_argument("--label-images", type=int, default=300)
-    parser.add_argument("--router-steps", type=int, default=200)
+    parser.add_argument("--router-steps", type=int, default=2000, help="router steps (on cached router inputs: seconds)")
     parser.add_argument("--images-per-step", type=int, default=8)
     parser.add_argument("--search-images", type=int, default=SEARCH_IMAGES, help="pictures of the search set (5 questions each)")
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES, help="pictures of the results table's held-out set")
     parser.add_argument("--ci-images", type=int, default=CI_IMAGES, help="pictures of the CI test's held-out set")
     parser.add_argument("--reuse-llava", action="store_true", help="skip step 1 when OUT/llava exists")
+    parser.add_argument("--reuse-stages", action="store_true", help="skip stage 1 and 2 when OUT/stages/stage2 exists")
+    parser.add_argument("--reuse-universal", action="store_true",
+                        help="skip the search and universal fine-tuning when OUT/stages/universal exists")
+    parser.add_argument("--from-checkpoint", default=None,
+                        help="start at the configuration search from this VISOR checkpoint (e.g. the shipped toy-visor, "
+                        "trained by an earlier run) instead of steps 1-2 and stages 1-2; the dense LLaVA-OV rows of the "
+                        "table are copied from its results.json (the LLaVA-OV of step 1 is not shipped)")
+    parser.add_argument("--router-type", choices=["argmax", "calibrated"], default="calibrated",
+                        help="the router head (calibrated: a probability per configuration, threshold at inference)")
+    parser.add_argument("--router-threshold", type=float, default=ROUTER_THRESHOLD,
+                        help="default threshold of the calibrated router written into the config")
     parser.add_argument("--cell-word-target", action=argparse.BooleanOptionalAction, default=True,
                         help="step 1 and the VISOR stages also supervise each cell question's answer at the cell word")
     parser.add_argument("--cell-word-steps", type=int, default=None,
@@ -233,7 +211,8 @@ def main() -> None:
 
     # 1. LLaVA-OV from scratch
     llava_dir = out / "llava"
-    if not (args.reuse_llava and (llava_dir / "config.json").is_file()):
+    start_from = Path(args.from_checkpoint).resolve() if args.from_checkpoint else None
+    if start_from is None and not (args.reuse_llava and (llava_dir / "config.json").is_file()):
         t = time.time()
         train_llava(str(llava_dir), steps=args.llava_steps, tower_steps=args.tower_steps, seed=args.seed, logfile=logfile,
                     eval_images=args.llava_eval_images, cell_word_target=args.cell_word_target,
@@ -246,13 +225,14 @@ def main() -> None:
 
     set_seed(args.seed)
     converted = out / "visor-converted"
-    convert(llava_dir, converted, cross_attention_layers=CROSS, self_attention_layers=SELF,
-            configurations=[[], [1], [1, 6], [1, 3, 6], SELF], router_layer=ROUTER_LAYER, overwrite=True,
-            routing_token_init="mean")  # the recorded run initialised the routing token's rows from the mean
-    log(f"converted: CA {CROSS}, SA {SELF}, router layer {ROUTER_LAYER}", logfile)
+    if start_from is None:
+        convert(llava_dir, converted, cross_attention_layers=CROSS, self_attention_layers=SELF,
+                configurations=[[], [1], [1, 6], [1, 3, 6], SELF], router_layer=ROUTER_LAYER, overwrite=True,
+                routing_token_init="mean")  # the recorded run initialised the routing token's rows from the mean
+        log(f"converted: CA {CROSS}, SA {SELF}, router layer {ROUTER_LAYER}", logfile)
 
     # 3. VISOR stages with the project's training pipeline (visor_hf.training, HF Trainer)
-    from visor_hf.training import search, train_router, train_stage
+    from visor_hf.training import evaluate_curve, pseudo_label, search, train_router, train_stage
     from visor_hf.training.data import load_processor
 
     key_kinds = ("cell",) * args.cell_word_target + ("count_shape", "count_colour") * args.count_word_target
@@ -270,35 +250,54 @@ def main() -> None:
                                             ("universal", args.universal_steps, VISOR_TRAIN_SEED_BASE + 2_000_000))}
     search_data = write_records(data / "search", args.search_images, SEARCH_SEED_BASE)
     label_data = write_records(data / "labels", args.label_images, LABEL_SEED_BASE)
+    test_data = write_records(data / "test", args.test_images, TEST_SEED * 1_000_000)  # = eval_set(TEST_SEED, ...)
     timings["data"] = round(time.time() - t, 1)
     stages = out / "stages"
     for stage, source, steps, lr in (("1", converted, args.stage1_steps, 1e-3), ("2", stages / "stage1", args.stage2_steps, 3e-4)):
+        if start_from is not None or (args.reuse_stages and (stages / "stage2" / "config.json").is_file()):
+            log(f"stage {stage}: skipped ({'--from-checkpoint' if start_from else 'reused'})", logfile)
+            continue
         t = time.time()
         train_stage(source, stage_data[f"stage{stage}"], stages / f"stage{stage}", stage, seed=args.seed,
                     attn_implementation="sdpa", data_collator=collator(source), training_args=trainer_args(steps, lr, batch, min(50, steps // 5), args.seed))
         timings[f"stage{stage}"] = round(time.time() - t, 1)
         log(f"stage {stage}: {timings[f'stage{stage}']} s", logfile)
-    # search: every subset of the SA layers on held-out records; every candidate counts as viable (threshold 1.0) and
-    # the kept set is thinned to the maximal configuration plus the best one per SA-layer count
+    # search with the pipeline's defaults: every subset of the SA layers on held-out records, viable when it keeps 99 %
+    # of the maximal configuration's accuracy on one question kind, then each kind's cheapest one (and the maximal)
     t = time.time()
-    found = search(stages / "stage2", search_data, stages / "search", threshold=1.0, max_configurations=len(SELF) + 1,
-                   batch_size=50, seed=args.seed, attn_implementation="sdpa")
-    search_summary = [{k: c[k] for k in ("layers", "accuracy", "loss", "flops_ratio_to_max") if k in c} for c in found["candidates"]]
+    reuse = args.reuse_universal and (stages / "universal" / "config.json").is_file()
+    if reuse:  # the search and universal fine-tuning of an earlier run in the same --out
+        import json
+
+        from visor_hf.training.evaluation import read_jsonl
+
+        found = {"candidates": read_jsonl(stages / "search" / "search_results.jsonl"),
+                 **json.loads((stages / "search" / "search_summary.json").read_text())}
+    else:
+        found = search(start_from or stages / "stage2", search_data, stages / "search", batch_size=50, seed=args.seed,
+                       attn_implementation="sdpa")
+    search_summary = [{k: c[k] for k in ("layers", "accuracy", "loss", "flops_ratio_to_max", "groups", "viable_groups", "viable")
+                       if k in c} for c in found["candidates"]]
     for c in search_summary:
         log(f"search {c}", logfile)
     kept = found["written"]
     timings["search"] = round(time.time() - t, 1)
     log(f"kept configurations: {kept}", logfile)
     t = time.time()
-    train_stage(stages / "search", stage_data["universal"], stages / "universal", "universal", seed=args.seed,
-                attn_implementation="sdpa", data_collator=collator(stages / "search"),
-                training_args=trainer_args(args.universal_steps, 2e-4, batch, min(50, args.universal_steps // 5), args.seed))
-    timings["universal"] = round(time.time() - t, 1)
+    if not reuse:
+        train_stage(stages / "search", stage_data["universal"], stages / "universal", "universal", seed=args.seed,
+                    attn_implementation="sdpa", data_collator=collator(stages / "search"),
+                    training_args=trainer_args(args.universal_steps, 2e-4, batch, min(50, args.universal_steps // 5), args.seed))
+        timings["universal"] = round(time.time() - t, 1)
     t = time.time()
-    label_report = soft_labels(stages / "universal", label_data, stages / "labels", keep=0.99)
+    # labels and targets per question kind (the records' `source`): see docs/toy.md for the comparison of the rules
+    label_report = pseudo_label(stages / "universal", label_data, stages / "labels", keep=0.99, batch_size=50,
+                                group_field="source", attn_implementation="sdpa")
+    label_report.pop("moved_to_cheapest", None)
     log(f"labels: {label_report}", logfile)
     router_report = train_router(stages / "universal", label_data, stages / "labels", stages / "router", seed=args.seed,
-                                 attn_implementation="sdpa", batch_size=50,
+                                 attn_implementation="sdpa", batch_size=50, router_type=args.router_type,
+                                 router_threshold=args.router_threshold,
                                  training_args=trainer_args(args.router_steps, 3e-3, 64, 10, args.seed))
     log(f"router: {router_report}", logfile)
     timings["labels_router"] = round(time.time() - t, 1)
@@ -308,10 +307,17 @@ def main() -> None:
     t = time.time()
     test = eval_set(TEST_SEED, args.test_images)
     rows = {}
-    llava = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_dir, attn_implementation="sdpa").float().eval()
-    rows["LLaVA-OV (dense)"] = dense_report(llava, test, 1)
-    rows["LLaVA-OV pool 2x"] = dense_report(llava, test, 2)
-    rows["LLaVA-OV pool 4x"] = dense_report(llava, test, 4)
+    if start_from is not None:
+        import json
+
+        earlier = json.loads((start_from / "results.json").read_text())
+        for name in ("LLaVA-OV (dense)", "LLaVA-OV pool 2x", "LLaVA-OV pool 4x"):
+            rows[name] = earlier["rows"][name]
+    else:
+        llava = LlavaOnevisionForConditionalGeneration.from_pretrained(llava_dir, attn_implementation="sdpa").float().eval()
+        rows["LLaVA-OV (dense)"] = dense_report(llava, test, 1)
+        rows["LLaVA-OV pool 2x"] = dense_report(llava, test, 2)
+        rows["LLaVA-OV pool 4x"] = dense_report(llava, test, 4)
     model = load(final)
     for c, layers in enumerate(model.config.configurations):
         r = report(evaluate_visor(model, test, c), test)
@@ -326,17 +332,24 @@ def main() -> None:
     rows["VISOR router"] = r
     for name, r in rows.items():
         log(f"{name}: {fmt(r['accuracy'])} flops x{r['flops_ratio']:.3f}", logfile)
+    curve = evaluate_curve(final, test_data, batch_size=50, output=out / "curve", attn_implementation="sdpa")
+    for point in curve["points"]:
+        log(f"curve {point['name']}: accuracy {point['accuracy']:.3f} FLOPs x{point['flops_ratio_to_dense']:.3f}", logfile)
     ci_set = eval_set(CI_SEED, args.ci_images)
     ci = report(evaluate_visor(model, ci_set, "auto"), ci_set)
     timings["evaluation"] = round(time.time() - t, 1)
     timings["total"] = round(time.time() - start, 1)
     results = {
-        "layout": {"cross_attention_layers": CROSS, "self_attention_layers": SELF, "router_layer": ROUTER_LAYER,
-                   "configurations": model.config.configurations},
+        "layout": {"cross_attention_layers": CROSS, "self_attention_layers": SELF, "router_layer": model.config.router_layer,
+                   "configurations": model.config.configurations, "router_type": model.config.router_type,
+                   "router_threshold": model.config.router_threshold},
         "test_set": {"seed": TEST_SEED, "images": args.test_images, "questions": len(test)},
         "rows": rows,
         "ci": {"seed": CI_SEED, "images": args.ci_images, **ci},
         "search": search_summary,
+        "search_kept": found["written"],
+        "router_curve": [{k: p[k] for k in ("name", "accuracy", "groups", "flops_ratio_to_dense", "flops_saving_vs_dense") if k in p}
+                         for p in curve["points"]],
         "labels": label_report,
         "router_training": router_report,
         "timings_seconds": timings,
@@ -349,18 +362,27 @@ def main() -> None:
     print(table(results))
 
     if args.ship:
-        assets = REPO / "src" / "visor_hf" / "assets" / "toy-visor"
-        if assets.exists():
-            shutil.rmtree(assets)
-        assets.mkdir(parents=True)
-        for path in final.iterdir():
-            if path.is_file() and path.suffix != ".py":  # the package holds the modeling code itself
-                shutil.copyfile(path, assets / path.name)
-        make_portable(assets)
-        shutil.copyfile(out / "results.json", assets / "results.json")
-        shutil.copyfile(out / "accuracy_vs_flops.png", REPO / "docs" / "toy_accuracy_vs_flops.png")
-        shutil.copyfile(out / "results.md", REPO / "docs" / "toy_results.md")
-        log(f"shipped to {assets}", logfile)
+        ship(out)
+        log(f"shipped to {REPO / 'src' / 'visor_hf' / 'assets' / 'toy-visor'}", logfile)
+
+
+def ship(out: Path) -> None:
+    """Copy a finished run (`--out`) into the repository: the router checkpoint to `src/visor_hf/assets/toy-visor/`
+    (made portable, with `results.json`), the results table and plots and the router curve to `docs/` (what `--ship`
+    does)."""
+    assets = REPO / "src" / "visor_hf" / "assets" / "toy-visor"
+    if assets.exists():
+        shutil.rmtree(assets)
+    assets.mkdir(parents=True)
+    for path in (out / "stages" / "router").iterdir():
+        if path.is_file() and path.suffix != ".py":  # the package holds the modeling code itself
+            shutil.copyfile(path, assets / path.name)
+    make_portable(assets)
+    shutil.copyfile(out / "results.json", assets / "results.json")
+    shutil.copyfile(out / "accuracy_vs_flops.png", REPO / "docs" / "toy_accuracy_vs_flops.png")
+    shutil.copyfile(out / "results.md", REPO / "docs" / "toy_results.md")
+    shutil.copyfile(out / "curve" / "curve.png", REPO / "docs" / "toy_router_curve.png")
+    shutil.copyfile(out / "curve" / "curve.md", REPO / "docs" / "toy_router_curve.md")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ def load(path) -> VisorForConditionalGeneration:
 
 def write_records(folder, num_images: int, base_seed: int, filename: str = "data.jsonl") -> str:
     """A LLaVA-style JSONL data set for `visor_hf.training`: one record per question (one of each kind per picture),
-    pictures as PNG files next to it. Returns the file path."""
+    pictures as PNG files next to it. Each record's `source` (the group of the configuration search and of the
+    curve's per-group accuracy) is its question kind. Returns the file path."""
     import json
     from pathlib import Path
 
@@ -40,7 +41,7 @@ def write_records(folder, num_images: int, base_seed: int, filename: str = "data
         name = f"images/{base_seed + i}.png"
         render(scene).save(folder / name)
         for q in sample_questions(scene):
-            records.append({"image": name, "kind": q.kind, "conversations": [
+            records.append({"image": name, "kind": q.kind, "source": q.kind, "conversations": [
                 {"from": "human", "value": "<image>\n" + q.text}, {"from": "gpt", "value": q.answer}]})
     path = folder / filename
     with open(path, "w") as f:

@@ -24,6 +24,9 @@ def add_parser(subparsers) -> None:
         help="also move samples to their cheapest configuration while the labelled set keeps >= --keep of the maximal "
         "configuration's accuracy (set-level; not the paper's per-sample rule)",
     )
+    parser.add_argument("--group-field", default=None,
+                        help="group-level labels: the cheapest configuration keeping >= --keep of the maximal one's accuracy "
+                        "on the record's group (this record field)")
     parser.add_argument("--limit", type=int, default=None, help="label the first N records")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
     parser.add_argument("--image-root", default=None, help="folder of the relative image paths (default: the data file's folder)")
@@ -39,7 +42,7 @@ def run(args) -> int:
     check_data_path(args.data)
 
     report = pseudo_label(
-        args.model, args.data, args.output_dir, keep=args.keep, spend_slack=args.spend_slack, limit=args.limit, batch_size=args.batch_size,
+        args.model, args.data, args.output_dir, keep=args.keep, spend_slack=args.spend_slack, group_field=args.group_field, limit=args.limit, batch_size=args.batch_size,
         image_root=args.image_root, dtype=args.dtype, attn_implementation=args.attn_implementation,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "moved_to_cheapest"}, indent=2))

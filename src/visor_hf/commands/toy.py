@@ -32,6 +32,16 @@ def _images(text: str) -> int:
     return value
 
 
+def _threshold(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {text!r}") from error
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value}")
+    return value
+
+
 def _seed(text: str) -> int:
     return _integer(text, 0, "a non-negative integer (the picture seed)")
 
@@ -49,6 +59,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped toy-visor)")
     parser.add_argument("--configuration", type=argument_type(parse_configuration), default="auto",
                         help="'auto' (router, default), 'max', a configuration index, or SA layers like '1,6' or '[]'")
+    parser.add_argument("--router-threshold", type=_threshold, default=None,
+                        help="threshold of the calibrated router with --configuration auto (default: the checkpoint's "
+                        "router_threshold): higher answers more questions with more SA layers")
     parser.add_argument("--save-images", default=None, help="folder to write the pictures to (PNG)")
     parser.add_argument("--quiet", action="store_true", help="print the summary only")
     parser.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
@@ -75,18 +88,30 @@ def run(args: argparse.Namespace) -> int:
     config = model.config
     try:
         check_configuration(config, configuration)
+        problem = None
     except ValueError as error:
-        print(f"visor-hf toy: error: {error}", file=sys.stderr)
+        problem = str(error)
+    if problem is None and args.router_threshold is not None:
+        if configuration != "auto":
+            problem = "--router-threshold only applies to --configuration auto (the router decides)"
+        elif config.router_type != "calibrated":
+            problem = f"--router-threshold needs a calibrated router; this checkpoint's router is {config.router_type!r}"
+    if problem:
+        print(f"visor-hf toy: error: {problem}", file=sys.stderr)
         return 2
     params = sum(p.numel() for p in model.parameters())
     print(f"toy VISOR from {args.model or DEFAULT_CHECKPOINT}: {params / 1e6:.2f} M parameters, "
           f"{config.text_config.num_hidden_layers} LLM layers, CA {config.cross_attention_layers}, "
           f"SA {config.self_attention_layers}, router after layer {config.router_layer}")
-    print(f"configurations: {config.configurations}; pictures seed {seed} (--seed {seed} repeats this run)\n")
+    router = config.router_type
+    if router == "calibrated":
+        threshold = args.router_threshold if args.router_threshold is not None else config.router_threshold
+        router = f"calibrated, threshold {threshold:g}"
+    print(f"configurations: {config.configurations}; router: {router}; pictures seed {seed} (--seed {seed} repeats this run)\n")
     examples = fresh_examples(seed, args.images)
     if args.save_images:
         os.makedirs(args.save_images, exist_ok=True)
-    answers = answer_examples(model, processor, examples, visor_configuration=configuration)
+    answers = answer_examples(model, processor, examples, visor_configuration=configuration, router_threshold=args.router_threshold)
     current = None
     for a in answers:
         e = a.example

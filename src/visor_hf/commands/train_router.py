@@ -24,6 +24,11 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size of the report")
     parser.add_argument("--dtype", default=None, help="load the weights in this dtype (float32, bfloat16, ...)")
     parser.add_argument("--attn-implementation", default=None, help="eager or sdpa")
+    parser.add_argument("--router-type", choices=["argmax", "calibrated"], default=None,
+                        help="argmax: the paper's router (cross-entropy on the labels); calibrated: a probability per "
+                        "configuration that it keeps the maximal one's answer (binary cross-entropy on the targets). "
+                        "Default: the checkpoint's config.router_type")
+    parser.add_argument("--router-threshold", type=float, default=None, help="default threshold of a calibrated router, in [0, 1]")
     add_training_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -41,6 +46,7 @@ def run(args) -> int:
         training_args=training_args_from(args), seed=args.seed, image_root=args.image_root, batch_size=args.batch_size,
         dtype=args.dtype, attn_implementation=args.attn_implementation, resume_from_checkpoint=resume_value(args.resume_from_checkpoint),
         fsdp_size=args.fsdp_size,
+        router_type=args.router_type, router_threshold=args.router_threshold,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "train_metrics"}, indent=2))
     return 0

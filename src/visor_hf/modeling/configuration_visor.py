@@ -7,6 +7,8 @@ import numbers
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaOnevisionConfig
 
+from .routing_visor import ROUTER_TYPES, check_threshold
+
 
 def uniform_layer_layout(num_layers: int, num_cross: int | None = None, num_self: int | None = None) -> tuple[list[int], list[int]]:
     """The paper's default layout: |C| = |S| = L/3, spread uniformly over depth.
@@ -61,6 +63,12 @@ class VisorConfig(LlavaOnevisionConfig):
         Width of the router MLP (defaults to the LLM hidden size // 4, at least 8).
     routing_token_id (`int`, *optional*):
         Id of the routing token placed after each question.
+    router_type (`str`, *optional*, defaults to `"argmax"`):
+        `"argmax"`: the paper's router (one class per configuration, the arg-max runs). `"calibrated"`: one
+        probability per configuration that it keeps the maximal configuration's answer; the cheapest configuration
+        at or above the threshold runs (see `routing_visor.py`).
+    router_threshold (`float`, *optional*, defaults to 0.9):
+        Default threshold of the calibrated router, in [0, 1]; `visor_router_threshold=` overrides it per call.
     default_configuration (`int` or `"max"`, *optional*, defaults to `"max"`):
         Configuration used when no router decision exists (no router, or a sample without a routing token).
     position_embedding_kernel_size (`int`, *optional*, defaults to 7):
@@ -80,6 +88,8 @@ class VisorConfig(LlavaOnevisionConfig):
     router_layer: int | None = None
     router_hidden_size: int | None = None
     routing_token_id: int | None = None
+    router_type: str = "argmax"
+    router_threshold: float = 0.9
     default_configuration: int | str = "max"
     position_embedding_kernel_size: int = 7
 
@@ -149,6 +159,9 @@ class VisorConfig(LlavaOnevisionConfig):
         self.check_routing_token_id()
         if self.router_hidden_size is not None and not self.router_hidden_size > 0:
             raise ValueError(f"router_hidden_size must be a positive width (or None for hidden_size // 4), got {self.router_hidden_size}")
+        if self.router_type not in ROUTER_TYPES:
+            raise ValueError(f"router_type must be one of {ROUTER_TYPES}, got {self.router_type!r}")
+        self.router_threshold = check_threshold(self.router_threshold, "router_threshold")
         if self.router_layer is not None:
             if self.routing_token_id is None:
                 raise ValueError(

@@ -21,7 +21,7 @@ from .streams_visor import embedded_token_mask
 
 # inputs of `generate` that a draft model (assisted decoding) receives only if its forward takes them
 _TARGET_ONLY_GENERATE_KWARGS = (
-    "visor_configuration", "visor_budget", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
+    "visor_configuration", "visor_budget", "visor_router_threshold", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
     "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
 )
 
@@ -173,6 +173,7 @@ class VisorGenerationMixin(GenerationMixin):
             # without a cache every step re-runs the prefill over prompt and answer: keep the configuration decided
             # on the prompt (a routing token in the answer must not re-route it), as a cache would
             model_kwargs["visor_configuration"] = [tuple(layers) for layers in configurations]
+            model_kwargs.pop("visor_router_threshold", None)  # it took effect on the prompt; it has no router to steer now
         return model_kwargs
 
     def _get_candidate_generator(self, *args, **kwargs):
@@ -198,9 +199,10 @@ class VisorGenerationMixin(GenerationMixin):
         if expand_size > 1 and is_per_sample(request):
             # a per-sample request follows its sample into the beams / returned sequences
             model_kwargs["visor_configuration"] = [v for v in request for _ in range(expand_size)]
-        budget = model_kwargs.get("visor_budget")
-        if expand_size > 1 and isinstance(budget, (list, tuple)):
-            model_kwargs["visor_budget"] = [b for b in budget for _ in range(expand_size)]
+        for name in ("visor_budget", "visor_router_threshold"):  # per-sample lists follow their sample (tensors are
+            value = model_kwargs.get(name)  # expanded row by row by `generate` itself)
+            if expand_size > 1 and isinstance(value, (list, tuple)):
+                model_kwargs[name] = [v for v in value for _ in range(expand_size)]
         return input_ids, model_kwargs
 
 

@@ -39,6 +39,7 @@ from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorMode
 from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
 from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
 from .requests_visor import AUTO, ConfigurationRequest, resolve_configuration_request
+from .routing_visor import resolve_router_threshold, select_configurations
 from .streams_visor import compact_indices, embedded_token_mask, gather_tokens
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -175,6 +176,7 @@ class RouterInputs:
     text_routing: torch.Tensor | None  # [B, N_text] slots holding the routing token (None: no router / no token id)
     text_valid: torch.Tensor  # [B, N_text] slots holding a real token (not fill, not hidden by the attention mask)
     always: bool  # score the routing tokens even when no sample asks the router (`output_router_logits`)
+    thresholds: list[float] | None = None  # per sample, for a calibrated router (None: the paper's arg-max)
     logits: torch.Tensor | None = None
     batch_index: torch.Tensor | None = None
 
@@ -239,18 +241,10 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         batch_index = is_routing.nonzero()[:, 0]
         return self.router(text_states[is_routing]), batch_index
 
-    def _route(self, router_logits, batch_index, batch_size) -> list[int]:
-        """Configuration index per sample; the most expensive prediction of a sample's routing tokens wins
-        (ties: the higher index). -1 where a sample has no routing token."""
-        count = len(self.config.configurations)
-        if router_logits is None or router_logits.shape[0] == 0:
-            return [-1] * batch_size
-        cost = torch.tensor([len(c) for c in self.config.configurations], device=router_logits.device)
-        predicted = router_logits.argmax(-1)
-        score = cost[predicted] * count + predicted
-        best = torch.full((batch_size,), -1, dtype=score.dtype, device=score.device)
-        best = best.scatter_reduce(0, batch_index, score, reduce="amax", include_self=True)
-        return torch.where(best >= 0, best % count, -1).tolist()  # one host sync per prefill
+    def _route(self, router_logits, batch_index, batch_size, thresholds=None) -> list[int]:
+        """Configuration index per sample (arg-max, or calibrated with per-sample `thresholds`): see
+        `routing_visor.select_configurations`. -1 where a sample has no routing token."""
+        return select_configurations(router_logits, batch_index, batch_size, self.config.configurations, thresholds)
 
     # -- forward ---------------------------------------------------------------------------------------------------
 
@@ -275,6 +269,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         visor_configuration: ConfigurationRequest = None,
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
+        visor_router_threshold: float | list[float] | torch.Tensor | None = None,
         **kwargs,
     ) -> VisorModelOutputWithPast:
         r"""
@@ -283,6 +278,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             decision taken at prefill holds for the whole generation.
         output_router_logits (`bool`, *optional*):
             Return the router's scores for every routing token even when no sample asks the router.
+        visor_router_threshold (`float`, or one per sample, *optional*):
+            Threshold of a calibrated router (default `config.router_threshold`); see `routing_visor.py`.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -315,7 +312,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         visual_inputs = (pixel_values, image_sizes, pixel_values_videos, vision_kwargs)
         return self._prefill(
             input_ids, inputs_embeds, visual_inputs, attention_mask, position_ids, cache, visor_configuration, capture,
-            output_router_logits, kwargs,
+            output_router_logits, kwargs, visor_router_threshold,
         )
 
     def _cache_for(self, past_key_values: Cache | None, use_cache: bool | None) -> VisorCache | None:
@@ -358,12 +355,12 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         """Score the routing tokens; the samples that asked for "auto" get the configuration the router picks."""
         router.logits, router.batch_index = self._router_logits(streams.text, router.text_routing, router.text_valid)
         if plan.pending:
-            chosen = self._route(router.logits, router.batch_index, streams.text.shape[0])
+            chosen = self._route(router.logits, router.batch_index, streams.text.shape[0], router.thresholds)
             plan.complete(chosen, self.config.configurations, tuple(self.config.default_layers()))
 
     def _prefill(
         self, input_ids, inputs_embeds, visual_inputs, attention_mask, position_ids, cache, visor_configuration,
-        capture, output_router_logits, kwargs,
+        capture, output_router_logits, kwargs, visor_router_threshold=None,
     ) -> VisorModelOutputWithPast:
         inputs_embeds, visual_mask, segments, image_features, video_features = self.embed_visual(
             input_ids, inputs_embeds, *visual_inputs
@@ -377,6 +374,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         router = RouterInputs(
             gather_tokens(routing_mask, streams.text_index) if routing_mask is not None else None,
             streams.text_valid, bool(output_router_logits),  # a routing token the attention mask hides is not read
+            resolve_router_threshold(self.config, visor_router_threshold, bool(plan.pending), batch),
         )
         capture.record_input(inputs_embeds)
         self._decoder_loop(plan, streams, cache, capture, router, kwargs)
@@ -556,6 +554,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         visor_configuration: ConfigurationRequest = None,
         output_router_logits: bool | None = None,
         visor_budget: float | list[float] | torch.Tensor | None = None,
+        visor_router_threshold: float | list[float] | torch.Tensor | None = None,
         **kwargs,
     ) -> VisorCausalLMOutputWithPast:
         r"""
@@ -567,6 +566,10 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             Compute budget as a fraction of the dense LLaVA-OV prefill FLOPs of each sample: each sample runs the
             most expensive configuration of `config.configurations` within it (see `flops_visor.select_by_budget`).
             Replaces the router; read at prefill only.
+        visor_router_threshold (`float`, or one per sample, *optional*):
+            Threshold of a calibrated router (`config.router_type="calibrated"`; default `config.router_threshold`):
+            each sample runs the cheapest configuration whose predicted probability of keeping the maximal
+            configuration's answer is at least this, else the maximal one. Read at prefill only.
         """
         check_forward_kwargs(self.forward, kwargs)
         prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
@@ -582,7 +585,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy, vision_aspect_ratio=vision_aspect_ratio,
             batch_num_images=batch_num_images, use_cache=use_cache, visor_configuration=visor_configuration,
-            output_router_logits=output_router_logits, **kwargs,
+            output_router_logits=output_router_logits, visor_router_threshold=visor_router_threshold, **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)

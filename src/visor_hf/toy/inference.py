@@ -51,9 +51,11 @@ def prompt(processor: ProcessorMixin, question: str) -> str:
 
 @torch.no_grad()
 def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples: list[Example],
-                    visor_configuration: str | int | list = "auto", batch_size: int = 25) -> list[Answer]:
+                    visor_configuration: str | int | list = "auto", batch_size: int = 25,
+                    router_threshold: float | None = None) -> list[Answer]:
     """Greedy answers with `generate` (a left-padded batch; every sample gets its own configuration), the SA layers
-    that ran and the analytical prefill FLOPs of the LLM against dense LLaVA-OV on the same tokens."""
+    that ran and the analytical prefill FLOPs of the LLM against dense LLaVA-OV on the same tokens.
+    `router_threshold`: the calibrated router's threshold (default: the checkpoint's)."""
     from ..modeling.flops_visor import FlopsShape, prefill_flops
 
     tokenizer = processor.tokenizer
@@ -65,8 +67,9 @@ def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples:
         chunk = examples[start : start + batch_size]
         texts = [prompt(processor, e.question.text) for e in chunk]
         inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
+        extra = {"visor_router_threshold": router_threshold} if router_threshold is not None else {}
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, visor_configuration=visor_configuration,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, **extra)
         report = model.last_visor_report
         new = out[:, inputs["input_ids"].shape[1] :]
         for i, e in enumerate(chunk):

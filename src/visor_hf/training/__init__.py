@@ -5,10 +5,18 @@ stage="universal")`), pseudo-labels (`pseudo_label`), router training (`train_ro
 """
 
 from .data import IGNORE_INDEX, RecordDataset, VisorDataCollator, load_processor, load_records, record_messages
-from .evaluation import evaluate, parse_configuration, score_dataset, summarize
-from .labels import assign_labels, build_table, pseudo_label, read_labels
+from .evaluation import evaluate, evaluate_curve, parse_configuration, router_curve, score_dataset, summarize
+from .labels import assign_labels, build_table, keep_targets, pseudo_label, read_labels, read_targets
 from .router import RouterTrainer, router_report, train_router
-from .search import exhaustive_candidates, fixed_and_free_layers, is_viable, search, search_configurations, set_configurations
+from .search import (
+    exhaustive_candidates,
+    fixed_and_free_layers,
+    is_viable,
+    record_groups,
+    search,
+    search_configurations,
+    set_configurations,
+)
 from .stages import (
     LORA_MODULES_TO_SAVE,
     LORA_TARGET_MODULES,
@@ -38,9 +46,11 @@ __all__ = [
     "assign_labels",
     "build_table",
     "evaluate",
+    "evaluate_curve",
     "exhaustive_candidates",
     "fixed_and_free_layers",
     "is_viable",
+    "keep_targets",
     "load_model",
     "load_processor",
     "load_records",
@@ -48,7 +58,10 @@ __all__ = [
     "parse_configuration",
     "pseudo_label",
     "read_labels",
+    "read_targets",
+    "record_groups",
     "record_messages",
+    "router_curve",
     "router_report",
     "save_checkpoint",
     "score_dataset",

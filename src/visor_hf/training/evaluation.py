@@ -45,12 +45,14 @@ def _accelerator(accelerator=None):
 
 
 @torch.no_grad()
-def score_dataset(model, dataset, collator, visor_configuration="max", batch_size: int = 8, accelerator=None, progress: bool = True, prepare_inputs=None) -> list[dict]:
+def score_dataset(model, dataset, collator, visor_configuration="max", batch_size: int = 8, accelerator=None, progress: bool = True, prepare_inputs=None,
+                  router_threshold=None) -> list[dict]:
     """One result dict per sample (fields `FIELDS`, `layers` instead of `layers_mask`), sorted by dataset index.
 
     `visor_configuration`: anything the model's forward takes (index, layer list, `"max"`, `"auto"` = the router).
     `prepare_inputs(model, inputs)`: changes the forward's inputs only (not what is counted), e.g. the unseen image
     that a sharded model needs on a text-only batch (`sharding.ShardedStep`).
+    `router_threshold`: the calibrated router's threshold (`visor_router_threshold=`; default: the config's).
     """
     from torch.utils.data import DataLoader
 
@@ -80,7 +82,8 @@ def score_dataset(model, dataset, collator, visor_configuration="max", batch_siz
         inputs = {**model_inputs(batch, keep_labels=False), "logits_to_keep": keep}
         if prepare_inputs is not None:
             inputs = prepare_inputs(model, inputs)
-        out = model(**inputs, visor_configuration=visor_configuration, use_cache=False)
+        extra = {"visor_router_threshold": router_threshold} if router_threshold is not None else {}
+        out = model(**inputs, visor_configuration=visor_configuration, use_cache=False, **extra)
         logits = out.logits.reshape(-1, out.logits.shape[-1]).float()
         row_of = keep.nonzero()[:, 0]
         size = labels.shape[0]
@@ -176,7 +179,8 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def evaluate(model_path, data, *, visor_configuration="auto", batch_size: int = 8, image_root=None, limit=None, output=None, dtype=None, attn_implementation=None) -> dict:
+def evaluate(model_path, data, *, visor_configuration="auto", batch_size: int = 8, image_root=None, limit=None, output=None, dtype=None,
+             attn_implementation=None, router_threshold=None) -> dict:
     """Run a checkpoint on an evaluation set with a fixed configuration or the router (`"auto"`); returns the
     summary (accuracy, average FLOPs, configuration histogram) and writes `output` (a folder: `summary.json` and
     `per_sample.jsonl`) when given."""
@@ -188,9 +192,11 @@ def evaluate(model_path, data, *, visor_configuration="auto", batch_size: int = 
     processor = load_processor(model_path)
     dataset = load_records(data, image_root, limit)
     accelerator = _accelerator()
-    results = score_dataset(model, dataset, VisorDataCollator(processor), visor_configuration, batch_size, accelerator)
+    results = score_dataset(model, dataset, VisorDataCollator(processor), visor_configuration, batch_size, accelerator,
+                            router_threshold=router_threshold)
     summary = summarize(results)
     summary["visor_configuration"] = visor_configuration
+    summary["router_threshold"] = router_threshold
     summary["checkpoint"] = str(model_path)
     if output is not None and accelerator.is_main_process:
         output = Path(output)
@@ -200,4 +206,143 @@ def evaluate(model_path, data, *, visor_configuration="auto", batch_size: int = 
     return summary
 
 
-__all__ = ["evaluate", "parse_configuration", "read_jsonl", "score_dataset", "summarize", "write_jsonl"]
+DEFAULT_THRESHOLDS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.97, 0.98, 0.99, 1.0)
+
+
+@torch.no_grad()
+def router_choices(model, dataset, collator, thresholds, batch_size: int = 8, accelerator=None) -> dict[int, list[int]]:
+    """`{sample index: [configuration the router picks at each threshold]}` (one entry for an arg-max router,
+    `thresholds` ignored). One forward per batch with the cheapest configuration: the router reads a layer before
+    every switchable SA layer, so its choice does not depend on the configuration that runs."""
+    from torch.utils.data import DataLoader
+
+    from ..modeling.routing_visor import check_threshold, select_configurations
+
+    accelerator = _accelerator(accelerator)
+    config = accelerator.unwrap_model(model).config
+    calibrated = config.router_type == "calibrated"
+    thresholds = [check_threshold(t) for t in thresholds] if calibrated else [None]
+    cheapest = min(range(len(config.configurations)), key=lambda c: (len(config.configurations[c]), c))
+    model.eval()
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=batch_size, collate_fn=collator, shuffle=False))
+    rows = []
+    for batch in loader:
+        out = model(**model_inputs(batch, keep_labels=False), visor_configuration=cheapest, output_router_logits=True,
+                    logits_to_keep=1, use_cache=False)
+        size = batch["input_ids"].shape[0]
+        columns = [batch["sample_index"].to(torch.float64)]
+        for t in thresholds:
+            chosen = select_configurations(out.router_logits, out.routing_token_batch_index, size, config.configurations,
+                                           None if t is None else [t] * size)
+            columns.append(torch.tensor(chosen, dtype=torch.float64, device=batch["sample_index"].device))
+        rows.append(accelerator.gather_for_metrics(torch.stack(columns, 1)).cpu())
+    return {int(r[0]): [int(v) for v in r[1:]] for r in torch.cat(rows).tolist()} if rows else {}
+
+
+def _point(results: list[dict], groups: list[str] | None) -> dict:
+    summary = summarize(results)
+    point = {k: summary[k] for k in ("samples", "accuracy", "loss", "average_flops", "flops_ratio_to_max", "flops_saving_vs_dense")}
+    point["flops_ratio_to_dense"] = summary["average_flops"] / summary["average_flops_dense"] if summary["average_flops_dense"] else None
+    if groups is not None:
+        from .search import group_summaries
+
+        point["groups"] = {g: v["accuracy"] for g, v in group_summaries(results, groups).items()}
+    point["configuration_histogram"] = summary["configuration_histogram"]
+    return point
+
+
+def router_curve(model, dataset, collator, thresholds=DEFAULT_THRESHOLDS, batch_size: int = 8, accelerator=None,
+                 groups: list[str] | None = None) -> dict:
+    """The accuracy-vs-FLOPs curve of the router: every configuration of the model run on every sample (the fixed
+    points), and the router at each threshold (`thresholds`; one point for an arg-max router), whose per-sample result
+    is that of the configuration it picks (exact: the router's input does not depend on the configuration). Also
+    the router at the model's own threshold through `visor_configuration="auto"`, as a check of the lookup."""
+    accelerator = _accelerator(accelerator)
+    config = accelerator.unwrap_model(model).config
+    fixed = [score_dataset(model, dataset, collator, c, batch_size, accelerator, progress=False) for c in range(len(config.configurations))]
+    by_index = [{r["index"]: r for r in rows} for rows in fixed]
+    choices = router_choices(model, dataset, collator, thresholds, batch_size, accelerator)
+    points = [{"name": f"fixed {layers}", "layers": layers, **_point(rows, groups)} for layers, rows in zip(config.configurations, fixed)]
+    calibrated = config.router_type == "calibrated"
+    for k, t in enumerate(thresholds if calibrated else [None]):
+        rows = [by_index[choice[k] if choice[k] >= 0 else -1][index] for index, choice in sorted(choices.items())]
+        points.append({"name": "router" if t is None else f"router t={t:g}", "threshold": t, **_point(rows, groups)})
+    measured = score_dataset(model, dataset, collator, "auto", batch_size, accelerator, progress=False)
+    looked_up = [by_index[r["configuration"]][r["index"]]["correct"] for r in measured]
+    return {
+        "router_type": config.router_type,
+        "router_threshold": config.router_threshold if calibrated else None,
+        "configurations": config.configurations,
+        "points": points,
+        "measured_router": _point(measured, groups),
+        "lookup_agreement": sum(a == r["correct"] for a, r in zip(looked_up, measured)) / max(len(measured), 1),
+    }
+
+
+def curve_table(curve: dict) -> str:
+    """A Markdown table of a `router_curve` (accuracy overall and per group, FLOPs against dense)."""
+    groups = sorted({g for p in curve["points"] for g in p.get("groups", {})})
+    lines = ["| point | accuracy | " + " | ".join(groups) + (" | " if groups else "") + "prefill FLOPs / dense | saving |",
+             "|---|---|" + "---|" * len(groups) + "---|---|"]
+    for p in curve["points"]:
+        cells = " | ".join(f"{p['groups'].get(g, float('nan')):.3f}" for g in groups)
+        lines.append(f"| {p['name']} | {p['accuracy']:.3f} | {cells}{' | ' if groups else ''}{p['flops_ratio_to_dense']:.3f} | "
+                     f"{p['flops_saving_vs_dense']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_curve(curve: dict, path) -> None:
+    """Accuracy against prefill FLOPs / dense: fixed configurations as points, the router's thresholds as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    fixed = [p for p in curve["points"] if "layers" in p]
+    router = [p for p in curve["points"] if "layers" not in p]
+    ax.scatter([p["flops_ratio_to_dense"] for p in fixed], [p["accuracy"] for p in fixed], color="tab:blue", label="fixed configurations", zorder=3)
+    for p in fixed:
+        ax.annotate(str(p["layers"]), (p["flops_ratio_to_dense"], p["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.plot([p["flops_ratio_to_dense"] for p in router], [p["accuracy"] for p in router], "-*", color="tab:red", label="router (thresholds)")
+    for p in router:
+        if p.get("threshold") is not None:
+            ax.annotate(f"{p['threshold']:g}", (p["flops_ratio_to_dense"], p["accuracy"]), fontsize=6, xytext=(2, -9), textcoords="offset points", color="tab:red")
+    ax.set_xlabel("LLM prefill FLOPs / dense LLaVA-OV")
+    ax.set_ylabel("exact-match accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def evaluate_curve(model_path, data, *, thresholds=DEFAULT_THRESHOLDS, group_field: str | None = "source", batch_size: int = 8,
+                   image_root=None, limit=None, output=None, dtype=None, attn_implementation=None) -> dict:
+    """`router_curve` of a checkpoint on an evaluation set; writes `curve.json`, `curve.md` and `curve.png` to
+    `output` when given."""
+    from .data import VisorDataCollator, load_processor, load_records
+    from .search import record_groups
+    from .stages import load_model
+
+    model = load_model(model_path, dtype, attn_implementation)
+    if model.model.router is None:
+        raise ValueError("this checkpoint has no router: there is no curve to draw")
+    processor = load_processor(model_path)
+    dataset = load_records(data, image_root, limit)
+    groups = record_groups(dataset, group_field) if group_field else None
+    accelerator = _accelerator()
+    curve = router_curve(model, dataset, VisorDataCollator(processor), thresholds, batch_size, accelerator, groups)
+    curve["checkpoint"] = str(model_path)
+    curve["group_field"] = group_field
+    if output is not None and accelerator.is_main_process:
+        output = Path(output)
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "curve.json").write_text(json.dumps(curve, indent=2))
+        (output / "curve.md").write_text(curve_table(curve))
+        plot_curve(curve, output / "curve.png")
+    return curve
+
+
+__all__ = ["DEFAULT_THRESHOLDS", "curve_table", "evaluate", "evaluate_curve", "parse_configuration", "plot_curve", "read_jsonl",
+           "router_choices", "router_curve", "score_dataset", "summarize", "write_jsonl"]

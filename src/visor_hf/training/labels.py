@@ -21,6 +21,16 @@ of the maximal configuration's accuracy on the subset (with exact match: at leas
 `spend_slack=True` (opt-in, not the paper's rule) adds a set-level step: while the labelled set's accuracy stays
 `>= keep x` the maximal configuration's, the sample with the largest FLOPs saving (ties: higher loss under its label,
 then lower index) moves to its cheapest configuration.
+
+`groups` (a group name per sample) switches to **group-level labels**: a configuration keeps a sample when its
+accuracy on the sample's whole group is `>= keep x` the maximal configuration's accuracy on that group; every sample
+of a group gets the group's cheapest such configuration. One sample's 0/1 correctness under a cheap configuration is
+partly luck (a one-word answer can be right by chance); a group's accuracy is not.
+
+Targets of the calibrated router ([`keep_targets`]): for every sample and configuration, 1 when the configuration
+keeps the sample (the per-sample test above), else 0. Trained with binary cross-entropy, the router's output `c`
+estimates the probability that configuration `c` keeps the maximal configuration's answer on questions like this
+one: the luck of single samples averages out instead of being learned as a class.
 """
 
 from __future__ import annotations
@@ -49,13 +59,8 @@ def _cost_key(row: dict):
     return (row["flops"] if row.get("flops") is not None else layers, layers, float(row["loss"]), int(row["configuration"]))
 
 
-def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int | None = None, spend_slack: bool = False) -> tuple[dict[int, int], dict]:
-    """Labels `{sample index: configuration index}` and a report, from table rows (`index`, `configuration`,
-    `num_layers` or `layers`, `correct` or `score`, `loss`, optionally `flops`). `max_configuration`: the index of
-    the maximal configuration (default: the one with the most SA layers; ties: the highest index). Every sample must
-    have a row for every configuration. See the module documentation for the rule."""
-    if not 0.0 <= keep <= 1.0:
-        raise ValueError(f"keep must be in [0, 1], got {keep}")
+def _by_sample(table: list[dict], max_configuration: int | None) -> tuple[dict[int, dict[int, dict]], int]:
+    """`{sample: {configuration: row}}` (every sample with every configuration) and the maximal configuration."""
     by_sample: dict[int, dict[int, dict]] = defaultdict(dict)
     for row in table:
         index, configuration = int(row["index"]), int(row["configuration"])
@@ -63,7 +68,7 @@ def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int 
             raise ValueError(f"sample {index} has two rows for configuration {configuration}")
         by_sample[index][configuration] = row
     if not by_sample:
-        return {}, {"samples": 0}
+        return {}, max_configuration
     configurations = sorted({c for rows in by_sample.values() for c in rows})
     for index, rows in by_sample.items():
         if sorted(rows) != configurations:
@@ -73,13 +78,60 @@ def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int 
         max_configuration = max(configurations, key=lambda c: (_num_layers(some[c]), c))
     elif max_configuration not in configurations:
         raise ValueError(f"max_configuration {max_configuration} is not in the table (configurations {configurations})")
+    return by_sample, max_configuration
+
+
+def keep_targets(table: list[dict], keep: float = 0.99, max_configuration: int | None = None,
+                 groups: dict[int, str] | None = None) -> dict[int, list[float]]:
+    """`{sample index: [target per configuration]}`, the calibrated router's targets.
+
+    Per sample (`groups` None): 1.0 when the configuration keeps `>= keep` of the maximal configuration's accuracy on
+    the sample, else 0.0. Per group (`groups`: `{sample index: group}`): the fraction of the maximal configuration's
+    accuracy that the configuration keeps on the sample's group, `min(1, accuracy_c / accuracy_max)` (1 when the
+    maximal configuration answers nothing of the group); every sample of a group gets the same soft targets, and a
+    router threshold `t` then reads "keep at least `t` of the maximal configuration's accuracy on this kind of
+    question"."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    by_sample, max_configuration = _by_sample(table, max_configuration)
+    if groups is not None:
+        targets = {}
+        for indices in _group_members(by_sample, groups).values():
+            configurations = sorted(by_sample[indices[0]])
+            total = {c: sum(_score(by_sample[i][c]) for i in indices) for c in configurations}
+            ratio = [1.0 if total[max_configuration] <= 0 else min(1.0, total[c] / total[max_configuration]) for c in configurations]
+            targets.update(dict.fromkeys(indices, ratio))
+        return targets
+    targets = {}
+    for index, rows in by_sample.items():
+        bar = keep * _score(rows[max_configuration]) - TOLERANCE
+        targets[index] = [float(_score(rows[c]) >= bar) for c in sorted(rows)]
+    return targets
+
+
+def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int | None = None, spend_slack: bool = False,
+                  groups: dict[int, str] | None = None) -> tuple[dict[int, int], dict]:
+    """Labels `{sample index: configuration index}` and a report, from table rows (`index`, `configuration`,
+    `num_layers` or `layers`, `correct` or `score`, `loss`, optionally `flops`). `max_configuration`: the index of
+    the maximal configuration (default: the one with the most SA layers; ties: the highest index). Every sample must
+    have a row for every configuration. `groups` (`{sample index: group}`): group-level labels. See the module
+    documentation for the rules."""
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"keep must be in [0, 1], got {keep}")
+    by_sample, max_configuration = _by_sample(table, max_configuration)
+    if not by_sample:
+        return {}, {"samples": 0}
 
     labels, cheapest = {}, {}
+    group_label = _group_labels(by_sample, groups, keep, max_configuration) if groups is not None else None
     for index, rows in by_sample.items():
         bar = keep * _score(rows[max_configuration]) - TOLERANCE
         ranked = sorted(rows.values(), key=_cost_key)
         cheapest[index] = int(ranked[0]["configuration"])
-        labels[index] = int(next(r for r in ranked if _score(r) >= bar)["configuration"])
+        if group_label is not None:
+            labels[index] = group_label[groups[index]]
+        else:
+            labels[index] = int(next(r for r in ranked if _score(r) >= bar)["configuration"])
 
     def total(assignment) -> float:
         return sum(_score(by_sample[i][assignment[i]]) for i in assignment)
@@ -113,7 +165,7 @@ def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int 
     report = {
         "samples": n,
         "keep": keep,
-        "rule": "per-sample" + (" + spend_slack" if spend_slack else ""),
+        "rule": ("per-group" if groups is not None else "per-sample") + (" + spend_slack" if spend_slack else ""),
         "max_configuration": max_configuration,
         "max_accuracy": max_total / n,
         "per_sample_label_accuracy": strict_total / n,
@@ -125,6 +177,35 @@ def assign_labels(table: list[dict], keep: float = 0.99, max_configuration: int 
         "label_histogram": {str(k): v for k, v in sorted(Counter(labels.values()).items())},
     }
     return labels, report
+
+
+def _group_members(by_sample, groups: dict[int, str]) -> dict[str, list[int]]:
+    """`{group: [sample index, ...]}`; every sample of the table must have a group."""
+    missing = sorted(set(by_sample) - set(groups))
+    if missing:
+        raise ValueError(f"samples {missing[:5]} have no group")
+    members: dict[str, list[int]] = defaultdict(list)
+    for index in by_sample:
+        members[groups[index]].append(index)
+    return members
+
+
+def _group_labels(by_sample, groups: dict[int, str], keep: float, max_configuration: int) -> dict[str, int]:
+    """Each group's cheapest configuration (mean cost over the group's samples, then fewer layers, then lower mean
+    loss, then index) whose accuracy on the group is `>= keep x` the maximal configuration's."""
+    out = {}
+    for group, indices in _group_members(by_sample, groups).items():
+        configurations = sorted(by_sample[indices[0]])
+
+        def mean(c, field, indices=indices):
+            return sum(float(by_sample[i][c][field] if field != "score" else _score(by_sample[i][c])) for i in indices) / len(indices)
+
+        bar = keep * mean(max_configuration, "score") - TOLERANCE
+        keeping = [c for c in configurations if mean(c, "score") >= bar]
+        has_flops = all(by_sample[i][c].get("flops") is not None for i in indices for c in configurations)
+        out[group] = min(keeping, key=lambda c: (mean(c, "flops") if has_flops else 0, _num_layers(by_sample[indices[0]][c]),
+                                                 mean(c, "loss"), c))
+    return out
 
 
 def build_table(model, dataset, collator, batch_size: int = 8, accelerator=None) -> list[dict]:
@@ -141,6 +222,7 @@ def build_table(model, dataset, collator, batch_size: int = 8, accelerator=None)
                 "correct": result["correct"],
                 "loss": result["loss"],
                 "flops": result["flops"],
+                "flops_dense": result["flops_dense"],
                 "answer_tokens": result["answer_tokens"],
             })
     return table
@@ -153,6 +235,7 @@ def pseudo_label(
     *,
     keep: float = 0.99,
     spend_slack: bool = False,
+    group_field: str | None = None,
     limit: int | None = None,
     batch_size: int = 8,
     image_root=None,
@@ -160,8 +243,9 @@ def pseudo_label(
     attn_implementation=None,
 ) -> dict:
     """Write `pseudo_label_table.jsonl` (every configuration on the first `limit` records of `data`),
-    `pseudo_labels.jsonl` (`index`, `label`, `layers` per sample) and `pseudo_label_summary.json`; returns the
-    summary. `keep` and `spend_slack`: see [`assign_labels`]."""
+    `pseudo_labels.jsonl` (`index`, `label`, `layers` and the calibrated router's `targets` per sample) and
+    `pseudo_label_summary.json`; returns the summary. `keep`, `spend_slack`: see [`assign_labels`]; `group_field`:
+    group-level labels with the records' groups by that field (`search.record_groups`)."""
     from .data import VisorDataCollator, load_processor, load_records
     from .stages import load_model
 
@@ -173,14 +257,23 @@ def pseudo_label(
     accelerator = _accelerator()
     table = build_table(model, dataset, VisorDataCollator(processor), batch_size, accelerator)
     max_index = max(range(len(model.config.configurations)), key=lambda c: (len(model.config.configurations[c]), c))
-    labels, report = assign_labels(table, keep, max_index, spend_slack=spend_slack)
+    groups = None
+    if group_field is not None:
+        from .search import record_groups
+
+        groups = dict(enumerate(record_groups(dataset, group_field)))
+    labels, report = assign_labels(table, keep, max_index, spend_slack=spend_slack, groups=groups)
+    targets = keep_targets(table, keep, max_index, groups=groups)
+    report["group_field"] = group_field
+    report["target_means"] = [sum(t[c] for t in targets.values()) / len(targets) for c in range(len(model.config.configurations))]
     report["checkpoint"] = str(model_path)
     report["configurations"] = model.config.configurations
     if accelerator.is_main_process:
         output_dir = Path(output_dir)
         write_jsonl(output_dir / "pseudo_label_table.jsonl", table)
         configurations = model.config.configurations
-        write_jsonl(output_dir / "pseudo_labels.jsonl", [{"index": i, "label": c, "layers": configurations[c]} for i, c in sorted(labels.items())])
+        write_jsonl(output_dir / "pseudo_labels.jsonl", [{"index": i, "label": c, "layers": configurations[c], "targets": targets[i]}
+                                                          for i, c in sorted(labels.items())])
         (output_dir / "pseudo_label_summary.json").write_text(json.dumps(report, indent=2))
     accelerator.wait_for_everyone()
     return report
@@ -194,4 +287,16 @@ def read_labels(path) -> dict[int, int]:
     return {int(r["index"]): int(r["label"]) for r in read_jsonl(path)}
 
 
-__all__ = ["assign_labels", "build_table", "pseudo_label", "read_labels"]
+def read_targets(path) -> dict[int, list[float]]:
+    """`{sample index: [target per configuration]}` (the calibrated router's) from a `pseudo_labels.jsonl` file or
+    its folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "pseudo_labels.jsonl"
+    rows = read_jsonl(path)
+    if any("targets" not in r for r in rows):
+        raise ValueError(f"{path} has no per-configuration `targets` (written by `visor-hf label` of this version)")
+    return {int(r["index"]): [float(t) for t in r["targets"]] for r in rows}
+
+
+__all__ = ["assign_labels", "build_table", "keep_targets", "pseudo_label", "read_labels", "read_targets"]
