@@ -475,6 +475,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
     def _decode(self, inputs_embeds, attention_mask, position_ids, cache: VisorCache, capture, kwargs):
         """A step after prefill: every new token is text, whatever its id; the plan is the cache's."""
         batch, new = inputs_embeds.shape[:2]
+        cache.check_continues(self.config.text_config.num_hidden_layers, self.config.cross_attention_layers, batch)
         position_ids = self.backbone_position_ids(position_ids, batch, cache.get_seq_length(), new, inputs_embeds.device)
         cache.append_text(attention_mask, new)
         rotary = self.backbone_rotary(inputs_embeds, position_ids)
