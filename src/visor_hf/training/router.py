@@ -261,6 +261,8 @@ def train_router(
     if cache_features:
         features, samples = routing_features(model, torch.utils.data.Subset(records, train_dataset.indices), collator, batch_size)
         head = RouterOnFeatures(model.model.router)
+        # the router alone runs in training: no layer activations to recompute
+        args.activation_checkpointing = args.gradient_checkpointing = False
         trainer = FeatureTrainer(model=head, args=args, train_dataset=RoutingFeatures(features, samples, targets if calibrated else labels))
     else:
         trainer = RouterTrainer(model=model, args=args, data_collator=RouterCollator(collator), train_dataset=train_dataset,
