@@ -193,6 +193,13 @@ class VisorPreTrainedModel(VisorHubMixin, LlavaOnevisionPreTrainedModel):
     _can_compile_fullgraph = False
     _can_record_outputs = {}
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # `_init_weights` below only uses init functions that transformers guards (they skip loaded parameters), as
+        # the library's own models do; transformers' shortcut for other custom code would initialise missing weights
+        # of the sub-models (the SigLIP tower) differently from `__init__`
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
