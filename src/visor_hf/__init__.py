@@ -23,6 +23,7 @@ from .modeling.modeling_qwen2_vl_visor import (
     VisorQwen2VLForConditionalGeneration,
     VisorQwen2VLModel,
 )
+from .modeling.processing_qwen2_vl_visor import VisorQwen2VLProcessor
 from .modeling.processing_visor import VisorProcessor
 
 __version__ = "0.1.0"
@@ -39,6 +40,7 @@ for _config, _model, _generation in (
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
     AutoModel.register(_config, _model, exist_ok=True)
     AutoModelForImageTextToText.register(_config, _generation, exist_ok=True)
+    AutoProcessor.register(_config, VisorQwen2VLProcessor, exist_ok=True)
 
 __all__ = [
     "VisorCache",
@@ -52,6 +54,7 @@ __all__ = [
     "VisorQwen2VLConfig",
     "VisorQwen2VLForConditionalGeneration",
     "VisorQwen2VLModel",
+    "VisorQwen2VLProcessor",
     "VisorQwen2_5_VLConfig",
     "VisorQwen2_5_VLForConditionalGeneration",
     "VisorQwen2_5_VLModel",

@@ -458,3 +458,36 @@ __all__ += [
     "QWEN_FAMILIES", "tiny_qwen_vl_config", "tiny_qwen_vl", "visor_from_qwen_vl", "tiny_qwen_vl_visor",
     "tiny_qwen_vl_image_processor", "build_qwen_vl_batch",
 ]
+
+
+# The Qwen2-VL family's chat template (Qwen2 turns; each image as <|vision_start|><image><|vision_end|>, the
+# tiny vocabulary standing in for the vision markers with <|im_start|> / <|im_end|>-free words).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def save_tiny_qwen_vl(path, family: str = "qwen2_vl", seed: int = 0, num_layers: int = 6, max_shard_size: str | int = "20KB"):
+    """Write a complete tiny Qwen2-VL / Qwen2.5-VL checkpoint folder (transformers layout) and return the model:
+    sharded safetensors, config, the tokenizer (without the routing token), the PIL image processor and the family's
+    chat template. No video processor (it needs torchvision)."""
+    import os
+
+    model = tiny_qwen_vl(family, seed, num_layers=num_layers)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    tiny_qwen_vl_image_processor().save_pretrained(path)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(QWEN_VL_CHAT_TEMPLATE)
+    return model
+
+
+__all__ += ["QWEN_VL_CHAT_TEMPLATE", "save_tiny_qwen_vl"]
