@@ -45,7 +45,7 @@ LORA_MODULES_TO_SAVE = ["router"]
 
 NEW_MODULE_PREFIXES = ("model.cross_attention_blocks.",)
 ROUTER_PREFIX = "model.router."
-VISION_PREFIX = "model.vision_tower."
+VISION_PREFIX = ("model.vision_tower.", "model.visual.")  # LLaVA-OneVision's SigLIP, the Qwen2-VL family's ViT
 
 
 @dataclass
@@ -119,7 +119,7 @@ def apply_lora(model, options: LoraOptions, train_vision_tower: bool = False):
 
 # Parameters that a batch without images leaves out of the graph (the vision tower, projector, `image_newline` and
 # the cross-attention blocks, also their LoRA adapters).
-VISUAL_PATH_KEYS = ("cross_attention_blocks.", "vision_tower.", "multi_modal_projector.", "image_newline")
+VISUAL_PATH_KEYS = ("cross_attention_blocks.", "vision_tower.", "multi_modal_projector.", "image_newline", "model.visual.")
 
 
 class VisorTrainer(Trainer):
@@ -213,22 +213,37 @@ def load_model(path, dtype=None, attn_implementation: str | None = None, fsdp_si
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return VisorForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    from transformers import AutoConfig
+
+    from ..conversion.families import family_of_visor
+
+    # the checkpoint's own family (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL): its VISOR class
+    model_class = family_of_visor(AutoConfig.from_pretrained(str(path)).model_type).visor_class("generation")
+    return model_class.from_pretrained(str(path), **kwargs)
+
+
+def mark_remote_code(config, processor=None) -> None:
+    """Point the config's (and the processor's) `auto_map` at the remote code of the model's family."""
+    from ..conversion.families import family_of_visor
+
+    family = family_of_visor(config.model_type)
+    config.auto_map = family.auto_map
+    config.architectures = [family.generation.rsplit(".", 1)[1]]
+    if processor is not None:
+        processor.auto_map = family.processor_auto_map
 
 
 def save_checkpoint(model, processor, output_dir, extra: dict | None = None) -> Path:
     """Write a complete VISOR checkpoint folder: weights (safetensors), config, processor and the remote code
     (`model=None`: the weights and config are already there)."""
-    from ..conversion.convert import AUTO_MAP, PROCESSOR_AUTO_MAP, remote_code_files
+    from ..conversion.convert import remote_code_files
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if model is not None:
-        model.config.auto_map = dict(AUTO_MAP)
-        model.config.architectures = ["VisorForConditionalGeneration"]
+        mark_remote_code(model.config, processor)
         model.save_pretrained(str(output_dir))
     if processor is not None:
-        processor.auto_map = dict(PROCESSOR_AUTO_MAP)
         processor.save_pretrained(str(output_dir))
     for path in remote_code_files():
         shutil.copyfile(path, output_dir / path.name)
@@ -247,14 +262,10 @@ def save_trained(trainer, processor, output_dir, summary: dict, lora: LoraOption
     With LoRA, the adapter goes to `output_dir/adapter` and, if `lora.merge`, the merged model to `output_dir`
     (merging needs the full weights on the main process: with ZeRO-3 / FSDP use `merge=False` and merge afterwards).
     """
-    from ..conversion.convert import AUTO_MAP, PROCESSOR_AUTO_MAP
-
     output_dir = Path(output_dir)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     base = unwrapped.get_base_model() if lora is not None else unwrapped
-    base.config.auto_map = dict(AUTO_MAP)
-    base.config.architectures = ["VisorForConditionalGeneration"]
-    processor.auto_map = dict(PROCESSOR_AUTO_MAP)
+    mark_remote_code(base.config, processor)
     summary = {**summary, "training_args": trainer.args.to_dict()}
     if lora is None:
         trainer.save_model(str(output_dir))
