@@ -21,38 +21,12 @@ class VisorQwen2VLConfig(VisorLayoutMixin, Qwen2VLConfig):
 
     model_type = "visor_qwen2_vl"
 
-    cross_attention_layers: list | None = None
-    self_attention_layers: list | None = None
-    configurations: list | None = None
-    router_layer: int | None = None
-    router_hidden_size: int | None = None
-    routing_token_id: int | None = None
-    default_configuration: int | str = "max"
-    position_embedding_kernel_size: int = 7
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.normalize_layout()
-
 
 @strict
 class VisorQwen2_5_VLConfig(VisorLayoutMixin, Qwen2_5_VLConfig):
     __doc__ = "Configuration of VISOR on Qwen2.5-VL: everything [`Qwen2_5_VLConfig`] holds, plus the layer layout.\n" + _LAYOUT_DOC
 
     model_type = "visor_qwen2_5_vl"
-
-    cross_attention_layers: list | None = None
-    self_attention_layers: list | None = None
-    configurations: list | None = None
-    router_layer: int | None = None
-    router_hidden_size: int | None = None
-    routing_token_id: int | None = None
-    default_configuration: int | str = "max"
-    position_embedding_kernel_size: int = 7
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.normalize_layout()
 
 
 __all__ = ["VisorQwen2VLConfig", "VisorQwen2_5_VLConfig"]

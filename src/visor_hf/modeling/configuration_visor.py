@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaOnevisionConfig
@@ -43,15 +44,30 @@ def _layer_list(name: str, layers) -> list[int]:
     return sorted(int(i) for i in layers)
 
 
+@dataclass
 class VisorLayoutMixin:
-    """VISOR's layer layout on top of a backbone's config: the validation and the helpers every VISOR config shares
-    (the layout fields themselves are declared by each config class, as the config dataclasses want them)."""
+    """VISOR's layer layout on top of a backbone's config: the fields (see `VisorConfig`), their validation and the
+    helpers every VISOR config shares. A dataclass, so that the config dataclass that inherits it (placed before the
+    backbone's config, under `@strict`) takes its fields."""
 
     # `Trainer.evaluate/predict` gather every other output field as predictions: keep them to the logits
     keys_to_ignore_at_inference = [
         "past_key_values", "image_hidden_states", "video_hidden_states", "router_logits", "routing_token_batch_index",
         "visor_configurations", "configuration_index", "flops",
     ]
+
+    cross_attention_layers: list | None = None
+    self_attention_layers: list | None = None
+    configurations: list | None = None
+    router_layer: int | None = None
+    router_hidden_size: int | None = None
+    routing_token_id: int | None = None
+    default_configuration: int | str = "max"
+    position_embedding_kernel_size: int = 7
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.normalize_layout()
 
     def normalize_layout(self) -> None:
         """Fill the layout defaults (dense: every layer an SA layer) and check the layout."""
@@ -170,19 +186,6 @@ class VisorConfig(VisorLayoutMixin, LlavaOnevisionConfig):
     """
 
     model_type = "visor"
-
-    cross_attention_layers: list | None = None
-    self_attention_layers: list | None = None
-    configurations: list | None = None
-    router_layer: int | None = None
-    router_hidden_size: int | None = None
-    routing_token_id: int | None = None
-    default_configuration: int | str = "max"
-    position_embedding_kernel_size: int = 7
-
-    def __post_init__(self, **kwargs):
-        super().__post_init__(**kwargs)
-        self.normalize_layout()
 
 
 __all__ = ["VisorConfig", "VisorLayoutMixin", "uniform_layer_layout"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import PreTrainedModel
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
     Qwen2_5_VisionTransformerPretrainedModel,
     Qwen2_5_VLModel,
@@ -26,18 +26,17 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
 from .backbone_qwen2_vl_visor import QwenVLBackbone
-from .cache_visor import VisorCache
 from .configuration_qwen2_vl_visor import VisorQwen2_5_VLConfig, VisorQwen2VLConfig
 from .generation_visor import VisorGenerationMixin
 from .modeling_visor import (
-    VisorConvPositionEmbedding,
     VisorCrossAttentionBlock,
     VisorForConditionalGeneration,
     VisorModel,
     VisorRouter,
+    check_visor_inputs,
+    init_visor_module,
 )
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast
-from .report_visor import budget_request
 from .requests_visor import ConfigurationRequest
 
 
@@ -70,10 +69,7 @@ class VisorQwenVLPreTrainedMixin:
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, VisorConvPositionEmbedding):
-            # starts as the identity, so a freshly added CA block sees exactly the visual states
-            nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_visor_module(module)
 
 
 class VisorQwen2VLPreTrainedModel(VisorQwenVLPreTrainedMixin, Qwen2VLPreTrainedModel):
@@ -132,12 +128,8 @@ class VisorQwenVLModelMixin(VisorEngine, QwenVLBackbone):
         `get_rope_index` (`mm_token_type_ids` are derived from the placeholders when not given), and decoding steps
         add `rope_deltas` to the token's index.
         """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
-            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
-        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
-            raise ValueError("VISOR builds its own masks: pass a 2D attention_mask (batch, sequence) or None")
+        has_pixels = pixel_values is not None or pixel_values_videos is not None
+        check_visor_inputs(input_ids, inputs_embeds, has_pixels, mm_encoder_outputs, attention_mask)
         grid_kwargs = {k: kwargs.pop(k) for k in ("second_per_grid_ts",) if k in kwargs}
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -188,6 +180,8 @@ class VisorQwenVLForConditionalGenerationMixin(VisorGenerationMixin):
     _tp_plan = {"lm_head": "colwise_gather_output"}
     model_class: type[nn.Module]
 
+    _visor_request = VisorForConditionalGeneration._visor_request
+    _visor_output = VisorForConditionalGeneration._visor_output
     _forward_flops = VisorForConditionalGeneration._forward_flops
     visor_flops = VisorForConditionalGeneration.visor_flops
 
@@ -232,11 +226,9 @@ class VisorQwenVLForConditionalGenerationMixin(VisorGenerationMixin):
         The family's inputs and `labels`, plus `visor_configuration` and `visor_budget` as for
         [`VisorForConditionalGeneration`].
         """
-        prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
-        wants_counts = prefill and (visor_budget is not None or not self.training)
-        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds) if wants_counts else None
-        if prefill and visor_budget is not None:
-            visor_configuration = budget_request(self.config, visor_budget, visor_configuration, counts)
+        prefill, counts, visor_configuration = self._visor_request(
+            past_key_values, input_ids, attention_mask, inputs_embeds, visor_configuration, visor_budget
+        )
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
             inputs_embeds=inputs_embeds, use_cache=use_cache, pixel_values=pixel_values,
@@ -244,14 +236,7 @@ class VisorQwenVLForConditionalGenerationMixin(VisorGenerationMixin):
             mm_token_type_ids=mm_token_type_ids, mm_encoder_outputs=mm_encoder_outputs,
             visor_configuration=visor_configuration, output_router_logits=output_router_logits, **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
-        logits = self.lm_head(hidden_states)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-        flops = self._forward_flops(outputs, prefill, counts, hidden_states.shape[1], logits_to_keep)
-        passed = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
-        return VisorCausalLMOutputWithPast(loss=loss, logits=logits, flops=flops, **passed)
+        return self._visor_output(outputs, prefill, counts, labels, logits_to_keep, kwargs)
 
     def _prepare_position_ids_for_generation(self, inputs_tensor, model_kwargs):
         """As the family's `generate`: `[4, B, T]`, the text positions (for the masks) then the 3-D M-RoPE ones."""
