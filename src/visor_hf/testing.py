@@ -139,6 +139,32 @@ def count_image_tokens(model, pixel_values: torch.Tensor, image_sizes: torch.Ten
     return [f.shape[0] for f in features]
 
 
+def expand_image_markers(text: list, counts: list[int], index: int = 0) -> list[int]:
+    """Token ids of a sample's text, each `"<image>"` marker expanded to its image's `counts[k]` image tokens."""
+    ids, next_image = [], 0
+    for item in text:
+        if item == "<image>":
+            ids += [IMAGE_ID] * counts[next_image]
+            next_image += 1
+        else:
+            ids.append(item)
+    if next_image != len(counts):
+        raise ValueError(f"sample {index} has {len(counts)} images but {next_image} <image> markers")
+    return ids
+
+
+def pad_rows(rows: list[list[int]], padding_side: str = "left") -> dict:
+    """`input_ids` and `attention_mask` of rows of ids, padded with `PAD_ID` on `padding_side`."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+        input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def build_batch(model, samples: list[dict], padding_side: str = "left", seed: int = 0) -> dict:
     """Model inputs for a batch of samples, each `{"text": [ids or "<image>"...], "images": [(h, w), ...]}`.
 
@@ -156,27 +182,8 @@ def build_batch(model, samples: list[dict], padding_side: str = "left", seed: in
             counts = count_image_tokens(model, processed["pixel_values"], processed["image_sizes"])
             pixel_list.extend(processed["pixel_values"])
             size_list.extend(processed["image_sizes"])
-        ids, next_image = [], 0
-        for item in sample["text"]:
-            if item == "<image>":
-                ids += [IMAGE_ID] * counts[next_image]
-                next_image += 1
-            else:
-                ids.append(item)
-        if next_image != len(images):
-            raise ValueError(f"sample {index} has {len(images)} images but {next_image} <image> markers")
-        rows.append(ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        if padding_side == "left":
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
-        else:
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        rows.append(expand_image_markers(sample["text"], counts, index))
+    batch = pad_rows(rows, padding_side)
     if pixel_list:
         patches = max(p.shape[0] for p in pixel_list)
         pixel_values = torch.zeros((len(pixel_list), patches, *pixel_list[0].shape[1:]))
@@ -430,24 +437,9 @@ def build_qwen_vl_batch(samples: list[dict], padding_side: str = "left", seed: i
             pixels.append(processed["pixel_values"])
             grids.append(processed["image_grid_thw"])
             counts.append(int(processed["image_grid_thw"].prod()) // 4)
-        ids, next_image = [], 0
-        for item in sample["text"]:
-            if item == "<image>":
-                ids += [IMAGE_ID] * counts[next_image]
-                next_image += 1
-            else:
-                ids.append(item)
-        if next_image != len(images):
-            raise ValueError(f"sample {index} has {len(images)} images but {next_image} <image> markers")
-        rows.append(ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
-        input_ids[i, span] = torch.tensor(ids)
-        attention_mask[i, span] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": (input_ids == IMAGE_ID).int()}
+        rows.append(expand_image_markers(sample["text"], counts, index))
+    batch = pad_rows(rows, padding_side)
+    batch["mm_token_type_ids"] = (batch["input_ids"] == IMAGE_ID).int()
     if pixels:
         batch["pixel_values"] = torch.cat(pixels)
         batch["image_grid_thw"] = torch.cat(grids)
