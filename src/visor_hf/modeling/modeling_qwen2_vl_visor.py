@@ -32,9 +32,9 @@ from .modeling_visor import (
     VisorCrossAttentionBlock,
     VisorForConditionalGeneration,
     VisorModel,
+    VisorPreTrainedMixin,
     VisorRouter,
     check_visor_inputs,
-    init_visor_module,
 )
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast
 from .requests_visor import ConfigurationRequest
@@ -57,28 +57,13 @@ class VisorEngine:
     _decode = VisorModel._decode
 
 
-class VisorQwenVLPreTrainedMixin:
-    """What every VISOR `*PreTrainedModel` of the family adds to the family's own."""
-
-    base_model_prefix = "model"
-    _supports_flash_attn = False
-    _supports_flex_attn = False
-    _can_compile_fullgraph = False
-    _can_record_outputs = {}
-
-    @torch.no_grad()
-    def _init_weights(self, module):
-        super()._init_weights(module)
-        init_visor_module(module)
-
-
-class VisorQwen2VLPreTrainedModel(VisorQwenVLPreTrainedMixin, Qwen2VLPreTrainedModel):
+class VisorQwen2VLPreTrainedModel(VisorPreTrainedMixin, Qwen2VLPreTrainedModel):
     config_class = VisorQwen2VLConfig
     config: VisorQwen2VLConfig
     _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "VisorCrossAttentionBlock"]
 
 
-class VisorQwen2_5_VLPreTrainedModel(VisorQwenVLPreTrainedMixin, Qwen2_5_VLPreTrainedModel):
+class VisorQwen2_5_VLPreTrainedModel(VisorPreTrainedMixin, Qwen2_5_VLPreTrainedModel):
     config_class = VisorQwen2_5_VLConfig
     config: VisorQwen2_5_VLConfig
     _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "VisorCrossAttentionBlock"]

@@ -200,11 +200,11 @@ def check_visor_inputs(input_ids, inputs_embeds, has_pixels: bool, mm_encoder_ou
         raise ValueError("VISOR builds its own masks: pass a 2D attention_mask (batch, sequence) or None")
 
 
-class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
-    config_class = VisorConfig
-    config: VisorConfig
+class VisorPreTrainedMixin:
+    """What every VISOR `*PreTrainedModel` adds to its backbone's (placed before it): no flash/flex attention and no
+    full-graph compilation (the masks of the text-only and cross-attention passes are arbitrary), VISOR's init."""
+
     base_model_prefix = "model"
-    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "VisorCrossAttentionBlock"]
     _supports_flash_attn = False
     _supports_flex_attn = False
     _can_compile_fullgraph = False
@@ -214,6 +214,12 @@ class VisorPreTrainedModel(LlavaOnevisionPreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
         init_visor_module(module)
+
+
+class VisorPreTrainedModel(VisorPreTrainedMixin, LlavaOnevisionPreTrainedModel):
+    config_class = VisorConfig
+    config: VisorConfig
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "VisorCrossAttentionBlock"]
 
 
 class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionModel):
