@@ -184,3 +184,44 @@ def test_placeholders_without_pixels_are_refused(sparse):
     batch = build_qwen_vl_batch([ONE_IMAGE])
     with pytest.raises(ValueError, match="no pixel_values"):
         sparse(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def test_eager_and_sdpa_agree_on_a_sparse_mixed_batch(source):
+    eager = visor_from_qwen_vl(source, attn_implementation="eager", **TINY_LAYOUT)
+    sdpa = visor_from_qwen_vl(source, attn_implementation="sdpa", **TINY_LAYOUT)
+    batch = build_qwen_vl_batch([WIDE_IMAGE, TEXT_ONLY, TWO_IMAGES])
+    request = [[0], "max", []]
+    with torch.no_grad():
+        a, b = eager(**batch, visor_configuration=request), sdpa(**batch, visor_configuration=request)
+    valid = batch["attention_mask"].bool()
+    torch.testing.assert_close(a.logits[valid], b.logits[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_video_dense_equivalence_and_cache(source):
+    """A video (2 temporal patches of a 4x4 grid: 8 merged tokens) next to an image: dense == source; sparse cache ==
+    recompute. The patches are given directly, as the family's video processor (which needs torchvision) makes them."""
+    batch = build_qwen_vl_batch([dict(ONE_IMAGE, text=[*ONE_IMAGE["text"], VIDEO_ID, *word_ids("describe this ?")])])
+    grid = torch.tensor([[2, 4, 4]])
+    position = int((batch["input_ids"][0] == VIDEO_ID).nonzero()[0])
+    ids = batch["input_ids"][0].tolist()
+    ids[position : position + 1] = [VIDEO_ID] * 8
+    input_ids = torch.tensor([ids])
+    patch_dim = source.config.vision_config.in_channels * 2 * source.config.vision_config.patch_size**2
+    torch.manual_seed(1)
+    batch.update(
+        input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+        mm_token_type_ids=(input_ids == IMAGE_ID).int() + 2 * (input_ids == VIDEO_ID).int(),
+        pixel_values_videos=torch.randn(int(grid.prod()), patch_dim), video_grid_thw=grid,
+    )
+    dense = visor_from_qwen_vl(source)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(**batch).logits, source(**batch).logits, atol=1e-5, rtol=1e-5)
+    sparse = visor_from_qwen_vl(source, **TINY_LAYOUT)
+    with torch.no_grad():
+        sequences = sparse.generate(**batch, max_new_tokens=3, do_sample=False, visor_configuration=1, suppress_tokens=[IMAGE_ID, VIDEO_ID])
+        prompt = input_ids.shape[1]
+        full = dict(batch, input_ids=sequences, attention_mask=torch.ones_like(sequences),
+                    mm_token_type_ids=torch.cat([batch["mm_token_type_ids"], torch.zeros(1, 3, dtype=torch.int)], 1))
+        logits = sparse(**full, visor_configuration=1, use_cache=False).logits
+    logits[..., [IMAGE_ID, VIDEO_ID]] = float("-inf")
+    assert torch.equal(logits[:, prompt - 1 : -1].argmax(-1), sequences[:, prompt:])
