@@ -337,8 +337,11 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, workdir):
     assert cli_main(["convert", str(workdir / "src"), str(dst)]) != 0
     assert [p.name for p in dst.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
-    convert(workdir / "src", dst, overwrite=True, dense=True)
-    assert not (dst / "keep.txt").exists() and (dst / "config.json").is_file()
+    # --overwrite replaces a checkpoint only: a folder of someone's files is refused, naming why
+    with pytest.raises(ConversionError, match="refuses to replace .*no config.json"):
+        convert(workdir / "src", dst, overwrite=True, dense=True)
+    assert cli_main(["convert", str(workdir / "src"), str(dst), "--overwrite"]) == 2
+    assert [p.name for p in dst.iterdir()] == ["keep.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
 
 

@@ -1,9 +1,11 @@
 """Generation with VISOR: cached decoding vs recomputation, mixed batches, dense equivalence through `generate`,
 the router's decision, the compute budget and the per-sample FLOPs report (issue 3; docs/generation.md)."""
 
+import threading
+
 import pytest
 import torch
-from transformers import TextStreamer
+from transformers import LogitsProcessorList, TextStreamer
 
 from samples import ROUTED_ANYRES as ANYRES
 from samples import ROUTED_ONE_IMAGE as ONE_IMAGE
@@ -219,6 +221,70 @@ def test_no_routing_token_falls_back_to_the_default_configuration(llava):
     sample = {"text": [*word_ids("user"), "<image>", *word_ids("what is the colour ?")], "images": [(16, 16)]}
     out = _generate(model, build_batch(model, [sample, ONE_IMAGE]))
     assert out.visor_report.configurations[0] == (0, 3)
+
+
+def test_two_threads_generating_with_one_model_get_their_own_reports(visor):
+    """The report (`output.visor_report`, `model.last_visor_report`) and the cache a generation keeps for it belong to
+    the thread that generates: a second thread generating meanwhile with the same model does not swap them."""
+    batch = build_batch(visor, [ONE_IMAGE])
+    paused, other_done, first_done = threading.Event(), threading.Event(), threading.Event()
+    results = {}
+
+    class PauseOnce:  # a logits processor: the first thread waits, mid-generation, for the second one
+        def __call__(self, input_ids, scores):
+            if not paused.is_set():
+                paused.set()
+                other_done.wait(timeout=120)
+            return scores
+
+    def first():
+        out = _generate(visor, batch, visor_configuration=0, logits_processor=LogitsProcessorList([PauseOnce()]))
+        results["first"] = (out.visor_report, visor.last_visor_report)
+        first_done.set()
+
+    def second():
+        paused.wait(timeout=120)
+        out = _generate(visor, batch, visor_configuration="max")
+        other_done.set()
+        first_done.wait(timeout=120)  # read the model's last report after the first thread finished
+        results["second"] = (out.visor_report, visor.last_visor_report)
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert results["first"][0] is not None and results["first"][0].configurations == [(0,)]
+    assert results["first"][1] is results["first"][0]
+    assert results["second"][0].configurations == [tuple(visor.config.self_attention_layers)]
+    assert results["second"][1] is results["second"][0]
+
+
+def test_without_a_cache_a_generated_routing_token_does_not_re_route(llava):
+    """With `use_cache=False` every step re-runs the whole sequence; the configuration decided on the prompt still
+    holds for the whole answer (as with a cache), even when the answer itself holds a routing token. Here the prompt
+    has none (so the default configuration runs) and the router would pick another one from the answer's."""
+    model = visor_from_llava(llava, **{**LAYOUT, "default_configuration": 0})
+    _force_router(model, [0.0, 0.0, 5.0])
+    sample = {"text": [*word_ids("user"), "<image>", *word_ids("what is the colour ?")], "images": [(16, 16)]}
+    batch = build_batch(model, [sample, ONE_IMAGE])
+    prompt_length = batch["input_ids"].shape[1]
+
+    class RouteAtStep:  # the answer's second token is the routing token
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] == prompt_length + 1:
+                scores = torch.full_like(scores, -1e9)
+                scores[:, ROUTE_ID] = 0
+            return scores
+
+    kwargs = dict(logits_processor=LogitsProcessorList([RouteAtStep()]), output_logits=True)
+    cached = _generate(model, batch, use_cache=True, **kwargs)
+    uncached = _generate(model, batch, use_cache=False, **kwargs)
+    assert cached.visor_configurations == [(0,), (0, 2, 3, 5)]
+    assert (cached.sequences[:, prompt_length + 1] == ROUTE_ID).all()
+    assert torch.equal(uncached.sequences, cached.sequences)
+    for got, want in zip(uncached.logits, cached.logits):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_later_steps_ignore_visor_configuration(visor):

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 import visor_hf  # noqa: F401  (registers the Auto classes)
 from samples import ANYRES, ONE_IMAGE, TEXT_ONLY, TWO_IMAGES
 from visor_hf import VisorConfig, VisorForConditionalGeneration, VisorModel
+from visor_hf.modeling import FlopsShape, prefill_flops
 from visor_hf.testing import (
     IMAGE_ID,
     ROUTE_ID,
@@ -397,10 +398,26 @@ def test_image_token_count_must_match_the_features(visor):
         visor(**dict(batch, input_ids=ids))
 
 
-def test_image_tokens_without_pixel_values_are_refused(visor):
-    batch = build_batch(visor, [ONE_IMAGE])
-    with pytest.raises(ValueError, match="no pixel_values"):
-        visor(input_ids=batch["input_ids"])
+def test_image_tokens_without_pixel_values_run_as_text_with_a_warning(llava, dense, visor):
+    """As LLaVA-OV and every transformers VLM: placeholders without pixels are embedded as ordinary tokens, with a
+    one-time warning. Dense equals LLaVA-OV; a sparse layout (no visual token) equals the plain Qwen2 LM."""
+    from transformers.testing_utils import CaptureLogger
+
+    from visor_hf.modeling import backbone_visor
+
+    ids = build_batch(visor, [ONE_IMAGE])["input_ids"]
+    type(backbone_visor.logger).warning_once.cache_clear()  # "once" per process: start afresh
+    with torch.no_grad(), CaptureLogger(backbone_visor.logger) as captured:
+        got_dense, got_sparse = dense(input_ids=ids), visor(input_ids=ids)
+        visor(input_ids=ids)
+        want_dense = llava(input_ids=ids).logits
+        want_sparse = llava.lm_head(llava.model.language_model(input_ids=ids).last_hidden_state)
+    assert captured.out.count("no pixel_values") == 1
+    torch.testing.assert_close(got_dense.logits, want_dense, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_sparse.logits, want_sparse, atol=1e-5, rtol=1e-5)
+    # the FLOPs count them as text too (no visual token ran)
+    length = ids.shape[1]
+    assert got_sparse.flops.tolist() == [prefill_flops(FlopsShape.from_config(visor.config), length, 0, lm_head_tokens=length)]
 
 
 @pytest.mark.parametrize(

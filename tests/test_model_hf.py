@@ -5,6 +5,8 @@ accepted forms of `visor_configuration`.
 References: transformers' `LlavaOnevisionForConditionalGeneration` (dense layout) and the same sample run alone.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -139,6 +141,33 @@ def test_dense_equivalence_with_videos_and_images(llava, dense):
         want = llava.generate(**inputs, max_new_tokens=4, do_sample=False)
         got = dense.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("configuration", [[], [0], "max"], ids=["ca-only", "one-sa", "max"])
+def test_image_tokens_hidden_by_the_attention_mask_reach_no_text(visor, configuration):
+    """Image tokens under `attention_mask == 0` are not seen by the text, through SA layers (as in LLaVA-OV) nor
+    through cross-attention and its position convolution: changing their features changes no text logit, at
+    prefill and in a cached decoding step."""
+    batch = build_batch(visor, [ONE_IMAGE, ANYRES])
+    image = batch["input_ids"] == IMAGE_ID
+    hidden_tokens = 5  # the first image tokens of every sample (each sample holds one image)
+    mask = batch["attention_mask"].masked_fill(image & (image.cumsum(1) <= hidden_tokens), 0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        encoded = visor.model.get_image_features(batch["pixel_values"], batch["image_sizes"], return_dict=True)
+        changed = [torch.cat([torch.randn_like(f[:hidden_tokens]) * 3, f[hidden_tokens:]]) for f in encoded.pooler_output]
+        logits, steps = [], []
+        for features in (encoded, dataclasses.replace(encoded, pooler_output=changed)):
+            out = visor(input_ids=batch["input_ids"], attention_mask=mask, mm_encoder_outputs={"image": features},
+                        visor_configuration=configuration, use_cache=True)
+            token = torch.full((2, 1), ROUTE_ID + 10)
+            step = visor(input_ids=token, attention_mask=torch.cat([mask, torch.ones_like(token)], 1),
+                         past_key_values=out.past_key_values)
+            logits.append(out.logits)
+            steps.append(step.logits)
+    text = ~image & mask.bool()
+    torch.testing.assert_close(logits[1][text], logits[0][text])
+    torch.testing.assert_close(steps[1], steps[0])
 
 
 def test_pre_encoded_images_and_videos_as_llava(llava, dense):

@@ -173,6 +173,9 @@ def test_auto_classes_and_round_trip(tmp_path, sparse):
     sparse.save_pretrained(tmp_path)
     config = AutoConfig.from_pretrained(tmp_path)
     assert config.model_type == sparse.config.model_type
+    # a Hub-portable save: the family's code files and `auto_map`
+    assert config.auto_map["AutoModelForImageTextToText"] == f"modeling_qwen2_vl_visor.{type(sparse).__name__}"
+    assert (tmp_path / "modeling_qwen2_vl_visor.py").is_file() and (tmp_path / "backbone_qwen2_vl_visor.py").is_file()
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path, attn_implementation="eager").eval()
     assert type(loaded) is type(sparse)
     batch = build_qwen_vl_batch([ONE_IMAGE])
@@ -180,10 +183,12 @@ def test_auto_classes_and_round_trip(tmp_path, sparse):
         torch.testing.assert_close(loaded(**batch).logits, sparse(**batch).logits, atol=0, rtol=0)
 
 
-def test_placeholders_without_pixels_are_refused(sparse):
+def test_placeholders_without_pixels_run_as_text_as_in_the_source(source):
+    dense = visor_from_qwen_vl(source)
     batch = build_qwen_vl_batch([ONE_IMAGE])
-    with pytest.raises(ValueError, match="no pixel_values"):
-        sparse(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        torch.testing.assert_close(dense(**inputs).logits, source(**inputs).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_eager_and_sdpa_agree_on_a_sparse_mixed_batch(source):

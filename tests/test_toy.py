@@ -117,14 +117,15 @@ def test_shipped_checkpoint_loads_offline_and_matches_the_recorded_accuracy(toy)
 @needs_checkpoint
 @pytest.mark.parametrize("trust_remote_code", [False, True])
 def test_shipped_checkpoint_loads_through_the_auto_classes(trust_remote_code):
-    """The shipped folder holds no modeling files (the package is the code), so it carries no `auto_map` either:
-    the Auto classes resolve the registered VISOR classes with or without `trust_remote_code`."""
+    """The shipped folder carries `auto_map` and its code files (it loads without the package, see
+    `test_hub_portable.py`); once `visor_hf` is imported, the Auto classes resolve the package's registered VISOR
+    classes with or without `trust_remote_code`."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from visor_hf.modeling import VisorForConditionalGeneration
     from visor_hf.modeling.processing_visor import VisorProcessor
 
-    assert "auto_map" not in json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())
+    assert "auto_map" in json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())
     model = AutoModelForImageTextToText.from_pretrained(DEFAULT_CHECKPOINT, trust_remote_code=trust_remote_code)
     processor = AutoProcessor.from_pretrained(DEFAULT_CHECKPOINT, trust_remote_code=trust_remote_code)
     assert type(model) is VisorForConditionalGeneration and type(processor) is VisorProcessor

@@ -164,16 +164,37 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def strip_auto_map(folder: Path) -> None:
-    """The shipped folder loads through the installed package's registered classes, not remote code: drop the
-    `auto_map` entries that would point `trust_remote_code=True` at modeling files the folder does not hold."""
+def make_portable(folder: Path) -> None:
+    """The shipped folder loads without the package too (`trust_remote_code=True`): `auto_map` in the model and
+    processor configs, the modeling files as symbolic links to the package's own (one copy in the repository; a wheel
+    holds real files), a model card, and a tokenizer that `stop_strings` can use."""
     import json
 
-    for name in ("config.json", "processor_config.json"):
+    from transformers import AutoTokenizer
+
+    from visor_hf.modeling import VisorConfig
+    from visor_hf.modeling.hub_visor import MODEL_AUTO_MAP, PROCESSOR_AUTO_MAP, visor_model_card
+
+    for name, auto_map in (("config.json", MODEL_AUTO_MAP), ("processor_config.json", PROCESSOR_AUTO_MAP)):
         path = folder / name
         data = json.loads(path.read_text())
-        if data.pop("auto_map", None) is not None:
-            path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        data["auto_map"] = dict(auto_map)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    modeling = REPO / "src" / "visor_hf" / "modeling"
+    for code in sorted(modeling.glob("*_visor.py")):
+        link = folder / code.name
+        link.unlink(missing_ok=True)
+        link.symlink_to(Path("..", "..", "modeling", code.name))
+    # `generate(stop_strings=...)` decodes every token after the probe word "abcdef" (transformers'
+    # `StopStringCriteria`); a word-level vocabulary must know that word: an ordinary token on a spare embedding row
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=True)
+    if tokenizer.add_tokens(["abcdef"]):
+        tokenizer.save_pretrained(folder)
+    text = (
+        "\nThe toy VISOR of `visor_hf` (`visor-hf toy`): a tiny LLaVA-OneVision trained on synthetic pictures of shapes; "
+        "`examples/toy/train_toy.py --ship` reproduces it. Results: `results.json`.\n"
+    )
+    visor_model_card(VisorConfig.from_pretrained(folder), text=text).save(folder / "README.md")
 
 
 def main() -> None:
@@ -335,7 +356,7 @@ def main() -> None:
         for path in final.iterdir():
             if path.is_file() and path.suffix != ".py":  # the package holds the modeling code itself
                 shutil.copyfile(path, assets / path.name)
-        strip_auto_map(assets)
+        make_portable(assets)
         shutil.copyfile(out / "results.json", assets / "results.json")
         shutil.copyfile(out / "accuracy_vs_flops.png", REPO / "docs" / "toy_accuracy_vs_flops.png")
         shutil.copyfile(out / "results.md", REPO / "docs" / "toy_results.md")

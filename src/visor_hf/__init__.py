@@ -42,10 +42,22 @@ for _config, _model, _generation in (
     AutoModelForImageTextToText.register(_config, _generation, exist_ok=True)
     AutoProcessor.register(_config, VisorQwen2VLProcessor, exist_ok=True)
 
+
+
+def __getattr__(name: str):
+    # the training collator without importing the Trainer machinery at `import visor_hf`
+    if name == "VisorDataCollator":
+        from .training.data import VisorDataCollator
+
+        return VisorDataCollator
+    raise AttributeError(f"module 'visor_hf' has no attribute {name!r}")
+
+
 __all__ = [
     "VisorCache",
     "VisorCausalLMOutputWithPast",
     "VisorConfig",
+    "VisorDataCollator",
     "VisorForConditionalGeneration",
     "VisorModel",
     "VisorModelOutputWithPast",

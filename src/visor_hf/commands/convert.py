@@ -37,7 +37,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--revision", default=None, help="Hub revision of SRC")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an existing DST that holds a VISOR or LLaVA-OneVision checkpoint (anything else is refused)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -61,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
             routing_token_init=args.routing_token_init,
             revision=args.revision,
         )
-    except (ConversionError, FileExistsError) as error:
+    except (ConversionError, OSError) as error:  # OSError: FileExistsError, no space left, permission, ...
         print(f"visor-hf convert: error: {error}", file=sys.stderr)
         return 2
     config = json.loads((out / "config.json").read_text())

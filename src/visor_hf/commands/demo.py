@@ -10,7 +10,7 @@ import torch
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="run a tiny random VISOR model end to end and print what happened")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random tiny model and picture")
     parser.set_defaults(func=run)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .paths import check_data_path, check_model_path
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -15,7 +17,7 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--model", required=True, help="VISOR checkpoint folder (after search / universal fine-tuning)")
     parser.add_argument("--data", required=True, help="training records")
-    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--output-dir", required=True, help="folder for the results (summary.json, per_sample.jsonl / the label files)")
     parser.add_argument("--keep", type=float, default=0.99, help="fraction of the maximal configuration's accuracy to keep")
     parser.add_argument(
         "--spend-slack", action="store_true",
@@ -23,15 +25,18 @@ def add_parser(subparsers) -> None:
         "configuration's accuracy (set-level; not the paper's per-sample rule)",
     )
     parser.add_argument("--limit", type=int, default=None, help="label the first N records")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--image-root", default=None)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--attn-implementation", default=None)
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    parser.add_argument("--image-root", default=None, help="folder of the relative image paths (default: the data file's folder)")
+    parser.add_argument("--dtype", default=None, help="load the weights in this dtype (float32, bfloat16, ...)")
+    parser.add_argument("--attn-implementation", default=None, help="eager or sdpa")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..training import pseudo_label
+
+    check_model_path(args.model)
+    check_data_path(args.data)
 
     report = pseudo_label(
         args.model, args.data, args.output_dir, keep=args.keep, spend_slack=args.spend_slack, limit=args.limit, batch_size=args.batch_size,

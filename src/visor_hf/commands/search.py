@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from .paths import check_data_path, check_model_path
+
 
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -16,23 +18,26 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="VISOR checkpoint folder")
     parser.add_argument("--data", required=True, help="evaluation records (.json / .jsonl / saved datasets folder)")
     parser.add_argument("--output-dir", required=True, help="output checkpoint folder (+ search_results.jsonl, search_summary.json)")
-    parser.add_argument("--strategy", choices=["auto", "exhaustive", "greedy", "sampled"], default="auto")
-    parser.add_argument("--metric", choices=["accuracy", "loss"], default="accuracy")
+    parser.add_argument("--strategy", choices=["auto", "exhaustive", "greedy", "sampled"], default="auto", help="auto (exhaustive up to --max-exhaustive switchable layers, else greedy), exhaustive, greedy or sampled")
+    parser.add_argument("--metric", choices=["accuracy", "loss"], default="accuracy", help="what decides viability: answer accuracy or teacher-forced loss")
     parser.add_argument("--threshold", type=float, default=0.01, help="relative tolerance to the maximal configuration (0.01: >= 99 %% of its accuracy)")
     parser.add_argument("--max-exhaustive", type=int, default=8, help="'auto' searches exhaustively up to this many switchable layers")
     parser.add_argument("--num-samples", type=int, default=32, help="random subsets of the 'sampled' strategy")
     parser.add_argument("--max-configurations", type=int, default=None, help="keep at most N viable configurations")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None)
-    parser.add_argument("--image-root", default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--attn-implementation", default=None)
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N records")
+    parser.add_argument("--image-root", default=None, help="folder of the relative image paths (default: the data file's folder)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (sampled strategy)")
+    parser.add_argument("--dtype", default=None, help="load the weights in this dtype (float32, bfloat16, ...)")
+    parser.add_argument("--attn-implementation", default=None, help="eager or sdpa")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..training import search
+
+    check_model_path(args.model)
+    check_data_path(args.data)
 
     result = search(
         args.model, args.data, args.output_dir, strategy=args.strategy, metric=args.metric, threshold=args.threshold,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..training.cli_args import add_training_arguments, resume_value, training_args_from
+from .paths import check_data_path, check_model_path
 
 
 def add_parser(subparsers) -> None:
@@ -16,7 +17,7 @@ def add_parser(subparsers) -> None:
         "trains like stage 2 with one viable configuration per optimisation step, drawn from (seed, step). "
         "Launch with `accelerate launch -m visor_hf.cli train ...` or `torchrun` for several GPUs.",
     )
-    parser.add_argument("--stage", required=True, choices=["1", "2", "universal"])
+    parser.add_argument("--stage", required=True, choices=["1", "2", "universal"], help="1 (new modules), 2 (everything or LoRA) or universal (one configuration per step)")
     parser.add_argument("--model", required=True, help="VISOR checkpoint folder (from `visor-hf convert` or an earlier stage)")
     parser.add_argument("--data", required=True, help="training records: .json / .jsonl (LLaVA conversations) or a saved `datasets` folder")
     parser.add_argument("--eval-data", default=None, help="evaluation records (for --training-args '{\"eval_strategy\": \"steps\"}')")
@@ -28,9 +29,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--train-vision-tower", action="store_true", help="train the SigLIP tower too (stage 2 / universal)")
     lora = parser.add_argument_group("LoRA (stage 2 / universal)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters (LLM attention/MLP and CA blocks) instead of the full model")
-    lora.add_argument("--lora-r", type=int, default=16)
-    lora.add_argument("--lora-alpha", type=int, default=32)
-    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument("--lora-r", type=int, default=16, help="LoRA rank")
+    lora.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha")
+    lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the LoRA inputs")
     lora.add_argument("--no-merge", action="store_true", help="write only the adapter (output/adapter), not the merged model")
     universal = parser.add_argument_group("universal fine-tuning")
     universal.add_argument("--sampling", choices=["cycle", "uniform"], default="cycle", help="configuration schedule (see docs)")
@@ -41,6 +42,10 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     from ..training import LoraOptions, train_stage
+
+    check_model_path(args.model)
+    check_data_path(args.data)
+    check_data_path(args.eval_data, "--eval-data")
 
     lora = None
     if args.lora:

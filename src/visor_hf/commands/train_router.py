@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 from ..training.cli_args import add_training_arguments, resume_value, training_args_from
+from .paths import check_data_path, check_model_path
 
 
 def add_parser(subparsers) -> None:
@@ -14,21 +15,26 @@ def add_parser(subparsers) -> None:
         description="Cross-entropy on the labels of `visor-hf label`; writes the checkpoint and router_report.json "
         "(router accuracy, accuracy and average FLOPs with the router against always-max).",
     )
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, help="VISOR checkpoint folder (after `visor-hf label`)")
     parser.add_argument("--data", required=True, help="the training records that were labelled")
     parser.add_argument("--labels", required=True, help="pseudo_labels.jsonl (or the folder of `visor-hf label`)")
     parser.add_argument("--eval-data", default=None, help="report on these records (default: the labelled training records)")
     parser.add_argument("--eval-labels", default=None, help="labels of --eval-data (for the router accuracy)")
-    parser.add_argument("--image-root", default=None)
+    parser.add_argument("--image-root", default=None, help="folder of the relative image paths (default: the data file's folder)")
     parser.add_argument("--batch-size", type=int, default=8, help="evaluation batch size of the report")
-    parser.add_argument("--dtype", default=None)
-    parser.add_argument("--attn-implementation", default=None)
+    parser.add_argument("--dtype", default=None, help="load the weights in this dtype (float32, bfloat16, ...)")
+    parser.add_argument("--attn-implementation", default=None, help="eager or sdpa")
     add_training_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..training import train_router
+
+    check_model_path(args.model)
+    check_data_path(args.data)
+    check_data_path(args.labels, "--labels")
+    check_data_path(args.eval_data, "--eval-data")
 
     report = train_router(
         args.model, args.data, args.labels, args.output_dir, eval_data=args.eval_data, eval_labels_path=args.eval_labels,

@@ -17,15 +17,15 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("dst", help="VISOR checkpoint folder (or Hub id)")
     parser.add_argument("--against", default=None, help="the LLaVA-OneVision source (folder or Hub id)")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="greedy tokens compared in the generation check")
     parser.add_argument("--atol", type=float, default=1e-4, help="logit tolerance: atol + rtol * max|source logit|")
-    parser.add_argument("--rtol", type=float, default=1e-4)
+    parser.add_argument("--rtol", type=float, default=1e-4, help="relative tolerance of the logits comparison")
     parser.add_argument(
         "--trust-remote-code", action="store_true",
         help="also load DST through its remote code in a fresh Python process that never imports visor_hf, and check "
         "that it gives the same logits and the same prompt as the visor_hf classes",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random test inputs")
     parser.set_defaults(func=run)
 
 

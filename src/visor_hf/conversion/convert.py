@@ -7,21 +7,24 @@ See `docs/conversion.md` for the defaults, the initialisation of the new modules
 from __future__ import annotations
 
 import json
-import logging
+import math
 import os
-import re
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
 
+from ..hub_ids import looks_like_hub_id
+from ..logging_utils import get_logger
 from ..modeling import VisorConfig, VisorForConditionalGeneration, uniform_layer_layout
+from ..modeling.hub_visor import loading_section
 from ..modeling.processing_visor import DEFAULT_ROUTING_TOKEN, VisorProcessor
+from .errors import ConversionError
 from .families import VISOR_MODEL_TYPES, SourceFamily, family_of, supported_sources
+from .publish import check_output, publish, staged_output
 from .warm_start import warm_start_new_modules
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 MODELING_DIR = Path(__file__).resolve().parent.parent / "modeling"
 
@@ -31,24 +34,16 @@ def remote_code_files() -> list[Path]:
     (they import each other relatively; the package `__init__.py` is not needed)."""
     return sorted(p for p in MODELING_DIR.glob("*.py") if p.name != "__init__.py")
 
-AUTO_MAP = {
-    "AutoConfig": "configuration_visor.VisorConfig",
-    "AutoModel": "modeling_visor.VisorModel",
-    "AutoModelForImageTextToText": "modeling_visor.VisorForConditionalGeneration",
-}
-PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_visor.VisorProcessor"}
 # Files fetched for a Hub id: never pickle weights (*.bin, *.pt, *.pth, *.ckpt).
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken", "chat_templates/*"]
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 LLAVA_ONEVISION = "llava_onevision"
 DEFAULT_MAX_SHARD_SIZE = "5GB"
+# a source whose config describes more weights than this factor times those on disk is refused before loading
+SIZE_SLACK = 1.1
 # How the routing token's rows start: "keep" uses a spare row as it is (no tensor changes); "mean" sets it to the mean
 # of the source tokenizer's rows. A new row (no spare one) always starts at the mean.
 ROUTING_TOKEN_INITS = ("keep", "mean")
-
-
-class ConversionError(ValueError):
-    """The source cannot be converted (not a supported family, missing or corrupt weights, bad layout, ...)."""
 
 
 # -- defaults ------------------------------------------------------------------------------------------------------
@@ -183,6 +178,84 @@ def check_source(src: Path) -> dict:
         if absent:
             raise ConversionError(f"source {src}: the index places tensors {absent[:8]} in {shard.name}, which lacks them")
     return config
+
+
+def check_max_shard_size(max_shard_size: int | str) -> int | str:
+    """Refuse a `--max-shard-size` that `save_pretrained` would reject, before the model is loaded."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        size = convert_file_size_to_int(max_shard_size)
+    except (ValueError, TypeError):
+        size = None
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+        raise ConversionError(f"max shard size {max_shard_size!r} is not a positive size such as '5GB', '500MB' or 1000000")
+    return max_shard_size
+
+
+SAFETENSORS_ITEMSIZE = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+
+
+def stored_tensors(src: Path) -> list[tuple[list[int], str]]:
+    """Shape and dtype of every tensor in the source's safetensors files, read from their headers (nothing is loaded)."""
+    from safetensors import safe_open
+
+    tensors = []
+    for shard in safetensors_files(src):
+        with safe_open(str(shard), framework="pt") as handle:
+            for name in handle.keys():
+                piece = handle.get_slice(name)
+                tensors.append((piece.get_shape(), piece.get_dtype()))
+    return tensors
+
+
+def check_free_space(src: Path, dst: Path, dtype: torch.dtype | str | None) -> None:
+    """Refuse, before loading, an output folder whose file system has less free space than the weights need (the
+    source's tensors in the output dtype; the new modules are small)."""
+    needed = 0
+    for shape, stored_dtype in stored_tensors(src):
+        size = dtype.itemsize if isinstance(dtype, torch.dtype) else SAFETENSORS_ITEMSIZE.get(stored_dtype, 4)
+        needed += math.prod(shape) * size
+    parent = next((p for p in [dst.parent, *dst.parent.parents] if p.exists()), dst.anchor)
+    free = shutil.disk_usage(parent).free
+    if free < needed:
+        raise ConversionError(f"only {free:,} bytes free on {parent}; the output needs about {needed:,} bytes")
+
+
+def check_source_sizes(src: Path, config: dict):
+    """The source's config (its family's class), once its sizes agree with the weights on disk.
+
+    A config.json without `text_config` or `vision_config` would make the family fall back to its default sizes
+    (a 7B language model) and the conversion allocate gigabytes before noticing: it is refused, as is a config that
+    describes far more weights (over `SIZE_SLACK` times) than the safetensors headers hold. The count comes from the
+    model built on the meta device (no memory). A smaller gap (a few missing tensors) is left to the loader, which
+    names the tensors; what it allocates is then bounded by the weights on disk.
+    """
+    absent = [key for key in ("text_config", "vision_config") if not isinstance(config.get(key), dict)]
+    if absent:
+        raise ConversionError(
+            f"source {src}/config.json has no {' and no '.join(absent)}: the model would fall back to its "
+            "default sizes, which need not match the weights; give the sub-configs explicitly"
+        )
+    from accelerate import init_empty_weights
+
+    family = family_of(config.get("model_type")) or family_of(LLAVA_ONEVISION)
+    model_class = family.source_model_class()
+    try:
+        llava_config = model_class.config_class.from_pretrained(str(src))
+        with init_empty_weights():
+            skeleton = model_class(llava_config)
+            skeleton.tie_weights()
+    except Exception as error:
+        raise ConversionError(f"source {src}/config.json is not a valid {family.name} config: {error}") from error
+    expected = sum(p.numel() for p in skeleton.parameters())  # tied weights counted once
+    stored = sum(math.prod(shape) for shape, _ in stored_tensors(src))
+    if expected > SIZE_SLACK * stored:
+        raise ConversionError(
+            f"source {src}/config.json describes a model of {expected:,} weights but its safetensors files hold "
+            f"{stored:,}: the config does not match the weights (nothing was loaded)"
+        )
+    return llava_config
 
 
 def safetensors_files(src: Path) -> list[Path]:
@@ -463,9 +536,7 @@ def materialize_new_modules(model: VisorForConditionalGeneration, device: torch.
 
 def hub_id(name: str | None) -> str | None:
     """`name` when it has the shape of a Hub model id (`owner/name`) and is not a local path; else `None`."""
-    if not name or Path(name).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name) or ".." in name:
-        return None
-    return name
+    return name if name and looks_like_hub_id(name) else None
 
 
 def model_card(src_name: str, config: VisorConfig, routing_token: str, has_processor: bool = True, family: SourceFamily | None = None) -> str:
@@ -529,21 +600,7 @@ which SA layers run. Every weight of `{src_name}` is kept unchanged. {initialisa
 |---|---|---|
 {configurations}
 
-## Loading
-
-```python
-from transformers import AutoModelForImageTextToText, AutoProcessor
-
-model = AutoModelForImageTextToText.from_pretrained("path/or/repo", trust_remote_code=True)
-processor = AutoProcessor.from_pretrained("path/or/repo", trust_remote_code=True)
-conversation = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What is shown?"}}]}}]
-prompt = processor.apply_chat_template(conversation, add_generation_prompt=True)  # carries {routing_token}
-inputs = processor(images=[image], text=prompt, return_tensors="pt")
-output = model.generate(**inputs, max_new_tokens=32)  # visor_configuration="auto" | "max" | index | [layers]
-```
-
-With the `visor_hf` package installed, `import visor_hf` registers the classes and `trust_remote_code` is not needed.
-"""
+{loading_section(routing_token)}"""
 
 
 def convert(
@@ -567,55 +624,55 @@ def convert(
     Layout defaults (paper): |CA| = |SA| = L/3 spread uniformly (`uniform_layer_layout`), configurations nested by
     SA count (`default_configurations`), router just before the first switchable SA layer. `dense=True` writes the
     all-SA layout (no CA layer, no router) that reproduces LLaVA-OneVision. `dtype` casts the weights (default:
-    the source's). The output is written to a temporary folder next to `dst` and renamed at the end; an existing
-    `dst` is refused unless `overwrite`. `routing_token_init` ("keep" or "mean") says how a spare embedding row
+    the source's). The output is written to a fresh temporary folder next to `dst` and published with one atomic
+    rename (see `publish.py`); an existing `dst` is refused unless `overwrite`, which replaces only a VISOR or
+    LLaVA-OneVision checkpoint folder. `routing_token_init` ("keep" or "mean") says how a spare embedding row
     taken by the routing token starts (see `add_routing_token`). Returns the output folder.
     """
     if routing_token_init not in ROUTING_TOKEN_INITS:
         raise ConversionError(f"unknown routing token initialisation {routing_token_init!r}: one of {', '.join(ROUTING_TOKEN_INITS)}")
-    dst = Path(dst).expanduser().resolve()
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"output {dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    # every argument and the output are checked before anything is loaded
+    max_shard_size = check_max_shard_size(max_shard_size)
+    dst = Path(dst).expanduser().absolute()
+    if not overwrite:
+        check_output(dst, overwrite)  # before a Hub source is fetched
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
             raise ConversionError(f"unknown dtype {dtype!r} (float32, float16, bfloat16)")
         dtype = getattr(torch, dtype)
     src_path = resolve_source(src, revision)
-    if dst == src_path or src_path in dst.parents or dst in src_path.parents:
+    if dst.resolve() == src_path or src_path in dst.resolve().parents or dst.resolve() in src_path.parents:
         raise ConversionError(f"output {dst} must not be the source folder, inside it, or hold it")
+    check_output(dst, overwrite)
     source_config = check_source(src_path)
     family = family_of(source_config["model_type"])
-
-    # the layout is resolved before the weights are read (config.json may leave defaults out: read it as transformers does)
-    from transformers import AutoConfig
-
-    try:
-        num_layers = AutoConfig.from_pretrained(str(src_path)).get_text_config().num_hidden_layers
-    except Exception as error:
-        raise ConversionError(f"source {src_path}/config.json is not a valid {family.name} config: {error}") from error
+    # the layout and the sizes are resolved before the weights are read (config.json may leave defaults out: read it
+    # as transformers does)
+    llava_config = check_source_sizes(src_path, source_config)
+    check_free_space(src_path, dst, dtype)
+    num_layers = llava_config.get_text_config().num_hidden_layers
     layout = resolve_layout(num_layers, cross_attention_layers, self_attention_layers, configurations, router_layer, dense)
-    llava = load_source_model(src_path, dtype, family)
-    tokenizer = load_source_tokenizer(src_path)
-    # the dense layout has no router: it takes the routing token only where no tensor changes (a spare row)
-    routing_token_id = add_routing_token(llava, tokenizer, routing_token, allow_resize=not dense, init=routing_token_init)
-    if tokenizer is None:
-        logger.warning(
-            "source %s has no tokenizer: the output gets no tokenizer and no processor (%s)", src_path,
-            "no routing token" if routing_token_id is None else f"the routing token is id {routing_token_id}, a new row",
-        )
-        processor, image_processor = None, load_source_image_processor(src_path, family)
-    else:
-        if routing_token_id is None:
-            logger.warning("dense layout: no spare embedding row for the routing token, so none is added")
-        processor = load_source_processor(src_path, tokenizer, routing_token if routing_token_id is not None else None, family)
-        image_processor = None
-    config = visor_config_from_source(llava.config, layout, routing_token_id, family)
-    visor = build_visor(llava, config, family)
-    del llava
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with staged_output(dst, overwrite) as tmp:
+        llava = load_source_model(src_path, dtype, family)
+        tokenizer = load_source_tokenizer(src_path)
+        # the dense layout has no router: it takes the routing token only where no tensor changes (a spare row)
+        routing_token_id = add_routing_token(llava, tokenizer, routing_token, allow_resize=not dense, init=routing_token_init)
+        if tokenizer is None:
+            logger.warning(
+                "source %s has no tokenizer: the output gets no tokenizer and no processor (%s)", src_path,
+                "no routing token" if routing_token_id is None else f"the routing token is id {routing_token_id}, a new row",
+            )
+            processor, image_processor = None, load_source_image_processor(src_path, family)
+        else:
+            if routing_token_id is None:
+                logger.warning("dense layout: no spare embedding row for the routing token, so none is added")
+            processor = load_source_processor(src_path, tokenizer, routing_token if routing_token_id is not None else None, family)
+            image_processor = None
+        config = visor_config_from_source(llava.config, layout, routing_token_id, family)
+        visor = build_visor(llava, config, family)
+        del llava
+
         visor.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         if (src_path / "generation_config.json").is_file():
             shutil.copyfile(src_path / "generation_config.json", tmp / "generation_config.json")
@@ -631,20 +688,7 @@ def convert(
         for leftover in tmp.iterdir():
             if leftover.suffix in PICKLE_SUFFIXES:
                 raise ConversionError(f"internal error: a pickle file {leftover.name} was written")
-        if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{uuid.uuid4().hex[:8]}"
-            dst.rename(old)
-            try:
-                tmp.rename(dst)
-            except BaseException:
-                old.rename(dst)  # put the previous output back
-                raise
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-        else:
-            tmp.rename(dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        publish(tmp, dst, overwrite)
     logger.info("wrote VISOR checkpoint %s", dst)
     return dst
 

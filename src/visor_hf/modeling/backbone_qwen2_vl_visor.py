@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .streams_visor import segment_ids
+
+logger = logging.get_logger(__name__)
 
 
 class QwenVLBackbone:
@@ -50,9 +53,10 @@ class QwenVLBackbone:
             features[modality] = flat
         if not features and input_ids is not None:
             placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-            if placeholders.any():
-                raise ValueError(
-                    f"input_ids hold {int(placeholders.sum())} image/video placeholder tokens but no pixel_values were given"
+            if placeholders.any():  # as the family's model (and LLaVA-OV's VISOR): ordinary text tokens, with a warning
+                logger.warning_once(
+                    "input_ids hold image/video placeholder tokens but no pixel_values / pixel_values_videos were "
+                    "given: they run as ordinary text tokens (as in Qwen2-VL)"
                 )
         return inputs_embeds, visual_mask, segments, features.get("image"), features.get("video")
 

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.utils import logging
 
 from .streams_visor import segment_ids
+
+logger = logging.get_logger(__name__)
 
 
 class LlavaOnevisionBackbone:
@@ -59,9 +62,10 @@ class LlavaOnevisionBackbone:
             segments[video_mask[..., 0]] = segment_ids([video.shape[1]] * video.shape[0], len(segment_lengths), segments.device)
         if image_features is None and video_features is None and input_ids is not None:
             placeholders = (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-            if placeholders.any():
-                raise ValueError(
-                    f"input_ids hold {int(placeholders.sum())} image/video placeholder tokens but no pixel_values were given"
+            if placeholders.any():  # as LLaVA-OV: embedded as ordinary tokens (text), with a warning
+                logger.warning_once(
+                    "input_ids hold image/video placeholder tokens but no pixel_values / pixel_values_videos were "
+                    "given: they run as ordinary text tokens (as in LLaVA-OneVision)"
                 )
         return inputs_embeds, visual_mask, segments, image_features, video_features
 

@@ -41,7 +41,7 @@ class VisorState:
     full_valid: torch.Tensor
     # [B, K_full] which slots of the full sequence are visual tokens
     full_visual: torch.Tensor
-    # [B, N_vis] which visual-stream slots hold a real visual token
+    # [B, N_vis] which visual-stream slots hold a visual token that the attention mask shows
     visual_valid: torch.Tensor
     # the SA layers of each sample, as indices (host side, for reporting)
     configurations: list[tuple[int, ...]]

@@ -118,14 +118,21 @@ class VisorLayoutMixin:
                 raise ValueError(f"configuration {index} ({configuration}) uses layers {extra} that are not in self_attention_layers {selfs}")
             if len(set(configuration)) != len(configuration):
                 raise ValueError(f"configuration {index} lists a layer twice: {configuration}")
-        if isinstance(self.default_configuration, str):
-            if self.default_configuration != "max":
-                raise ValueError(f"default_configuration must be an index into configurations or 'max', got {self.default_configuration!r}")
+        default = self.default_configuration
+        if isinstance(default, str):
+            if default != "max":
+                raise ValueError(f"default_configuration must be an index into configurations or 'max', got {default!r}")
+        elif isinstance(default, bool) or not isinstance(default, numbers.Integral):
+            raise ValueError(f"default_configuration must be an index into configurations (an int) or 'max', got {default!r}")
         elif not 0 <= self.default_configuration < len(self.configurations):
             raise ValueError(f"default_configuration {self.default_configuration} is out of range for {len(self.configurations)} configurations")
         kernel = self.position_embedding_kernel_size
         if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 != 1:
             raise ValueError(f"position_embedding_kernel_size must be a positive odd integer (padding k // 2 keeps the length), got {kernel!r}")
+        width = self.router_hidden_size
+        if width is not None and (isinstance(width, bool) or not isinstance(width, numbers.Integral)):
+            raise ValueError(f"router_hidden_size must be an int width (or None for hidden_size // 4), got {width!r}")
+        self.check_routing_token_id()
         if self.router_hidden_size is not None and not self.router_hidden_size > 0:
             raise ValueError(f"router_hidden_size must be a positive width (or None for hidden_size // 4), got {self.router_hidden_size}")
         if self.router_layer is not None:
@@ -142,6 +149,26 @@ class VisorLayoutMixin:
                     f"router_layer {self.router_layer} must come before the first SA layer that a configuration "
                     f"switches off ({switchable[0]}): the router decides before that layer runs"
                 )
+
+    def check_routing_token_id(self) -> None:
+        """The routing token must be a token of the vocabulary of its own: the router reads its hidden state, and an
+        id shared with the image, video or pad token (or out of the vocabulary) would never be found."""
+        token = self.routing_token_id
+        if token is None:
+            return
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise ValueError(f"routing_token_id must be a token id (an int), got {token!r}")
+        vocab_size = self.text_config.vocab_size
+        if not 0 <= token < vocab_size:
+            raise ValueError(f"routing_token_id {token} is outside the vocabulary (0..{vocab_size - 1})")
+        taken = {
+            "image token": getattr(self, "image_token_id", None),
+            "video token": getattr(self, "video_token_id", None),
+            "pad token": getattr(self.text_config, "pad_token_id", None),
+        }
+        for name, value in taken.items():
+            if value is not None and token == value:
+                raise ValueError(f"routing_token_id {token} is also the {name} id: the routing token needs an id of its own")
 
     @property
     def switchable_layers(self) -> list[int]:

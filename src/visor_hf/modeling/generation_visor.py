@@ -5,6 +5,8 @@ that a draft model of assisted decoding does not take."""
 from __future__ import annotations
 
 import inspect
+import threading
+import weakref
 
 import torch
 from torch import nn
@@ -23,17 +25,34 @@ _TARGET_ONLY_GENERATE_KWARGS = (
     "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
 )
 
+# what a `generate` call leaves behind (its report, the cache it ran with), per thread and per model: two threads
+# generating with one model must not see each other's
+_THREAD_STATE = threading.local()
+
+
+def _thread_slots(name: str) -> weakref.WeakKeyDictionary:
+    slots = getattr(_THREAD_STATE, name, None)
+    if slots is None:
+        slots = weakref.WeakKeyDictionary()
+        setattr(_THREAD_STATE, name, slots)
+    return slots
+
 
 class VisorGenerationMixin(GenerationMixin):
     """`GenerationMixin` with VISOR's hooks; the model provides `config`, `model.get_image_features` and the input
     embeddings."""
 
-    last_visor_report: VisorFlopsReport | None = None
-    _visor_generation_cache = None
+    @property
+    def last_visor_report(self) -> VisorFlopsReport | None:
+        """The report of the last `generate` call of this thread with this model (None before, or without a cache)."""
+        return _thread_slots("reports").get(self)
 
-    def _prompt_token_counts(self, input_ids, attention_mask, inputs_embeds=None) -> tuple[list[int], list[int]] | None:
+    def _prompt_token_counts(
+        self, input_ids, attention_mask, inputs_embeds=None, visual_inputs: bool = True
+    ) -> tuple[list[int], list[int]] | None:
         """Real text and visual tokens of each prompt (see `report_visor.prompt_token_counts`)."""
-        return prompt_token_counts(self.config, self.get_input_embeddings(), input_ids, attention_mask, inputs_embeds)
+        embeddings = self.get_input_embeddings()
+        return prompt_token_counts(self.config, embeddings, input_ids, attention_mask, inputs_embeds, visual_inputs)
 
     def generate(self, *args, **kwargs) -> torch.LongTensor | ModelOutput:
         """`GenerationMixin.generate`, plus the per-sample VISOR report.
@@ -42,8 +61,8 @@ class VisorGenerationMixin(GenerationMixin):
         is a `VisorFlopsReport`: configuration and analytical FLOPs (prefill, every decoding step, dense reference)
         of each returned sequence. None when generating without a cache.
         """
-        self.last_visor_report = None
-        self._visor_generation_cache = None
+        _thread_slots("reports").pop(self, None)
+        caches = _thread_slots("caches")
         prompt = next(
             (p for p in (kwargs.get("input_ids"), kwargs.get("inputs"), args[0] if args else None, kwargs.get("inputs_embeds")) if p is not None),
             None,
@@ -54,17 +73,19 @@ class VisorGenerationMixin(GenerationMixin):
             # decide once, on the prompt: without a cache every step re-runs the prefill on a longer text, whose
             # budget could pick another configuration (or none) halfway through the answer
             embeds = prompt.is_floating_point()
-            counts = self._prompt_token_counts(None if embeds else prompt, kwargs.get("attention_mask"), prompt if embeds else None)
+            visual_inputs = any(kwargs.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
+            counts = self._prompt_token_counts(
+                None if embeds else prompt, kwargs.get("attention_mask"), prompt if embeds else None, visual_inputs
+            )
             kwargs["visor_configuration"] = budget_request(self.config, kwargs.pop("visor_budget"), kwargs.get("visor_configuration"), counts)
         try:
             output = super().generate(*args, **kwargs)
-            cache = self._visor_generation_cache
         finally:
-            self._visor_generation_cache = None
+            cache = caches.pop(self, None)
         sequences = output if isinstance(output, torch.Tensor) else output.sequences
         state = cache.visor_state if isinstance(cache, VisorCache) else None
         report = generation_report(self.config, state, prompt.shape[0] if prompt is not None else None, sequences.shape[0])
-        self.last_visor_report = report
+        _thread_slots("reports")[self] = report
         if isinstance(output, ModelOutput):
             output["visor_report"] = report
             if report is not None:  # the names the forward output uses, for the returned sequences
@@ -143,7 +164,16 @@ class VisorGenerationMixin(GenerationMixin):
         if cache is not None and not isinstance(cache, VisorCache) and cache.get_seq_length() == 0:
             model_kwargs["past_key_values"] = VisorCache(config=self.config.text_config)
         # kept for the report that `generate` builds when it returns (dropped right after)
-        self._visor_generation_cache = model_kwargs.get("past_key_values")
+        _thread_slots("caches")[self] = model_kwargs.get("past_key_values")
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        configurations = getattr(outputs, "visor_configurations", None)
+        if configurations and getattr(outputs, "past_key_values", None) is None:
+            # without a cache every step re-runs the prefill over prompt and answer: keep the configuration decided
+            # on the prompt (a routing token in the answer must not re-route it), as a cache would
+            model_kwargs["visor_configuration"] = [tuple(layers) for layers in configurations]
+        return model_kwargs
 
     def _get_candidate_generator(self, *args, **kwargs):
         generator = super()._get_candidate_generator(*args, **kwargs)

@@ -25,9 +25,11 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 )
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
+from .arguments_visor import check_forward_kwargs
 from .backbone_qwen2_vl_visor import QwenVLBackbone
 from .configuration_qwen2_vl_visor import VisorQwen2_5_VLConfig, VisorQwen2VLConfig
 from .generation_visor import VisorGenerationMixin
+from .hub_visor import VisorHubMixin
 from .modeling_visor import (
     VisorCrossAttentionBlock,
     VisorForConditionalGeneration,
@@ -49,6 +51,7 @@ class VisorEngine:
     _route = VisorModel._route
     _cache_for = VisorModel._cache_for
     _decoder_loop = VisorModel._decoder_loop
+    _cross_attention_block = VisorModel._cross_attention_block
     _router_step = VisorModel._router_step
     _prefill = VisorModel._prefill
     _prefill_streams = VisorModel._prefill_streams
@@ -57,14 +60,24 @@ class VisorEngine:
     _decode = VisorModel._decode
 
 
-class VisorQwen2VLPreTrainedModel(VisorPreTrainedMixin, Qwen2VLPreTrainedModel):
+class VisorQwen2VLPreTrainedModel(VisorHubMixin, VisorPreTrainedMixin, Qwen2VLPreTrainedModel):
     config_class = VisorQwen2VLConfig
+    visor_auto_map = {
+        "AutoConfig": "configuration_qwen2_vl_visor.VisorQwen2VLConfig",
+        "AutoModel": "modeling_qwen2_vl_visor.VisorQwen2VLModel",
+        "AutoModelForImageTextToText": "modeling_qwen2_vl_visor.VisorQwen2VLForConditionalGeneration",
+    }
     config: VisorQwen2VLConfig
     _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "VisorCrossAttentionBlock"]
 
 
-class VisorQwen2_5_VLPreTrainedModel(VisorPreTrainedMixin, Qwen2_5_VLPreTrainedModel):
+class VisorQwen2_5_VLPreTrainedModel(VisorHubMixin, VisorPreTrainedMixin, Qwen2_5_VLPreTrainedModel):
     config_class = VisorQwen2_5_VLConfig
+    visor_auto_map = {
+        "AutoConfig": "configuration_qwen2_vl_visor.VisorQwen2_5_VLConfig",
+        "AutoModel": "modeling_qwen2_vl_visor.VisorQwen2_5_VLModel",
+        "AutoModelForImageTextToText": "modeling_qwen2_vl_visor.VisorQwen2_5_VLForConditionalGeneration",
+    }
     config: VisorQwen2_5_VLConfig
     _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "VisorCrossAttentionBlock"]
 
@@ -211,8 +224,10 @@ class VisorQwenVLForConditionalGenerationMixin(VisorGenerationMixin):
         The family's inputs and `labels`, plus `visor_configuration` and `visor_budget` as for
         [`VisorForConditionalGeneration`].
         """
+        check_forward_kwargs(self.forward, kwargs)
+        visual_inputs = pixel_values is not None or pixel_values_videos is not None or bool(mm_encoder_outputs)
         prefill, counts, visor_configuration = self._visor_request(
-            past_key_values, input_ids, attention_mask, inputs_embeds, visor_configuration, visor_budget
+            past_key_values, input_ids, attention_mask, inputs_embeds, visor_configuration, visor_budget, visual_inputs
         )
         outputs = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,

@@ -29,10 +29,12 @@ from transformers.models.llava_onevision.modeling_llava_onevision import (
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm, eager_attention_forward
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 
+from .arguments_visor import check_forward_kwargs
 from .backbone_visor import LlavaOnevisionBackbone
 from .cache_visor import TEXT, VisorCache
 from .configuration_visor import VisorConfig
 from .generation_visor import VisorGenerationMixin
+from .hub_visor import VisorHubMixin
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast, capture_attentions
 from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
 from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
@@ -216,7 +218,7 @@ class VisorPreTrainedMixin:
         init_visor_module(module)
 
 
-class VisorPreTrainedModel(VisorPreTrainedMixin, LlavaOnevisionPreTrainedModel):
+class VisorPreTrainedModel(VisorHubMixin, VisorPreTrainedMixin, LlavaOnevisionPreTrainedModel):
     config_class = VisorConfig
     config: VisorConfig
     _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "VisorCrossAttentionBlock"]
@@ -357,18 +359,18 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         """Every LLM layer, as qwen2's loop: the plan says what runs; the CA block sits inside `run_layer`, the
         router is the visible step after its layer."""
         layers = self.backbone_layers()[: len(plan.layouts)]
-        def text_stream(layer_idx: int):  # prefill: a text-layout layer's map is laid out in the original order
-            if streams.text_index is None or plan.layouts[layer_idx] != TEXT:
-                return None
-            return streams.text_index, streams.length
-
-        with capture_attentions(layers, capture.attentions is not None, text_stream) as captured:
+        # a layer that ran over the text stream lays its attention map out in the original order
+        laid_out = capture_attentions(layers, capture.attentions is not None, lambda i: streams.compact_text(plan.layouts[i]))
+        with laid_out as captured:
             for layer_idx, decoder_layer in enumerate(layers):
-                block = self.cross_attention_blocks[str(layer_idx)] if str(layer_idx) in self.cross_attention_blocks else None
-                run_layer(plan, layer_idx, streams, cache, decoder_layer, block, **kwargs)
+                run_layer(plan, layer_idx, streams, cache, decoder_layer, self._cross_attention_block(layer_idx), **kwargs)
                 capture.record(streams, captured)
                 if router is not None and plan.wants_router(layer_idx, router.always):
                     self._router_step(plan, streams, router)
+
+    def _cross_attention_block(self, layer_idx: int) -> VisorCrossAttentionBlock | None:
+        key = str(layer_idx)
+        return self.cross_attention_blocks[key] if key in self.cross_attention_blocks else None
 
     def _router_step(self, plan: VisorLayerPlan, streams: VisorStreams, router: RouterInputs) -> None:
         """Score the routing tokens; the samples that asked for "auto" get the configuration the router picks."""
@@ -404,7 +406,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             cache.start_prompt(
                 layouts=plan.layouts, cross_kv=plan.cross_kv, active=active, configurations=configurations,
                 configuration_index=configuration_index, text_valid=streams.text_valid, full_valid=valid,
-                full_visual=visual_mask, visual_valid=streams.visual_filled,
+                full_visual=visual_mask, visual_valid=streams.visual_valid,
             )
         return VisorModelOutputWithPast(
             last_hidden_state=hidden,
@@ -427,6 +429,8 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         text = gather_tokens(inputs_embeds, text_index)
         text_positions = gather_tokens(position_ids, text_index)
         has_visual = visual_index.shape[1] > 0
+        # a visual token the attention mask hides is, for the CA blocks, absent (their mask and convolution skip it)
+        visual_valid = visual_filled & gather_tokens(valid, visual_index)
         return VisorStreams(
             text=text,
             text_positions=text_positions,
@@ -437,9 +441,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             visual=gather_tokens(inputs_embeds, visual_index),
             text_index=text_index,
             visual_index=visual_index,
-            visual_segments=torch.where(visual_filled, gather_tokens(segments, visual_index), -1),
+            visual_segments=torch.where(visual_valid, gather_tokens(segments, visual_index), -1),
             text_valid=text_filled & gather_tokens(valid, text_index),
-            visual_filled=visual_filled,
+            visual_valid=visual_valid,
         )
 
     def _prefill_plan(self, streams, visual_mask, attention_mask, position_ids, inputs_embeds, cache, request) -> VisorLayerPlan:
@@ -468,7 +472,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         cross = None
         if has_visual and config.cross_attention_layers:
             # text token i sees visual token j only if j comes before i in the original sequence
-            allowed = streams.visual_filled[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
+            allowed = streams.visual_valid[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
             cross = CrossAttentionInputs.from_allowed(allowed, config.text_config._attn_implementation, streams.text.dtype)
         return VisorLayerPlan(
             layer_sets=[provisional if r == AUTO else r for r in requests],
@@ -582,8 +586,10 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             most expensive configuration of `config.configurations` within it (see `flops_visor.select_by_budget`).
             Replaces the router; read at prefill only.
         """
+        check_forward_kwargs(self.forward, kwargs)
+        visual_inputs = pixel_values is not None or pixel_values_videos is not None or bool(kwargs.get("mm_encoder_outputs"))
         prefill, counts, visor_configuration = self._visor_request(
-            past_key_values, input_ids, attention_mask, inputs_embeds, visor_configuration, visor_budget
+            past_key_values, input_ids, attention_mask, inputs_embeds, visor_configuration, visor_budget, visual_inputs
         )
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
@@ -595,13 +601,15 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         )
         return self._visor_output(outputs, prefill, counts, labels, logits_to_keep, kwargs)
 
-    def _visor_request(self, past_key_values, input_ids, attention_mask, inputs_embeds, visor_configuration, visor_budget):
+    def _visor_request(
+        self, past_key_values, input_ids, attention_mask, inputs_embeds, visor_configuration, visor_budget, visual_inputs: bool
+    ):
         """Before the model runs: is this a prefill, the prompt's token counts, and the configuration request (a budget
-        turned into one)."""
+        turned into one). `visual_inputs`: the forward was given images or videos (else placeholders count as text)."""
         prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
         # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
         wants_counts = prefill and (visor_budget is not None or not self.training)
-        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds) if wants_counts else None
+        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds, visual_inputs) if wants_counts else None
         if prefill and visor_budget is not None:
             visor_configuration = budget_request(self.config, visor_budget, visor_configuration, counts)
         return prefill, counts, visor_configuration

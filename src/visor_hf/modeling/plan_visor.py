@@ -79,13 +79,20 @@ class VisorStreams:
     visual_index: torch.Tensor | None = None
     visual_segments: torch.Tensor | None = None
     text_valid: torch.Tensor | None = None  # [B, N_text] slots holding a real token (not padding either)
-    visual_filled: torch.Tensor | None = None  # [B, N_vis] slots holding a visual token
+    visual_valid: torch.Tensor | None = None  # [B, N_vis] slots holding a visual token the attention mask shows
 
     def merged(self) -> torch.Tensor:
         """The hidden states in the original order (the new tokens alone while decoding)."""
         if self.visual is None or (self.visual.shape[1] == 0 and self.text.shape[1] == self.length):
             return self.text
         return merge_streams(self.text, self.text_index, self.visual, self.visual_index, self.length)
+
+    def compact_text(self, layout: str) -> tuple[torch.Tensor, int] | None:
+        """For a layer of `layout` at prefill that ran over the text stream: the stream's positions and the sequence
+        length (how its attention map is laid out in the original order); None otherwise."""
+        if self.text_index is None or layout != TEXT:
+            return None
+        return self.text_index, self.length
 
     def split(self, merged: torch.Tensor, keeps_visual: torch.Tensor | None) -> None:
         """Take a full-sequence layer's output back into the streams; samples in `keeps_visual` ([B] bool, for
@@ -128,6 +135,7 @@ class VisorLayerPlan:
     cross: CrossAttentionInputs | None = None
     cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict = field(default_factory=dict)
+    skipping: dict = field(default_factory=dict)  # [B] samples that skip a full layer, per set of running samples
 
     def runs(self, layer_idx: int) -> list[bool]:
         """Per sample: does the layer run over the whole sequence (host side, from the configurations)."""
@@ -150,8 +158,12 @@ class VisorLayerPlan:
         While decoding there is no visual stream to keep: None."""
         if not self.prefill:
             return None
-        runs = self.runs(layer_idx)
-        return None if all(runs) else torch.tensor([not r for r in runs], device=self.visual_keys.device)
+        runs = tuple(self.runs(layer_idx))
+        if all(runs):
+            return None
+        if runs not in self.skipping:  # one host-to-device copy per set of running samples, not per layer
+            self.skipping[runs] = torch.tensor([not r for r in runs], device=self.visual_keys.device)
+        return self.skipping[runs]
 
     def attention_mask(self, layer_idx: int, layout: str) -> torch.Tensor | None:
         """The self-attention mask of a layer: its layout's, with the visual keys hidden from the samples whose
@@ -159,11 +171,10 @@ class VisorLayerPlan:
         if layout == TEXT:
             return self.mask(TEXT, layer_idx, TEXT)
         if self.prefill:
-            runs = self.runs(layer_idx)
-            if all(runs):
+            off = self.keeps_visual(layer_idx)
+            if off is None:
                 return self.mask(FULL, layer_idx, FULL)
-            off = torch.tensor([not r for r in runs], device=self.visual_keys.device)
-            return self.mask((FULL, tuple(runs)), layer_idx, FULL, hide_keys(self.visual_keys & off[:, None]))
+            return self.mask((FULL, tuple(self.runs(layer_idx))), layer_idx, FULL, hide_keys(self.visual_keys & off[:, None]))
         # decoding: the cache's device copy of the configurations (reordered with the beams), no host sync
         return self.mask((FULL, layer_idx), layer_idx, FULL, hide_keys(self.hidden_keys_for(layer_idx)))
 

@@ -15,6 +15,9 @@ class VisorQwen2VLProcessor(RoutingTokenMixin, Qwen2VLProcessor):
     (the family's needs torchvision).
     """
 
+    # `save_pretrained` always writes this file and `auto_map` (as `VisorProcessor` does)
+    _auto_class = "AutoProcessor"
+
     def __init__(
         self,
         image_processor=None,

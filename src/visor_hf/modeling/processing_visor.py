@@ -154,6 +154,10 @@ class VisorProcessor(RoutingTokenMixin, LlavaOnevisionProcessor):
         Whether calls insert the routing token (a call's own `add_routing_token=` wins).
     """
 
+    # `save_pretrained` always writes this file and `auto_map`: the folder then loads with `trust_remote_code=True`
+    # where `visor_hf` is not installed
+    _auto_class = "AutoProcessor"
+
     def __init__(
         self,
         image_processor=None,
@@ -173,16 +177,10 @@ class VisorProcessor(RoutingTokenMixin, LlavaOnevisionProcessor):
     ):
         self.set_routing_token(tokenizer, routing_token, user_turn_start, turn_end, add_routing_token)
         super().__init__(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            video_processor=video_processor,
-            num_image_tokens=num_image_tokens,
-            vision_feature_select_strategy=vision_feature_select_strategy,
-            chat_template=chat_template,
-            image_token=image_token,
-            video_token=video_token,
-            vision_aspect_ratio=vision_aspect_ratio,
-            **kwargs,
+            image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+            num_image_tokens=num_image_tokens, vision_feature_select_strategy=vision_feature_select_strategy,
+            chat_template=chat_template, image_token=image_token, video_token=video_token,
+            vision_aspect_ratio=vision_aspect_ratio, **kwargs,
         )
 
     @classmethod

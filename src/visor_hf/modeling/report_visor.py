@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .arguments_visor import check_visor_budget
 from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, select_by_budget
 from .requests_visor import AUTO, resolve_configuration
 from .streams_visor import embedded_token_mask
@@ -16,17 +17,20 @@ from .streams_visor import embedded_token_mask
 
 def prompt_token_counts(
     config, embeddings: nn.Module, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
-    inputs_embeds: torch.Tensor | None = None,
+    inputs_embeds: torch.Tensor | None = None, visual_inputs: bool = True,
 ) -> tuple[list[int], list[int]] | None:
     """Real text and visual tokens of each prompt (one host sync, at prefill only). Placeholders are found in
     `input_ids`, or in `inputs_embeds` as LLaVA-OV finds them (the image/video token's own embedding); None
-    without either."""
-    if input_ids is not None:
-        visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
-    elif inputs_embeds is not None:
-        visual = embedded_token_mask(embeddings, inputs_embeds, [config.image_token_id, config.video_token_id])
-    else:
+    without either. Without visual inputs (`visual_inputs=False`) placeholders run as text and count as text."""
+    source = input_ids if input_ids is not None else inputs_embeds
+    if source is None:
         return None
+    if not visual_inputs:
+        visual = torch.zeros(source.shape[:2], dtype=torch.bool, device=source.device)
+    elif input_ids is not None:
+        visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
+    else:
+        visual = embedded_token_mask(embeddings, inputs_embeds, [config.image_token_id, config.video_token_id])
     valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual)
     counts = torch.stack([(valid & ~visual).sum(1), (valid & visual).sum(1)]).tolist()
     return counts[0], counts[1]
@@ -35,6 +39,7 @@ def prompt_token_counts(
 def budget_request(config, budget, request, counts) -> list[tuple[int, ...]]:
     """The SA layers a compute budget picks for each sample: one tuple per sample, so that the result always reads
     as a per-sample request (a plain list of indices would read as one layer set for the whole batch)."""
+    check_visor_budget(budget)
     if request is not None and not (isinstance(request, str) and request == AUTO):
         raise ValueError("pass either visor_configuration or visor_budget, not both")
     if counts is None:

@@ -18,12 +18,15 @@ token) only: the prompt, the images, the routing tokens and the padding are `-10
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+
+from ..hub_ids import looks_like_hub_id
 
 IGNORE_INDEX = -100
 USER_ROLES = {"human": "user", "user": "user"}
@@ -34,16 +37,23 @@ IMAGE_MARKER = "<image>"
 # -- loading -------------------------------------------------------------------------------------------------------
 
 
-def load_records(source, image_root: str | os.PathLike | None = None, limit: int | None = None):
-    """A list-like dataset of records from a JSON file (a list), a JSONL file, a folder saved with
-    `datasets.Dataset.save_to_disk`, a `datasets.Dataset` (a `DatasetDict`: its `train` split), or a list of dicts.
-    `limit` keeps the first records.
+def load_records(source, image_root: str | os.PathLike | None = None, limit: int | None = None, streaming: bool = False):
+    """A dataset of records from a JSON file (a list), a JSONL file, a folder saved with
+    `datasets.Dataset.save_to_disk`, a folder of data files or a Hub dataset id (`datasets.load_dataset`, split
+    `train`), a `datasets.Dataset` (a `DatasetDict`: its `train` split), a streaming `datasets.IterableDataset`, or a
+    list of dicts. `limit` keeps the first records. `streaming=True` reads files and Hub datasets as a stream
+    (`datasets.load_dataset(..., streaming=True)`): the result is a torch `IterableDataset` (give the `Trainer`
+    `max_steps`).
 
     Relative image paths of a file source are resolved against `image_root` (default: the file's folder).
     """
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.is_dir():
+        if not path.exists() and not looks_like_hub_id(str(source)):
+            raise FileNotFoundError(f"data {source}: no such file or folder (nor a Hub dataset id 'owner/name')")
+        if streaming or not path.exists() or (path.is_dir() and not _saved_dataset(path)):
+            records = _load_with_datasets(str(source), path, streaming)
+        elif path.is_dir():
             import datasets
 
             records = _single_split(datasets.load_from_disk(str(path)), path)
@@ -52,23 +62,65 @@ def load_records(source, image_root: str | os.PathLike | None = None, limit: int
             with open(path) as f:
                 for number, line in enumerate(f, 1):
                     if line.strip():
-                        records.append(_check_record(json.loads(line), f"{path}, line {number}"))
+                        records.append(_check_record(_json_line(line, path, number), f"{path}, line {number}"))
         elif path.suffix == ".json":
             with open(path) as f:
-                records = json.load(f)
+                try:
+                    records = json.load(f)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})") from None
             if not isinstance(records, list):
                 raise ValueError(f"{path} must hold a JSON list of records (LLaVA format), not a {type(records).__name__}")
             for number, record in enumerate(records):
                 _check_record(record, f"{path}, record {number}")
         else:
             raise ValueError(f"unsupported data file {path}: use .json (a list of records), .jsonl or a saved `datasets` folder")
-        if image_root is None and not path.is_dir():
+        if image_root is None and path.exists() and not path.is_dir():
             image_root = path.parent
     else:
         records = _single_split(source, "the dataset")
+    if _is_iterable(records):
+        if limit is not None:
+            records = records.take(limit) if hasattr(records, "take") else itertools.islice(records, limit)
+        return IterableRecordDataset(records, image_root)
     if limit is not None:
         records = records.select(range(min(limit, len(records)))) if hasattr(records, "select") else records[:limit]
     return RecordDataset(records, image_root)
+
+
+def _json_line(line: str, path: Path, number: int):
+    """One JSONL record; an error names the file's own line (json's error would say line 1 of the string)."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {number}, column {error.colno}: not valid JSON ({error.msg})") from None
+
+
+def _saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`."""
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _load_with_datasets(source: str, path: Path, streaming: bool):
+    """`datasets.load_dataset` on a local file (`json` builder), a folder of data files or a Hub dataset id."""
+    try:
+        import datasets
+    except ImportError as error:
+        raise ImportError(f"reading {source} needs the `datasets` package: pip install datasets") from error
+    if path.is_file():
+        if path.suffix not in (".json", ".jsonl"):
+            raise ValueError(f"unsupported data file {path}: use .json or .jsonl")
+        loaded = datasets.load_dataset("json", data_files=str(path), split="train", streaming=streaming)
+    else:
+        try:
+            loaded = datasets.load_dataset(source, streaming=streaming)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"data {source}: no such file or folder, nor a dataset on the Hub ({error})") from None
+    return _single_split(loaded, source)
+
+
+def _is_iterable(records) -> bool:
+    return isinstance(records, torch.utils.data.IterableDataset) or type(records).__name__ == "IterableDataset"
 
 
 def _check_record(record, where: str) -> dict:
@@ -78,8 +130,8 @@ def _check_record(record, where: str) -> dict:
 
 
 def _single_split(records, where):
-    """A `datasets.DatasetDict` gives its `train` split (or its only split)."""
-    if isinstance(records, dict) and records and all(hasattr(v, "select") for v in records.values()):
+    """A `datasets.DatasetDict` (or `IterableDatasetDict`) gives its `train` split (or its only split)."""
+    if isinstance(records, dict) and records and all(hasattr(v, "select") or _is_iterable(v) for v in records.values()):
         splits = list(records.keys())
         if "train" in splits:
             return records["train"]
@@ -100,13 +152,29 @@ class RecordDataset(torch.utils.data.Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
-        record = dict(self.records[int(index)])
-        record["__index__"] = int(index)
-        if self.image_root is not None:
+        return self.prepare(dict(self.records[int(index)]), int(index), self.image_root)
+
+    @staticmethod
+    def prepare(record: dict, index: int, image_root: Path | None) -> dict:
+        record["__index__"] = index
+        if image_root is not None:
             images = record_images(record)
-            record["images"] = [str(self.image_root / i) if isinstance(i, str) and not os.path.isabs(i) else i for i in images]
+            record["images"] = [str(image_root / i) if isinstance(i, str) and not os.path.isabs(i) else i for i in images]
             record.pop("image", None)
         return record
+
+
+class IterableRecordDataset(torch.utils.data.IterableDataset):
+    """A stream of records (a streaming `datasets.IterableDataset`), numbered in order (`__index__`), with image paths
+    made absolute as `RecordDataset` does."""
+
+    def __init__(self, records, image_root: str | os.PathLike | None = None):
+        self.records = records
+        self.image_root = Path(image_root) if image_root is not None else None
+
+    def __iter__(self):
+        for index, record in enumerate(self.records):
+            yield RecordDataset.prepare(dict(record), index, self.image_root)
 
 
 def record_images(record: dict) -> list:
@@ -139,7 +207,9 @@ def record_messages(record: dict) -> list[dict]:
     if turns is None:
         turns = record.get("messages")
     if not turns:
-        raise ValueError(f"record {record.get('__index__', '?')} has no 'conversations' (or 'messages')")
+        stripped = " (Trainer's remove_unused_columns=True, its default, strips the record columns before the collator " \
+            "sees them: pass TrainingArguments(remove_unused_columns=False))" if not set(record) - {"__index__", "labels"} else ""
+        raise ValueError(f"record {record.get('__index__', '?')} has no 'conversations' (or 'messages'){stripped}")
     num_images = len(record_images(record))
     messages, placed = [], 0
     for turn in turns:
@@ -280,6 +350,7 @@ def model_inputs(batch: dict, keep_labels: bool = True) -> dict:
 
 __all__ = [
     "IGNORE_INDEX",
+    "IterableRecordDataset",
     "RecordDataset",
     "VisorDataCollator",
     "load_processor",

@@ -8,20 +8,21 @@ which comes before every switchable SA layer, so its input does not depend on th
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 from transformers import Trainer
 
+from ..logging_utils import get_logger
 from .data import VisorDataCollator, load_processor, load_records, model_inputs
 from .evaluation import _accelerator, score_dataset, summarize
 from .labels import read_labels
+from .resume import CompleteCheckpointMixin
 from .sharding import ShardedStep
 from .stages import load_model, make_training_arguments, save_trained, set_trainable
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 
 class LabelledRecords(torch.utils.data.Dataset):
@@ -56,7 +57,7 @@ class RouterCollator:
         return batch
 
 
-class RouterTrainer(Trainer):
+class RouterTrainer(CompleteCheckpointMixin, Trainer):
     """`Trainer` whose loss is the router's cross-entropy against `route_labels`."""
 
     def __init__(self, *args, **kwargs):

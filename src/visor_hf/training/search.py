@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import itertools
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..logging_utils import get_logger
 from ..modeling.modeling_visor import VisorRouter
 from .evaluation import _accelerator, score_dataset, summarize, write_jsonl
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STRATEGIES = ("auto", "exhaustive", "greedy", "sampled")
 METRICS = ("accuracy", "loss")

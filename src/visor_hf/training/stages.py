@@ -15,33 +15,27 @@ mixed precision, gradient accumulation, checkpoints and resumption, logging and 
 from __future__ import annotations
 
 import json
-import logging
 import re
-import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainingArguments
 
+from ..logging_utils import get_logger
 from ..modeling import VisorForConditionalGeneration
+from ..modeling.hub_visor import LORA_MODULES_TO_SAVE as _LORA_MODULES_TO_SAVE
+from ..modeling.hub_visor import LORA_TARGET_MODULES, LORA_VISION_TARGET_MODULES, ROUTER_NOT_TRAINED
 from .data import VisorDataCollator, load_processor, load_records, model_inputs
+from .resume import CompleteCheckpointMixin
 from .sharding import ShardedStep, fsdp_config
 from .universal import ConfigurationLogCallback, UniversalConfigurationSampler
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 STAGES = ("1", "2", "universal")
 
-# PEFT matches a regex against the full module name: the LLM's attention and MLP projections and the cross-attention
-# blocks' projections. SigLIP's `vision_tower...self_attn.q_proj` does not match (it is not under `language_model`).
-LORA_TARGET_MODULES = (
-    r".*model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
-    r"|.*model\.cross_attention_blocks\.\d+\.cross_attn\.(q|k|v|o)_proj"
-)
-# Added to the targets when the vision tower trains under LoRA.
-LORA_VISION_TARGET_MODULES = r"|.*model\.vision_tower\..*\.(self_attn\.(q|k|v|out)_proj|mlp\.fc(1|2))"
-LORA_MODULES_TO_SAVE = ["router"]
+LORA_MODULES_TO_SAVE = list(_LORA_MODULES_TO_SAVE)
 
 NEW_MODULE_PREFIXES = ("model.cross_attention_blocks.",)
 ROUTER_PREFIX = "model.router."
@@ -106,6 +100,8 @@ def apply_lora(model, options: LoraOptions, train_vision_tower: bool = False):
     )
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if getattr(model.config, "router_layer", None) is not None:
+        logger.warning_once(ROUTER_NOT_TRAINED)
     peft_model = get_peft_model(model, config)
     # the router copy gets no LM gradient anyway; keep it frozen until router training
     for name, parameter in peft_model.named_parameters():
@@ -122,7 +118,7 @@ def apply_lora(model, options: LoraOptions, train_vision_tower: bool = False):
 VISUAL_PATH_KEYS = ("cross_attention_blocks.", "vision_tower.", "multi_modal_projector.", "image_newline", "model.visual.")
 
 
-class VisorTrainer(Trainer):
+class VisorTrainer(CompleteCheckpointMixin, Trainer):
     """`Trainer` that runs a fixed VISOR configuration (default `"max"`) or, with a `sampler`, the configuration that
     the sampler gives for the current optimisation step (`state.global_step`, equal for every micro-batch of a
     gradient-accumulation step and restored on resume). `configuration_trace` records `(step, configuration)` for
@@ -222,31 +218,15 @@ def load_model(path, dtype=None, attn_implementation: str | None = None, fsdp_si
     return model_class.from_pretrained(str(path), **kwargs)
 
 
-def mark_remote_code(config, processor=None) -> None:
-    """Point the config's (and the processor's) `auto_map` at the remote code of the model's family."""
-    from ..conversion.families import family_of_visor
-
-    family = family_of_visor(config.model_type)
-    config.auto_map = family.auto_map
-    config.architectures = [family.generation.rsplit(".", 1)[1]]
-    if processor is not None:
-        processor.auto_map = family.processor_auto_map
-
-
 def save_checkpoint(model, processor, output_dir, extra: dict | None = None) -> Path:
     """Write a complete VISOR checkpoint folder: weights (safetensors), config, processor and the remote code
     (`model=None`: the weights and config are already there)."""
-    from ..conversion.convert import remote_code_files
-
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if model is not None:
-        mark_remote_code(model.config, processor)
-        model.save_pretrained(str(output_dir))
+        model.save_pretrained(str(output_dir))  # with the code files and `auto_map` (`VisorHubMixin`)
     if processor is not None:
         processor.save_pretrained(str(output_dir))
-    for path in remote_code_files():
-        shutil.copyfile(path, output_dir / path.name)
     if extra:
         with open(output_dir / "visor_training.json", "w") as f:
             json.dump(extra, f, indent=2)
@@ -264,8 +244,6 @@ def save_trained(trainer, processor, output_dir, summary: dict, lora: LoraOption
     """
     output_dir = Path(output_dir)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    base = unwrapped.get_base_model() if lora is not None else unwrapped
-    mark_remote_code(base.config, processor)
     summary = {**summary, "training_args": trainer.args.to_dict()}
     if lora is None:
         trainer.save_model(str(output_dir))

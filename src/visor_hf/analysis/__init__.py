@@ -1,0 +1,1 @@
+"""Analyses of VISOR and dense-layout models (the layer-drop analysis)."""
