@@ -230,3 +230,24 @@ def test_a_decoding_step_makes_no_host_sync(llava, implementation):
             setattr(torch.Tensor, name, function)
     assert calls == []
     assert step.flops.shape == (3,)
+
+
+def test_a_cache_from_another_model_or_batch_is_refused_clearly(llava, visor, dense):
+    """A filled cache continued by a model of another layout, or with another number of rows, stops with an error that
+    names the mismatch (not a KeyError / shape error deep inside a layer)."""
+    batch = build_batch(visor, [ONE_IMAGE, TEXT_ONLY])
+    with torch.no_grad():
+        prompt = visor(**batch, visor_configuration="max", use_cache=True)
+        token = prompt.logits[:, -1:].argmax(-1)
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], dim=1)
+        with pytest.raises(ValueError, match="filled by a model with another layout"):
+            dense(input_ids=token, attention_mask=mask, past_key_values=prompt.past_key_values)
+        other = visor_from_llava(
+            llava, cross_attention_layers=[4], self_attention_layers=[0, 1, 2, 3, 5], configurations=[[0, 1, 2, 3, 5]]
+        )
+        with pytest.raises(ValueError, match="CA layers"):
+            other(input_ids=token, attention_mask=mask, past_key_values=prompt.past_key_values)
+        with pytest.raises(ValueError, match="holds 2 sequences but the input has 1 rows"):
+            visor(input_ids=token[:1], attention_mask=mask[:1], past_key_values=prompt.past_key_values)
+        # the cache is left as it was: the right batch still continues
+        visor(input_ids=token, attention_mask=mask, past_key_values=prompt.past_key_values)

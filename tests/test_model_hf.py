@@ -230,8 +230,8 @@ def test_loss_hidden_states_and_attentions_as_llava(llava, dense):
 @pytest.mark.parametrize("selection", [[0, 2, -1], [-2], 1, [7, -9, 3]])
 def test_output_hidden_states_as_indices_returns_only_those(visor, selection):
     """transformers' convention: `output_hidden_states` given as indices into the tuple of all hidden states returns
-    only those (negative ones from the end, out-of-range ones dropped), equal to the same entries of the full tuple;
-    prefill and a cached decoding step alike."""
+    only those (negative ones from the end, out-of-range ones dropped), equal to the same entries of the full tuple,
+    in a tuple of full length with None elsewhere; prefill and a cached decoding step alike."""
     batch = build_batch(visor, [ONE_IMAGE, TEXT_ONLY])
     count = visor.config.text_config.num_hidden_layers + 1
     indices = [selection] if isinstance(selection, int) else selection
@@ -246,9 +246,26 @@ def test_output_hidden_states_as_indices_returns_only_those(visor, selection):
             for out, flag in ((full, True), (some, selection))
         ]
     for got_all, want_all in ((some.hidden_states, full.hidden_states), (steps[1].hidden_states, steps[0].hidden_states)):
-        assert len(got_all) == len(wanted)
-        for got, index in zip(got_all, wanted):
-            torch.testing.assert_close(got, want_all[index], atol=0, rtol=0)
+        assert len(got_all) == count
+        for index, got in enumerate(got_all):
+            if index in wanted:
+                torch.testing.assert_close(got, want_all[index], atol=0, rtol=0)
+            else:
+                assert got is None
+
+
+def test_returned_embeddings_and_attentions_take_gradients(visor):
+    """`hidden_states[0]` is the very embedding tensor the layers read and `attentions[0]` the weights the first layer
+    computed with: `retain_grad()` on them gets a gradient from the output (as transformers' models allow)."""
+    batch = build_batch(visor, [ONE_IMAGE])
+    out = visor(**batch, visor_configuration="max", output_hidden_states=True, output_attentions=True)
+    embeddings, weights = out.hidden_states[0], out.attentions[0]
+    embeddings.retain_grad()
+    weights.retain_grad()
+    out.logits[0, -1].sum().backward()
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+    assert weights.grad is not None and weights.grad.abs().sum() > 0
+    visor.zero_grad(set_to_none=True)
 
 
 def test_sparse_attentions_are_laid_out_in_the_original_order(llava):

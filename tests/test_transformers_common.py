@@ -29,21 +29,10 @@ common = load_modeling_common()
 ModelTesterMixin, floats_tensor, ids_tensor = common.ModelTesterMixin, common.floats_tensor, common.ids_tensor
 
 ROUTING_TOKEN_ID = 98
-# test name -> why it fails today (the engine rework fixes these; flip them when it lands)
-PLACEHOLDERS = "(a) image placeholder ids without pixel_values are refused; LLaVA-OV embeds them as tokens"
+# test name -> why it fails today (strict: a fix turns the test red until the entry goes)
 ENGINE_XFAILS: dict[str, str] = {
-    **{name: PLACEHOLDERS for name in dir(ModelTesterMixin) if name.startswith("test_eager_matches_sdpa_inference_")},
-    **{name: PLACEHOLDERS for name in dir(ModelTesterMixin) if name.startswith("test_model_rope_scaling_from_config_")},
-    # with inputs_embeds, placeholders are found by embedding the image and video token ids; the video id (LLaVA-OV's
-    # default, 151647) is outside this vocabulary: IndexError (LLaVA-OV only embeds the ids of the modalities given)
-    "test_inputs_embeds": "(a) placeholder search embeds the video token id even without videos",
-    "test_inputs_embeds_matches_input_ids": PLACEHOLDERS,
-    # transformers 5.23 keeps the full-length tuple when indices are given (the others dropped/None); VISOR returns the
-    # selected states only (2 of 3 here)
-    "test_can_capture_specific_layers_hidden_states": "(b) output_hidden_states as indices: tuple length differs from transformers'",
-    "test_retain_grad_hidden_states_attentions": "(c) hidden_states[0] returned is not in the graph the output came from: no gradient",
-    # found by this suite, not listed in the issue: `from_pretrained` of missing weights initialises the SigLIP tower's
-    # linear layers with the composite model's `_init_weights`, not SigLIP's own (which `__init__` uses)
+    # found by this suite: `from_pretrained` of missing weights initialises the SigLIP tower's linear layers with the
+    # composite model's `_init_weights`, not SigLIP's own (which `__init__` uses)
     "test_can_init_all_missing_weights": "_init_weights: SigLIP tower linears initialised differently from meta than in __init__",
 }
 

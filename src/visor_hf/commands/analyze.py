@@ -38,7 +38,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--layers", type=_subsets, default=None, help="the subsets to run instead, e.g. '1,3;6,7;' ('' = no layer)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random subsets and of the toy pictures")
     parser.add_argument("--sa-count", type=int, default=None, help="SA layers of the suggested layout (default: from the sensitivity)")
-    parser.add_argument("--batch-size", type=int, default=50)
+    parser.add_argument("--batch-size", type=int, default=50, help="questions per generate call (default: 50)")
     parser.add_argument("--out", default=None, help="write analysis.json (and layer_drop.png) into this folder")
     parser.add_argument("--plot", default=None, help="figure path (default OUT/layer_drop.png when --out is given; needs matplotlib)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")

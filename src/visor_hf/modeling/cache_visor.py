@@ -196,6 +196,22 @@ class VisorCache(DynamicCache):
         """Cross-attention keys/values per CA layer (computed once at prefill), apart from the self-attention slots."""
         return self._visor_state.cross_kv
 
+    def check_continues(self, num_layers: int, cross_attention_layers: list[int], batch: int) -> None:
+        """Raise a clear error unless this cache can continue a generation of a model with `num_layers` LLM layers and
+        these CA layers on a batch of `batch` rows (a cache filled by another model or batch would fail deep inside a
+        layer, or silently pair the wrong rows)."""
+        state = self._visor_state
+        if len(state.layouts) != num_layers or not set(state.cross_kv) <= set(cross_attention_layers):
+            raise ValueError(
+                f"this VisorCache was filled by a model with another layout ({len(state.layouts)} layers, CA layers "
+                f"{sorted(state.cross_kv)}); this model has {num_layers} layers, CA layers {sorted(cross_attention_layers)}"
+            )
+        if state.text_valid.shape[0] != batch:
+            raise ValueError(
+                f"this VisorCache holds {state.text_valid.shape[0]} sequences but the input has {batch} rows: continue a "
+                "generation with the batch it was started with (beam search and num_return_sequences expand the cache too)"
+            )
+
     def append_text(self, attention_mask: torch.Tensor | None, new: int) -> None:
         """Book `new` text tokens fed after the prefill (their slots are filled by the layers as they run).
         `attention_mask` covers the whole sequence, as in transformers' generation; None: every new token is real."""

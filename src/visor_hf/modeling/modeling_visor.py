@@ -396,7 +396,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             gather_tokens(routing_mask, streams.text_index) if routing_mask is not None else None,
             streams.text_valid, bool(output_router_logits),  # a routing token the attention mask hides is not read
         )
-        capture.record_input(streams)
+        capture.record_input(inputs_embeds)
         self._decoder_loop(plan, streams, cache, capture, router, kwargs)
         if plan.pending:  # the router never ran (no router layer reached): fall back to the default configuration
             plan.complete([-1] * batch, self.config.configurations, tuple(self.config.default_layers()))
@@ -495,6 +495,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
     def _decode(self, inputs_embeds, attention_mask, position_ids, cache: VisorCache, capture, kwargs):
         """A step after prefill: every new token is text, whatever its id; the plan is the cache's."""
         batch, new = inputs_embeds.shape[:2]
+        cache.check_continues(self.config.text_config.num_hidden_layers, self.config.cross_attention_layers, batch)
         position_ids = self.backbone_position_ids(position_ids, batch, cache.get_seq_length(), new, inputs_embeds.device)
         cache.append_text(attention_mask, new)
         rotary = self.backbone_rotary(inputs_embeds, position_ids)
@@ -517,7 +518,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             layer_sets=cache.configurations, layouts=cache.layouts, mask_factory=mask_factory, visual_keys=None,
             has_visual=bool(cross_kv), prefill=False, hidden_keys_for=cache.visual_keys_for, cross=cross, cross_kv=cross_kv,
         )
-        capture.record_input(streams)
+        capture.record_input(inputs_embeds)
         self._decoder_loop(plan, streams, cache, capture, None, kwargs)
         hidden = self.backbone_norm(streams.text)
         return VisorModelOutputWithPast(

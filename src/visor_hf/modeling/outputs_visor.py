@@ -121,7 +121,8 @@ class OutputCapture:
     """The hidden states and attention weights a forward returns, collected layer by layer (None: not asked).
 
     `output_hidden_states` given as indices keeps only those hidden states (the embeddings are index 0, the output
-    of layer i is index i + 1, the last one is `last_hidden_state`).
+    of layer i is index i + 1, the last one is `last_hidden_state`): as in transformers, the tuple keeps its full
+    length and holds None where a hidden state was not asked for.
     """
 
     hidden_states: tuple[torch.Tensor, ...] | None
@@ -139,23 +140,25 @@ class OutputCapture:
         wanted = selected is None and bool(output_hidden_states) or bool(selected)
         return cls(() if wanted else None, () if output_attentions else None, selected)
 
-    def _keep(self, streams) -> None:
-        if self.hidden_states is not None and (self.selected is None or self.recorded in self.selected):
-            self.hidden_states += (streams.merged(),)
+    def _keep(self, states: Callable[[], torch.Tensor]) -> None:
+        if self.hidden_states is not None:
+            kept = self.selected is None or self.recorded in self.selected
+            self.hidden_states += (states() if kept else None,)
         self.recorded += 1
 
-    def record_input(self, streams) -> None:
-        self._keep(streams)
+    def record_input(self, inputs_embeds: torch.Tensor) -> None:
+        """The embeddings the streams were taken from (the very tensor, so that `retain_grad()` on it works)."""
+        self._keep(lambda: inputs_embeds)
 
     def record(self, streams, captured: list) -> None:
         """After a layer: its output in the original order, and the attention weights its `self_attn` returned."""
-        self._keep(streams)
+        self._keep(streams.merged)
         if self.attentions is not None:
             self.attentions += (captured.pop() if captured else None,)
 
     def hidden_states_with(self, last_hidden_state: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """As transformers' language models: the last hidden state is the final-normed output (`last_hidden_state`)."""
-        if self.hidden_states is None or (self.selected is not None and self.recorded - 1 not in self.selected):
+        if self.hidden_states is None or self.hidden_states[-1] is None:
             return self.hidden_states
         return self.hidden_states[:-1] + (last_hidden_state,)
 
