@@ -29,12 +29,8 @@ common = load_modeling_common()
 ModelTesterMixin, floats_tensor, ids_tensor = common.ModelTesterMixin, common.floats_tensor, common.ids_tensor
 
 ROUTING_TOKEN_ID = 98
-# test name -> why it fails today (strict: a fix turns the test red until the entry goes)
-ENGINE_XFAILS: dict[str, str] = {
-    # found by this suite: `from_pretrained` of missing weights initialises the SigLIP tower's linear layers with the
-    # composite model's `_init_weights`, not SigLIP's own (which `__init__` uses)
-    "test_can_init_all_missing_weights": "_init_weights: SigLIP tower linears initialised differently from meta than in __init__",
-}
+# test name -> why it fails today (strict: a fix turns the test red until the entry goes); none left
+ENGINE_XFAILS: dict[str, str] = {}
 
 
 class VisorModelTester:

@@ -16,6 +16,14 @@ from .modeling import (
     VisorPreTrainedModel,
     uniform_layer_layout,
 )
+from .modeling.configuration_qwen2_vl_visor import VisorQwen2_5_VLConfig, VisorQwen2VLConfig
+from .modeling.modeling_qwen2_vl_visor import (
+    VisorQwen2_5_VLForConditionalGeneration,
+    VisorQwen2_5_VLModel,
+    VisorQwen2VLForConditionalGeneration,
+    VisorQwen2VLModel,
+)
+from .modeling.processing_qwen2_vl_visor import VisorQwen2VLProcessor
 from .modeling.processing_visor import VisorProcessor
 
 __version__ = "0.1.0"
@@ -24,6 +32,15 @@ AutoConfig.register("visor", VisorConfig, exist_ok=True)
 AutoModel.register(VisorConfig, VisorModel, exist_ok=True)
 AutoModelForImageTextToText.register(VisorConfig, VisorForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(VisorConfig, VisorProcessor, exist_ok=True)
+# the Qwen2-VL family (docs/model.md, "Supported backbones")
+for _config, _model, _generation in (
+    (VisorQwen2VLConfig, VisorQwen2VLModel, VisorQwen2VLForConditionalGeneration),
+    (VisorQwen2_5_VLConfig, VisorQwen2_5_VLModel, VisorQwen2_5_VLForConditionalGeneration),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model, exist_ok=True)
+    AutoModelForImageTextToText.register(_config, _generation, exist_ok=True)
+    AutoProcessor.register(_config, VisorQwen2VLProcessor, exist_ok=True)
 
 
 
@@ -46,5 +63,12 @@ __all__ = [
     "VisorModelOutputWithPast",
     "VisorPreTrainedModel",
     "VisorProcessor",
+    "VisorQwen2VLConfig",
+    "VisorQwen2VLForConditionalGeneration",
+    "VisorQwen2VLModel",
+    "VisorQwen2VLProcessor",
+    "VisorQwen2_5_VLConfig",
+    "VisorQwen2_5_VLForConditionalGeneration",
+    "VisorQwen2_5_VLModel",
     "uniform_layer_layout",
 ]

@@ -139,6 +139,32 @@ def count_image_tokens(model, pixel_values: torch.Tensor, image_sizes: torch.Ten
     return [f.shape[0] for f in features]
 
 
+def expand_image_markers(text: list, counts: list[int], index: int = 0) -> list[int]:
+    """Token ids of a sample's text, each `"<image>"` marker expanded to its image's `counts[k]` image tokens."""
+    ids, next_image = [], 0
+    for item in text:
+        if item == "<image>":
+            ids += [IMAGE_ID] * counts[next_image]
+            next_image += 1
+        else:
+            ids.append(item)
+    if next_image != len(counts):
+        raise ValueError(f"sample {index} has {len(counts)} images but {next_image} <image> markers")
+    return ids
+
+
+def pad_rows(rows: list[list[int]], padding_side: str = "left") -> dict:
+    """`input_ids` and `attention_mask` of rows of ids, padded with `PAD_ID` on `padding_side`."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, ids in enumerate(rows):
+        span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
+        input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[i, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
 def build_batch(model, samples: list[dict], padding_side: str = "left", seed: int = 0) -> dict:
     """Model inputs for a batch of samples, each `{"text": [ids or "<image>"...], "images": [(h, w), ...]}`.
 
@@ -156,27 +182,8 @@ def build_batch(model, samples: list[dict], padding_side: str = "left", seed: in
             counts = count_image_tokens(model, processed["pixel_values"], processed["image_sizes"])
             pixel_list.extend(processed["pixel_values"])
             size_list.extend(processed["image_sizes"])
-        ids, next_image = [], 0
-        for item in sample["text"]:
-            if item == "<image>":
-                ids += [IMAGE_ID] * counts[next_image]
-                next_image += 1
-            else:
-                ids.append(item)
-        if next_image != len(images):
-            raise ValueError(f"sample {index} has {len(images)} images but {next_image} <image> markers")
-        rows.append(ids)
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, ids in enumerate(rows):
-        if padding_side == "left":
-            input_ids[i, width - len(ids) :] = torch.tensor(ids)
-            attention_mask[i, width - len(ids) :] = 1
-        else:
-            input_ids[i, : len(ids)] = torch.tensor(ids)
-            attention_mask[i, : len(ids)] = 1
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask}
+        rows.append(expand_image_markers(sample["text"], counts, index))
+    batch = pad_rows(rows, padding_side)
     if pixel_list:
         patches = max(p.shape[0] for p in pixel_list)
         pixel_values = torch.zeros((len(pixel_list), patches, *pixel_list[0].shape[1:]))
@@ -325,3 +332,154 @@ def llava_processor(tokenizer=None):
 
 
 __all__ += ["word_level_tokenizer", "write_llava_folder", "tiny_tokenizer", "save_tiny_llava", "llava_processor", "CHAT_TEMPLATE", "RESERVED_TOKEN"]
+
+
+# -- the Qwen2-VL family: tiny random Qwen2-VL / Qwen2.5-VL models, their VISOR conversions and processors ---------
+
+QWEN_PATCH_SIZE = 4  # 2x2 merge: one LLM token per 8x8 pixels
+QWEN_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
+
+
+def tiny_qwen_vl_config(family: str = "qwen2_vl", num_layers: int = 6, vocab_size: int | None = None):
+    """A Qwen2-VL (`family="qwen2_vl"`) or Qwen2.5-VL (`"qwen2_5_vl"`) config: a 2-block ViT with 4-px patches and
+    2x2 merge, and a small M-RoPE LLM (hidden 32, head dim 8, `mrope_section` [2, 1, 1])."""
+    from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+
+    if family not in QWEN_FAMILIES:
+        raise ValueError(f"unknown family {family!r}; supported: {', '.join(QWEN_FAMILIES)}")
+    text_config = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": vocab_size or len(VOCAB) + 8,
+        "max_position_embeddings": 2048,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+        "pad_token_id": PAD_ID,
+        "bos_token_id": None,
+        "eos_token_id": IM_END_ID,
+    }
+    common = {"depth": 2, "num_heads": 2, "patch_size": QWEN_PATCH_SIZE, "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if family == "qwen2_vl":
+        vision_config = {**common, "embed_dim": 16, "hidden_size": 32, "mlp_ratio": 2}
+        config_class = Qwen2VLConfig
+    else:
+        vision_config = {
+            **common, "hidden_size": 16, "intermediate_size": 32, "out_hidden_size": 32,
+            "window_size": 16, "fullatt_block_indexes": [1],
+        }
+        config_class = Qwen2_5_VLConfig
+    return config_class(
+        text_config=text_config, vision_config=vision_config, image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+        vision_start_token_id=IM_START_ID, vision_end_token_id=IM_END_ID, tie_word_embeddings=False,
+    )
+
+
+def tiny_qwen_vl(family: str = "qwen2_vl", seed: int = 0, attn_implementation: str = "eager", num_layers: int = 6):
+    """A random tiny `Qwen2VLForConditionalGeneration` / `Qwen2_5_VLForConditionalGeneration` (float32, eval)."""
+    from transformers import AutoModelForImageTextToText
+
+    torch.manual_seed(seed)
+    config = tiny_qwen_vl_config(family, num_layers)
+    return AutoModelForImageTextToText.from_config(config, attn_implementation=attn_implementation).eval()
+
+
+def visor_from_qwen_vl(source, attn_implementation: str | None = None, **layout):
+    """Copy a Qwen2-VL / Qwen2.5-VL model's weights into its VISOR model with the given layout (default: dense), new
+    modules warm-started as `visor_from_llava` does."""
+    from .conversion import warm_start_new_modules
+    from .modeling.modeling_qwen2_vl_visor import VisorQwen2_5_VLForConditionalGeneration, VisorQwen2VLForConditionalGeneration
+
+    visor_class = {"qwen2_vl": VisorQwen2VLForConditionalGeneration, "qwen2_5_vl": VisorQwen2_5_VLForConditionalGeneration}[
+        source.config.model_type
+    ]
+    fields = source.config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "auto_map"):
+        fields.pop(key, None)
+    config = visor_class.config_class(**{**fields, **layout})
+    implementation = attn_implementation or source.config.text_config._attn_implementation
+    visor = visor_class._from_config(config, attn_implementation=implementation)
+    missing, unexpected = visor.load_state_dict(source.state_dict(), strict=False)
+    not_new = [k for k in missing if not k.startswith(("model.cross_attention_blocks.", "model.router."))]
+    if unexpected or not_new:
+        raise ValueError(f"weights that do not match: unexpected {unexpected}, missing {not_new}")
+    warm_start_new_modules(visor)
+    return visor.to(source.dtype).eval()
+
+
+def tiny_qwen_vl_visor(family: str = "qwen2_vl", seed: int = 0, attn_implementation: str = "eager", **layout):
+    """A tiny VISOR model converted from a random tiny Qwen2-VL / Qwen2.5-VL (default layout: `TINY_LAYOUT`)."""
+    return visor_from_qwen_vl(tiny_qwen_vl(family, seed, attn_implementation), **{**TINY_LAYOUT, **layout})
+
+
+def tiny_qwen_vl_image_processor():
+    """The family's PIL image processor (no torchvision) for the tiny tower: sides rounded to 8 px, 8x8 to 32x32."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(
+        patch_size=QWEN_PATCH_SIZE, merge_size=2, temporal_patch_size=2,
+        size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32},
+    )
+
+
+def build_qwen_vl_batch(samples: list[dict], padding_side: str = "left", seed: int = 0) -> dict:
+    """`build_batch` for the Qwen2-VL family: `input_ids`, `attention_mask`, `mm_token_type_ids`, `pixel_values`
+    (the flattened patches of every image) and `image_grid_thw`, as the family's processor returns them."""
+    processor = tiny_qwen_vl_image_processor()
+    rows, pixels, grids = [], [], []
+    for index, sample in enumerate(samples):
+        image_seed = seed * 1000 + sample.get("seed", index) * 10
+        images = [random_image(h, w, seed=image_seed + k) for k, (h, w) in enumerate(sample.get("images", []))]
+        counts = []
+        for image in images:
+            processed = processor(image, return_tensors="pt")
+            pixels.append(processed["pixel_values"])
+            grids.append(processed["image_grid_thw"])
+            counts.append(int(processed["image_grid_thw"].prod()) // 4)
+        rows.append(expand_image_markers(sample["text"], counts, index))
+    batch = pad_rows(rows, padding_side)
+    batch["mm_token_type_ids"] = (batch["input_ids"] == IMAGE_ID).int()
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+        batch["image_grid_thw"] = torch.cat(grids)
+    return batch
+
+
+__all__ += [
+    "QWEN_FAMILIES", "tiny_qwen_vl_config", "tiny_qwen_vl", "visor_from_qwen_vl", "tiny_qwen_vl_visor",
+    "tiny_qwen_vl_image_processor", "build_qwen_vl_batch",
+]
+
+
+# The Qwen2-VL family's chat template (Qwen2 turns; each image as <|vision_start|><image><|vision_end|>, the
+# tiny vocabulary standing in for the vision markers with <|im_start|> / <|im_end|>-free words).
+QWEN_VL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n'}}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>' }}"
+    "{% elif content['type'] == 'video' %}{{ '<video>' }}{% elif content['type'] == 'text' %}{{ content['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}{{'<|im_end|>\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def save_tiny_qwen_vl(path, family: str = "qwen2_vl", seed: int = 0, num_layers: int = 6, max_shard_size: str | int = "20KB"):
+    """Write a complete tiny Qwen2-VL / Qwen2.5-VL checkpoint folder (transformers layout) and return the model:
+    sharded safetensors, config, the tokenizer (without the routing token), the PIL image processor and the family's
+    chat template. No video processor (it needs torchvision)."""
+    import os
+
+    model = tiny_qwen_vl(family, seed, num_layers=num_layers)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = QWEN_VL_CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    tiny_qwen_vl_image_processor().save_pretrained(path)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write(QWEN_VL_CHAT_TEMPLATE)
+    return model
+
+
+__all__ += ["QWEN_VL_CHAT_TEMPLATE", "save_tiny_qwen_vl"]

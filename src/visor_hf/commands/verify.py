@@ -112,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
     report: list[str] = []
     try:
         model = AutoModelForImageTextToText.from_pretrained(args.dst, dtype=torch.float32, attn_implementation="eager").eval()
-        if model.config.model_type != "visor":
-            raise ValueError(f"model_type is {model.config.model_type!r}, not a VISOR checkpoint")
+        from ..conversion.families import VISOR_MODEL_TYPES
+
+        if model.config.model_type not in VISOR_MODEL_TYPES:
+            raise ValueError(f"model_type is {model.config.model_type!r}, not a VISOR checkpoint ({', '.join(VISOR_MODEL_TYPES)})")
         prompts = PromptBuilder(args.dst, model)
     except Exception as error:
         print(f"visor-hf verify: FAILED to load {args.dst}: {error}", file=sys.stderr)
@@ -227,14 +229,15 @@ def _check_remote_code(folder: str, report: list[str], inputs: dict, expected: t
 
 
 def _check_against(args, report: list[str], inputs: dict) -> list[str]:
-    from transformers import AutoModelForImageTextToText, LlavaOnevisionForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from ..conversion import check_source, resolve_source
+    from ..conversion.families import family_of
 
     failures = []
     source = resolve_source(args.against)
-    check_source(source)
-    llava = LlavaOnevisionForConditionalGeneration.from_pretrained(
+    family = family_of(check_source(source)["model_type"])
+    llava = family.source_model_class().from_pretrained(
         str(source), dtype=torch.float32, use_safetensors=True, attn_implementation="eager"
     ).eval()
     num_layers = llava.config.get_text_config().num_hidden_layers

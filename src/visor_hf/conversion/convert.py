@@ -1,4 +1,5 @@
-"""LLaVA-OneVision checkpoint (transformers layout) → VISOR checkpoint folder (Hub-ready, with remote code).
+"""LLaVA-OneVision / Qwen2-VL / Qwen2.5-VL checkpoint (transformers layout) → VISOR checkpoint folder (Hub-ready, with
+remote code). The source family is read from its `config.json` (`families.FAMILIES`).
 
 See `docs/conversion.md` for the defaults, the initialisation of the new modules and the layout of the output.
 """
@@ -16,9 +17,10 @@ import torch
 from ..hub_ids import looks_like_hub_id
 from ..logging_utils import get_logger
 from ..modeling import VisorConfig, VisorForConditionalGeneration, uniform_layer_layout
-from ..modeling.hub_visor import MODEL_AUTO_MAP, loading_section
+from ..modeling.hub_visor import loading_section
 from ..modeling.processing_visor import DEFAULT_ROUTING_TOKEN, VisorProcessor
 from .errors import ConversionError
+from .families import VISOR_MODEL_TYPES, SourceFamily, family_of, supported_sources
 from .publish import check_output, publish, staged_output
 from .warm_start import warm_start_new_modules
 
@@ -135,7 +137,8 @@ def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
 
 
 def check_source(src: Path) -> dict:
-    """Refuse what is not a LLaVA-OneVision checkpoint in safetensors before loading anything; return its config."""
+    """Refuse what is not a checkpoint of a supported family in safetensors before loading anything; return its
+    config."""
     config_file = src / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"source {src} has no config.json: not a transformers checkpoint")
@@ -144,11 +147,11 @@ def check_source(src: Path) -> dict:
     except json.JSONDecodeError as error:
         raise ConversionError(f"source {config_file} is not valid JSON: {error}") from error
     model_type = config.get("model_type")
-    if model_type != LLAVA_ONEVISION:
-        hint = " (it is already a VISOR checkpoint)" if model_type == "visor" else ""
+    if family_of(model_type) is None:
+        hint = " (it is already a VISOR checkpoint)" if model_type in VISOR_MODEL_TYPES else ""
         raise ConversionError(
-            f"source {src} has model_type {model_type!r}{hint}; only LLaVA-OneVision checkpoints "
-            f"(model_type {LLAVA_ONEVISION!r}, transformers/llava-hf layout) can be converted"
+            f"source {src} has model_type {model_type!r}{hint}; supported sources (transformers layout): "
+            f"{supported_sources()}"
         )
     shards = safetensors_files(src)
     if not shards:
@@ -220,9 +223,9 @@ def check_free_space(src: Path, dst: Path, dtype: torch.dtype | str | None) -> N
 
 
 def check_source_sizes(src: Path, config: dict):
-    """The source's `LlavaOnevisionConfig`, once its sizes agree with the weights on disk.
+    """The source's config (its family's class), once its sizes agree with the weights on disk.
 
-    A config.json without `text_config` or `vision_config` would make LLaVA-OneVision fall back to its default sizes
+    A config.json without `text_config` or `vision_config` would make the family fall back to its default sizes
     (a 7B language model) and the conversion allocate gigabytes before noticing: it is refused, as is a config that
     describes far more weights (over `SIZE_SLACK` times) than the safetensors headers hold. The count comes from the
     model built on the meta device (no memory). A smaller gap (a few missing tensors) is left to the loader, which
@@ -231,19 +234,20 @@ def check_source_sizes(src: Path, config: dict):
     absent = [key for key in ("text_config", "vision_config") if not isinstance(config.get(key), dict)]
     if absent:
         raise ConversionError(
-            f"source {src}/config.json has no {' and no '.join(absent)}: LLaVA-OneVision would fall back to its "
+            f"source {src}/config.json has no {' and no '.join(absent)}: the model would fall back to its "
             "default sizes, which need not match the weights; give the sub-configs explicitly"
         )
     from accelerate import init_empty_weights
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
+    family = family_of(config.get("model_type")) or family_of(LLAVA_ONEVISION)
+    model_class = family.source_model_class()
     try:
-        llava_config = LlavaOnevisionConfig.from_pretrained(str(src))
+        llava_config = model_class.config_class.from_pretrained(str(src))
         with init_empty_weights():
-            skeleton = LlavaOnevisionForConditionalGeneration(llava_config)
+            skeleton = model_class(llava_config)
             skeleton.tie_weights()
     except Exception as error:
-        raise ConversionError(f"source {src}/config.json is not a valid LLaVA-OneVision config: {error}") from error
+        raise ConversionError(f"source {src}/config.json is not a valid {family.name} config: {error}") from error
     expected = sum(p.numel() for p in skeleton.parameters())  # tied weights counted once
     stored = sum(math.prod(shape) for shape, _ in stored_tensors(src))
     if expected > SIZE_SLACK * stored:
@@ -266,15 +270,14 @@ def safetensors_files(src: Path) -> list[Path]:
     return [single] if single.is_file() else []
 
 
-def load_source_model(src: Path, dtype: torch.dtype | str | None):
-    from transformers import LlavaOnevisionForConditionalGeneration
-
+def load_source_model(src: Path, dtype: torch.dtype | str | None, family: SourceFamily | None = None):
+    family = family or family_of(LLAVA_ONEVISION)
     try:
-        model, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        model, info = family.source_model_class().from_pretrained(
             str(src), dtype=dtype or "auto", use_safetensors=True, output_loading_info=True, attn_implementation="eager"
         )
     except Exception as error:
-        raise ConversionError(f"source {src} could not be loaded as LLaVA-OneVision: {error}") from error
+        raise ConversionError(f"source {src} could not be loaded as {family.name}: {error}") from error
     problems = []
     if info.get("missing_keys"):
         problems.append(f"missing tensors {sorted(info['missing_keys'])[:8]}")
@@ -285,7 +288,7 @@ def load_source_model(src: Path, dtype: torch.dtype | str | None):
     if info.get("error_msgs"):
         problems.append(f"errors {info['error_msgs'][:4]}")
     if problems:
-        raise ConversionError(f"source {src} is not a complete LLaVA-OneVision checkpoint: " + "; ".join(problems))
+        raise ConversionError(f"source {src} is not a complete {family.name} checkpoint: " + "; ".join(problems))
     return model.eval()
 
 
@@ -312,6 +315,12 @@ def default_image_processor(config: dict):
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
     vision = config.get("vision_config") or {}
+    if config.get("model_type") in ("qwen2_vl", "qwen2_5_vl", *VISOR_MODEL_TYPES[1:]):
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        # the family's processor with the tower's patch, merge and temporal sizes
+        keys = {"patch_size": "patch_size", "spatial_merge_size": "merge_size", "temporal_patch_size": "temporal_patch_size"}
+        return Qwen2VLImageProcessorPil(**{new: vision[old] for old, new in keys.items() if old in vision})
     side = int(vision.get("image_size", 384))
     kwargs = {"size": {"height": side, "width": side}}
     if config.get("image_grid_pinpoints"):
@@ -331,22 +340,30 @@ def has_image_processor(src: Path) -> bool:
     return False
 
 
-def load_source_image_processor(src: Path):
-    """The source's image processor, or LLaVA-OneVision's default one for its config when it has none."""
+def load_source_image_processor(src: Path, family: SourceFamily | None = None):
+    """The source's image processor (the PIL one: no torchvision needed), or the family's default one for its config
+    when it has none."""
     from transformers import AutoImageProcessor
 
     config = json.loads((src / "config.json").read_text())
     if not has_image_processor(src):
-        logger.warning("source %s has no image processor: using LLaVA-OneVision's default one for its config", src)
+        logger.warning("source %s has no image processor: using the family's default one for its config", src)
         return default_image_processor(config)
     try:
+        if config.get("model_type") in ("qwen2_vl", "qwen2_5_vl"):
+            return AutoImageProcessor.from_pretrained(str(src), backend="pil")
         return AutoImageProcessor.from_pretrained(str(src))
     except Exception as error:
         raise ConversionError(f"source {src} has an image processor that cannot be loaded: {error}") from error
 
 
-def load_source_processor(src: Path, tokenizer, routing_token: str | None) -> VisorProcessor:
-    """A VisorProcessor from the source's image processor, processor settings and chat template."""
+def load_source_processor(src: Path, tokenizer, routing_token: str | None, family: SourceFamily | None = None) -> VisorProcessor:
+    """A VisorProcessor (the family's) from the source's image processor, processor settings and chat template."""
+    if family is not None and family.model_type != LLAVA_ONEVISION:
+        return family.visor_class("processor")(
+            image_processor=load_source_image_processor(src, family), tokenizer=tokenizer,
+            chat_template=source_chat_template(src, tokenizer), routing_token=routing_token,
+        )
     fields = {}
     processor_file = src / "processor_config.json"
     if processor_file.is_file():
@@ -363,13 +380,7 @@ def load_source_processor(src: Path, tokenizer, routing_token: str | None) -> Vi
         kwargs["num_image_tokens"] = (vision["image_size"] // vision["patch_size"]) ** 2
     if kwargs.get("vision_feature_select_strategy") is None:
         kwargs["vision_feature_select_strategy"] = config.get("vision_feature_select_strategy", "full")
-    chat_template = None
-    if (src / "chat_template.jinja").is_file():
-        chat_template = (src / "chat_template.jinja").read_text()
-    elif (src / "chat_template.json").is_file():
-        chat_template = json.loads((src / "chat_template.json").read_text()).get("chat_template")
-    else:
-        chat_template = getattr(tokenizer, "chat_template", None)
+    chat_template = source_chat_template(src, tokenizer)
     video_processor = None
     if "video_processor" in VisorProcessor.get_attributes():  # torchvision is installed: carry a video processor over
         from transformers import AutoVideoProcessor, LlavaOnevisionVideoProcessor
@@ -386,6 +397,15 @@ def load_source_processor(src: Path, tokenizer, routing_token: str | None) -> Vi
         routing_token=routing_token,
         **kwargs,
     )
+
+
+def source_chat_template(src: Path, tokenizer) -> str | None:
+    """The source's chat template: `chat_template.jinja`, `chat_template.json`, else the tokenizer's."""
+    if (src / "chat_template.jinja").is_file():
+        return (src / "chat_template.jinja").read_text()
+    if (src / "chat_template.json").is_file():
+        return json.loads((src / "chat_template.json").read_text()).get("chat_template")
+    return getattr(tokenizer, "chat_template", None)
 
 
 # -- the routing token ---------------------------------------------------------------------------------------------
@@ -447,14 +467,15 @@ def add_routing_token(
 # -- the conversion ------------------------------------------------------------------------------------------------
 
 
-def visor_config_from_source(llava_config, layout: dict, routing_token_id: int) -> VisorConfig:
+def visor_config_from_source(llava_config, layout: dict, routing_token_id: int, family: SourceFamily | None = None) -> VisorConfig:
+    family = family or family_of(LLAVA_ONEVISION)
     fields = llava_config.to_dict()
     for key in ("model_type", "architectures", "transformers_version", "auto_map"):
         fields.pop(key, None)
     fields.update(layout)
     fields["routing_token_id"] = routing_token_id
     try:
-        config = VisorConfig(**fields)
+        config = family.visor_class("config")(**fields)
         config.validate_architecture()
     except ConversionError:
         raise
@@ -464,26 +485,27 @@ def visor_config_from_source(llava_config, layout: dict, routing_token_id: int) 
         router = default_router_layer(config)
         if router is not None:
             config.router_layer = router
-    config.auto_map = dict(MODEL_AUTO_MAP)
-    config.architectures = ["VisorForConditionalGeneration"]
+    config.auto_map = family.auto_map
+    config.architectures = [family.generation.rsplit(".", 1)[1]]
     return config
 
 
-def build_visor(llava, config: VisorConfig) -> VisorForConditionalGeneration:
-    """A VISOR model holding every LLaVA-OneVision tensor unchanged plus the warm-started new modules.
+def build_visor(llava, config: VisorConfig, family: SourceFamily | None = None) -> VisorForConditionalGeneration:
+    """A VISOR model holding every source tensor unchanged plus the warm-started new modules.
 
     The VISOR skeleton is built on the meta device and takes the source's tensors themselves (`assign=True`), so the
     conversion holds one copy of the weights, not two; only the new modules get fresh storage.
     """
     from accelerate import init_empty_weights
 
+    family = family or family_of(LLAVA_ONEVISION)
     with init_empty_weights(include_buffers=False):
-        visor = VisorForConditionalGeneration._from_config(config, dtype=llava.dtype, attn_implementation="eager")
+        visor = family.visor_class("generation")._from_config(config, dtype=llava.dtype, attn_implementation="eager")
     missing, unexpected = visor.load_state_dict(llava.state_dict(), strict=False, assign=True)
     if unexpected:
-        raise ConversionError(f"LLaVA-OneVision tensors with no place in VISOR: {unexpected[:8]}")
+        raise ConversionError(f"{family.name} tensors with no place in VISOR: {unexpected[:8]}")
     new = ("model.cross_attention_blocks.", "model.router.")
-    tied = {"lm_head.weight"} if config.get_text_config().tie_word_embeddings or config.tie_word_embeddings else set()
+    tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) or config.tie_word_embeddings else set()
     leftover = [k for k in missing if not k.startswith(new) and k not in tied]
     if leftover:
         raise ConversionError(f"VISOR tensors that the source does not provide: {leftover[:8]}")
@@ -517,12 +539,13 @@ def hub_id(name: str | None) -> str | None:
     return name if name and looks_like_hub_id(name) else None
 
 
-def model_card(src_name: str, config: VisorConfig, routing_token: str, has_processor: bool = True) -> str:
+def model_card(src_name: str, config: VisorConfig, routing_token: str, has_processor: bool = True, family: SourceFamily | None = None) -> str:
     """The README.md of a converted checkpoint: Hub metadata, layer layout, configurations, how to load.
 
     `base_model` goes into the metadata only for a Hub id (the Hub checks it names a model): a local folder is named
     in the text only.
     """
+    family = family or family_of(LLAVA_ONEVISION)
     base_model = f"base_model: {hub_id(src_name)}\n" if hub_id(src_name) else ""
     text = config.get_text_config()
     configurations = "\n".join(f"| {i} | {c} | {len(c)} |" for i, c in enumerate(config.configurations))
@@ -554,13 +577,13 @@ library_name: transformers
 pipeline_tag: image-text-to-text
 {base_model}tags:
 - visor
-- llava-onevision
+- {family.model_type.replace("_", "-")}
 - custom_code
 ---
 
 # VISOR (VISion On Request) model converted from `{src_name}`
 
-A LLaVA-OneVision model whose language model meets the visual tokens only at a few layers: cross-attention (CA)
+A {family.name} model whose language model meets the visual tokens only at a few layers: cross-attention (CA)
 layers (text queries, visual keys/values) and switchable self-attention (SA) layers; a router picks, per sample,
 which SA layers run. Every weight of `{src_name}` is kept unchanged. {initialisation}
 {no_processor}
@@ -622,6 +645,7 @@ def convert(
         raise ConversionError(f"output {dst} must not be the source folder, inside it, or hold it")
     check_output(dst, overwrite)
     source_config = check_source(src_path)
+    family = family_of(source_config["model_type"])
     # the layout and the sizes are resolved before the weights are read (config.json may leave defaults out: read it
     # as transformers does)
     llava_config = check_source_sizes(src_path, source_config)
@@ -630,7 +654,7 @@ def convert(
     layout = resolve_layout(num_layers, cross_attention_layers, self_attention_layers, configurations, router_layer, dense)
 
     with staged_output(dst, overwrite) as tmp:
-        llava = load_source_model(src_path, dtype)
+        llava = load_source_model(src_path, dtype, family)
         tokenizer = load_source_tokenizer(src_path)
         # the dense layout has no router: it takes the routing token only where no tensor changes (a spare row)
         routing_token_id = add_routing_token(llava, tokenizer, routing_token, allow_resize=not dense, init=routing_token_init)
@@ -639,27 +663,28 @@ def convert(
                 "source %s has no tokenizer: the output gets no tokenizer and no processor (%s)", src_path,
                 "no routing token" if routing_token_id is None else f"the routing token is id {routing_token_id}, a new row",
             )
-            processor, image_processor = None, load_source_image_processor(src_path)
+            processor, image_processor = None, load_source_image_processor(src_path, family)
         else:
             if routing_token_id is None:
                 logger.warning("dense layout: no spare embedding row for the routing token, so none is added")
-            processor = load_source_processor(src_path, tokenizer, routing_token if routing_token_id is not None else None)
+            processor = load_source_processor(src_path, tokenizer, routing_token if routing_token_id is not None else None, family)
             image_processor = None
-        config = visor_config_from_source(llava.config, layout, routing_token_id)
-        visor = build_visor(llava, config)
+        config = visor_config_from_source(llava.config, layout, routing_token_id, family)
+        visor = build_visor(llava, config, family)
         del llava
 
         visor.save_pretrained(str(tmp), max_shard_size=max_shard_size)
         if (src_path / "generation_config.json").is_file():
             shutil.copyfile(src_path / "generation_config.json", tmp / "generation_config.json")
         if processor is not None:
+            processor.auto_map = family.processor_auto_map
             processor.save_pretrained(str(tmp))
         else:
             image_processor.save_pretrained(str(tmp))
         for path in remote_code_files():
             shutil.copyfile(path, tmp / path.name)
         name = str(src) if not Path(str(src)).expanduser().is_dir() else (source_config.get("_name_or_path") or src_path.name)
-        (tmp / "README.md").write_text(model_card(name, config, routing_token, has_processor=processor is not None))
+        (tmp / "README.md").write_text(model_card(name, config, routing_token, has_processor=processor is not None, family=family))
         for leftover in tmp.iterdir():
             if leftover.suffix in PICKLE_SUFFIXES:
                 raise ConversionError(f"internal error: a pickle file {leftover.name} was written")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaOnevisionConfig
@@ -45,37 +46,12 @@ def _layer_list(name: str, layers) -> list[int]:
     return sorted(int(i) for i in layers)
 
 
-@strict
-class VisorConfig(LlavaOnevisionConfig):
-    r"""
-    Configuration of a VISOR model: everything [`LlavaOnevisionConfig`] holds, plus the layer layout.
+@dataclass
+class VisorLayoutMixin:
+    """VISOR's layer layout on top of a backbone's config: the fields (see `VisorConfig`), their validation and the
+    helpers every VISOR config shares. A dataclass, so that the config dataclass that inherits it (placed before the
+    backbone's config, under `@strict`) takes its fields."""
 
-    cross_attention_layers (`list[int]`, *optional*, defaults to `[]`):
-        LLM layers that run a cross-attention block (text queries, visual keys/values) before the text-only layer.
-    self_attention_layers (`list[int]`, *optional*, defaults to every layer):
-        Candidate full self-attention layers (text and image together). The default, every layer with no CA
-        layer, computes exactly what LLaVA-OneVision computes.
-    configurations (`list[list[int]]`, *optional*, defaults to `[self_attention_layers]`):
-        The viable subsets of `self_attention_layers`; the router picks one of them per sample.
-    router_layer (`int`, *optional*):
-        The router reads the routing token's hidden state at the output of this layer. `None`: no router.
-    router_hidden_size (`int`, *optional*):
-        Width of the router MLP (defaults to the LLM hidden size // 4, at least 8).
-    routing_token_id (`int`, *optional*):
-        Id of the routing token placed after each question.
-    router_type (`str`, *optional*, defaults to `"argmax"`):
-        `"argmax"`: the paper's router (one class per configuration, the arg-max runs). `"calibrated"`: one
-        probability per configuration that it keeps the maximal configuration's answer; the cheapest configuration
-        at or above the threshold runs (see `routing_visor.py`).
-    router_threshold (`float`, *optional*, defaults to 0.9):
-        Default threshold of the calibrated router, in [0, 1]; `visor_router_threshold=` overrides it per call.
-    default_configuration (`int` or `"max"`, *optional*, defaults to `"max"`):
-        Configuration used when no router decision exists (no router, or a sample without a routing token).
-    position_embedding_kernel_size (`int`, *optional*, defaults to 7):
-        Kernel of the depth-wise 1-D convolution that gives visual tokens their position for cross-attention.
-    """
-
-    model_type = "visor"
     # `Trainer.evaluate/predict` gather every other output field as predictions: keep them to the logits
     keys_to_ignore_at_inference = [
         "past_key_values", "image_hidden_states", "video_hidden_states", "router_logits", "routing_token_batch_index",
@@ -95,6 +71,10 @@ class VisorConfig(LlavaOnevisionConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        self.normalize_layout()
+
+    def normalize_layout(self) -> None:
+        """Fill the layout defaults (dense: every layer an SA layer) and check the layout."""
         num_layers = self.text_config.num_hidden_layers
         if self.cross_attention_layers is None:
             self.cross_attention_layers = []
@@ -214,4 +194,38 @@ class VisorConfig(LlavaOnevisionConfig):
         return list(self.configurations[self.default_configuration])
 
 
-__all__ = ["VisorConfig", "uniform_layer_layout"]
+
+@strict
+class VisorConfig(VisorLayoutMixin, LlavaOnevisionConfig):
+    r"""
+    Configuration of a VISOR model: everything [`LlavaOnevisionConfig`] holds, plus the layer layout.
+
+    cross_attention_layers (`list[int]`, *optional*, defaults to `[]`):
+        LLM layers that run a cross-attention block (text queries, visual keys/values) before the text-only layer.
+    self_attention_layers (`list[int]`, *optional*, defaults to every layer):
+        Candidate full self-attention layers (text and image together). The default, every layer with no CA
+        layer, computes exactly what LLaVA-OneVision computes.
+    configurations (`list[list[int]]`, *optional*, defaults to `[self_attention_layers]`):
+        The viable subsets of `self_attention_layers`; the router picks one of them per sample.
+    router_layer (`int`, *optional*):
+        The router reads the routing token's hidden state at the output of this layer. `None`: no router.
+    router_hidden_size (`int`, *optional*):
+        Width of the router MLP (defaults to the LLM hidden size // 4, at least 8).
+    routing_token_id (`int`, *optional*):
+        Id of the routing token placed after each question.
+    router_type (`str`, *optional*, defaults to `"argmax"`):
+        `"argmax"`: the paper's router (one class per configuration, the arg-max runs). `"calibrated"`: one
+        probability per configuration that it keeps the maximal configuration's answer; the cheapest configuration
+        at or above the threshold runs (see `routing_visor.py`).
+    router_threshold (`float`, *optional*, defaults to 0.9):
+        Default threshold of the calibrated router, in [0, 1]; `visor_router_threshold=` overrides it per call.
+    default_configuration (`int` or `"max"`, *optional*, defaults to `"max"`):
+        Configuration used when no router decision exists (no router, or a sample without a routing token).
+    position_embedding_kernel_size (`int`, *optional*, defaults to 7):
+        Kernel of the depth-wise 1-D convolution that gives visual tokens their position for cross-attention.
+    """
+
+    model_type = "visor"
+
+
+__all__ = ["VisorConfig", "VisorLayoutMixin", "uniform_layer_layout"]

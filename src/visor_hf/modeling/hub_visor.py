@@ -82,7 +82,9 @@ A LLaVA-OneVision model whose language model meets the visual tokens only at a f
 class VisorHubMixin:
     """Mixed into `VisorPreTrainedModel`: `save_pretrained` (hence `Trainer.save_model` and `push_to_hub`) always
     writes the code files and `auto_map`, so that the folder loads without `visor_hf` (`trust_remote_code=True`), and
-    a model card when the folder has none."""
+    a model card when the folder has none. `visor_auto_map`: the backbone's classes (LLaVA-OneVision's by default)."""
+
+    visor_auto_map = MODEL_AUTO_MAP
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, is_main_process: bool = True, **kwargs):
         # transformers copies a class's code file (and its relative imports) when the class is registered for an auto
@@ -95,7 +97,7 @@ class VisorHubMixin:
                 model_class.register_for_auto_class("AutoModelForImageTextToText" if hasattr(self, "lm_head") else "AutoModel")
             if config_class._auto_class is None:
                 config_class.register_for_auto_class("AutoConfig")
-            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **MODEL_AUTO_MAP}
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **self.visor_auto_map}
             result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         finally:
             model_class._auto_class, config_class._auto_class = previous

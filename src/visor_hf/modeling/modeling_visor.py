@@ -185,23 +185,52 @@ class RouterInputs:
 # Models
 
 
-class VisorPreTrainedModel(VisorHubMixin, LlavaOnevisionPreTrainedModel):
-    config_class = VisorConfig
-    config: VisorConfig
+@torch.no_grad()
+def init_visor_module(module: nn.Module) -> None:
+    """VISOR's own initialisation, after the backbone's: a conv position embedding starts as the identity, so a
+    freshly added CA block sees exactly the visual states."""
+    if isinstance(module, VisorConvPositionEmbedding):
+        nn.init.zeros_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def check_visor_inputs(input_ids, inputs_embeds, has_pixels: bool, mm_encoder_outputs, attention_mask) -> None:
+    """The input checks every VISOR forward makes before it runs (any backbone)."""
+    if (input_ids is None) ^ (inputs_embeds is not None):
+        raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+    if has_pixels and mm_encoder_outputs:
+        raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
+    if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
+        raise ValueError("VISOR builds its own masks: pass a 2D attention_mask (batch, sequence) or None")
+
+
+class VisorPreTrainedMixin:
+    """What every VISOR `*PreTrainedModel` adds to its backbone's (placed before it): no flash/flex attention and no
+    full-graph compilation (the masks of the text-only and cross-attention passes are arbitrary), VISOR's init."""
+
     base_model_prefix = "model"
-    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "VisorCrossAttentionBlock"]
     _supports_flash_attn = False
     _supports_flex_attn = False
     _can_compile_fullgraph = False
     _can_record_outputs = {}
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # `_init_weights` below only uses init functions that transformers guards (they skip loaded parameters), as
+        # the library's own models do; transformers' shortcut for other custom code would initialise missing weights
+        # of the sub-models (the SigLIP tower) differently from `__init__`
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, VisorConvPositionEmbedding):
-            # starts as the identity, so a freshly added CA block sees exactly the visual states
-            nn.init.zeros_(module.weight)
-            nn.init.zeros_(module.bias)
+        init_visor_module(module)
+
+
+class VisorPreTrainedModel(VisorHubMixin, VisorPreTrainedMixin, LlavaOnevisionPreTrainedModel):
+    config_class = VisorConfig
+    config: VisorConfig
+    _no_split_modules = ["Qwen2DecoderLayer", "SiglipEncoderLayer", "VisorCrossAttentionBlock"]
 
 
 class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionModel):
@@ -281,15 +310,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         visor_router_threshold (`float`, or one per sample, *optional*):
             Threshold of a calibrated router (default `config.router_threshold`); see `routing_visor.py`.
         """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         # LLaVA-OV's pre-encoded images/videos; taken from kwargs, not the signature, so that `generate` keeps
         # passing the pixels (it pre-encodes them only for models whose forward names `mm_encoder_outputs`)
         mm_encoder_outputs = kwargs.pop("mm_encoder_outputs", None)
-        if (pixel_values is not None or pixel_values_videos is not None) and mm_encoder_outputs:
-            raise ValueError("You cannot specify both pixel_values/pixel_values_videos and mm_encoder_outputs at the same time")
-        if isinstance(attention_mask, dict) or (attention_mask is not None and attention_mask.dim() != 2):
-            raise ValueError("VISOR builds its own masks: pass a 2D attention_mask (batch, sequence) or None")
+        has_pixels = pixel_values is not None or pixel_values_videos is not None
+        check_visor_inputs(input_ids, inputs_embeds, has_pixels, mm_encoder_outputs, attention_mask)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         capture = OutputCapture.start(self.config, output_hidden_states, kwargs.pop("output_attentions", None))
@@ -573,13 +598,10 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             configuration's answer is at least this, else the maximal one. Read at prefill only.
         """
         check_forward_kwargs(self.forward, kwargs)
-        prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
-        # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
-        wants_counts = prefill and (visor_budget is not None or not self.training)
         visual_inputs = pixel_values is not None or pixel_values_videos is not None or bool(kwargs.get("mm_encoder_outputs"))
-        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds, visual_inputs) if wants_counts else None
-        if prefill and visor_budget is not None:
-            visor_configuration = budget_request(self.config, visor_budget, visor_configuration, counts)
+        prefill, counts, visor_configuration = self._visor_request(
+            past_key_values, input_ids, attention_mask, inputs_embeds, visor_configuration, visor_budget, visual_inputs
+        )
         outputs = self.model(
             input_ids=input_ids, pixel_values=pixel_values, image_sizes=image_sizes, pixel_values_videos=pixel_values_videos,
             image_sizes_videos=image_sizes_videos, attention_mask=attention_mask, position_ids=position_ids,
@@ -588,6 +610,23 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             batch_num_images=batch_num_images, use_cache=use_cache, visor_configuration=visor_configuration,
             output_router_logits=output_router_logits, visor_router_threshold=visor_router_threshold, **kwargs,
         )
+        return self._visor_output(outputs, prefill, counts, labels, logits_to_keep, kwargs)
+
+    def _visor_request(
+        self, past_key_values, input_ids, attention_mask, inputs_embeds, visor_configuration, visor_budget, visual_inputs: bool
+    ):
+        """Before the model runs: is this a prefill, the prompt's token counts, and the configuration request (a budget
+        turned into one). `visual_inputs`: the forward was given images or videos (else placeholders count as text)."""
+        prefill = not (isinstance(past_key_values, VisorCache) and past_key_values.visor_state is not None)
+        # token counts for the FLOPs report (skipped in training: it costs a host sync per step) and the budget
+        wants_counts = prefill and (visor_budget is not None or not self.training)
+        counts = self._prompt_token_counts(input_ids, attention_mask, inputs_embeds, visual_inputs) if wants_counts else None
+        if prefill and visor_budget is not None:
+            visor_configuration = budget_request(self.config, visor_budget, visor_configuration, counts)
+        return prefill, counts, visor_configuration
+
+    def _visor_output(self, outputs, prefill, counts, labels, logits_to_keep, kwargs) -> VisorCausalLMOutputWithPast:
+        """Logits, loss and FLOPs from the model's output."""
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
         loss = None

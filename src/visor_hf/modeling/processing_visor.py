@@ -23,7 +23,109 @@ def _default_video_processor():
         return None
 
 
-class VisorProcessor(LlavaOnevisionProcessor):
+class RoutingTokenMixin:
+    """What a VISOR processor adds to its family's processor: the routing token right after each user question (see
+    `VisorProcessor`), and no video processor without torchvision (the families' video processors need it)."""
+
+    def set_routing_token(self, tokenizer, routing_token, user_turn_start, turn_end, add_routing_token) -> None:
+        self.routing_token = routing_token
+        self.user_turn_start = user_turn_start
+        self.turn_end = turn_end
+        self.add_routing_token = add_routing_token
+        if tokenizer is not None and routing_token is not None:
+            ids = tokenizer.convert_tokens_to_ids(routing_token)
+            if ids is None or ids == tokenizer.unk_token_id:
+                raise ValueError(
+                    f"the tokenizer does not know the routing token {routing_token!r}; add it first "
+                    f"(tokenizer.add_special_tokens({{'additional_special_tokens': [{routing_token!r}]}}, "
+                    "replace_extra_special_tokens=False)), or convert the checkpoint with `visor-hf convert`"
+                )
+            self.routing_token_id = ids
+        else:
+            self.routing_token_id = None
+
+    @classmethod
+    def get_attributes(cls):
+        attributes = ["image_processor", "tokenizer"]
+        if _has_torchvision():
+            attributes.append("video_processor")
+        return attributes
+
+    def check_argument_for_proper_class(self, argument_name, argument):
+        if argument_name == "video_processor" and argument is None:
+            return None
+        return super().check_argument_for_proper_class(argument_name, argument)
+
+    # -- the routing token ------------------------------------------------------------------------------------------
+
+    def _ends_with_routing_token(self, text: str) -> bool:
+        return text.rstrip().endswith(self.routing_token)
+
+    def _append_routing_token(self, text: str) -> str:
+        """`text` with the routing token after its last non-space character (unless it is already there)."""
+        if self._ends_with_routing_token(text):
+            return text
+        stripped = text.rstrip()
+        return stripped + self.routing_token + text[len(stripped) :]
+
+    def insert_routing_tokens(self, text: str) -> str:
+        """Put the routing token right after each user question of one prompt (see the class documentation)."""
+        if not self.user_turn_start or self.user_turn_start not in text:
+            return self._append_routing_token(text)
+        pieces, position = [], 0
+        while True:
+            start = text.find(self.user_turn_start, position)
+            if start < 0:
+                pieces.append(text[position:])
+                break
+            content_start = start + len(self.user_turn_start)
+            end = text.find(self.turn_end, content_start) if self.turn_end else -1
+            if end < 0:  # an open user turn at the end of the prompt
+                pieces.append(text[position:content_start])
+                pieces.append(self._append_routing_token(text[content_start:]))
+                break
+            pieces.append(text[position:content_start])
+            pieces.append(self._append_routing_token(text[content_start:end]))
+            pieces.append(self.turn_end)
+            position = end + len(self.turn_end)
+        return "".join(pieces)
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, add_routing_token: bool | None = None, **kwargs):
+        if videos is not None and getattr(self, "video_processor", None) is None:
+            raise ValueError(
+                f"this {type(self).__name__} has no video processor: the family's video processor needs torchvision "
+                "(pip install torchvision), then reload the processor"
+            )
+        add = self.add_routing_token if add_routing_token is None else add_routing_token
+        if text is not None and add and self.routing_token is not None:
+            if isinstance(text, str):
+                text = self.insert_routing_tokens(text)
+            else:
+                text = [self.insert_routing_tokens(t) for t in text]
+        return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def apply_chat_template(self, conversation, chat_template=None, add_routing_token: bool | None = None, **kwargs):
+        """The family's `apply_chat_template`; the rendered prompt carries the routing token after each user
+        question (also when `tokenize=True`, through `__call__`)."""
+        add = self.add_routing_token if add_routing_token is None else add_routing_token
+        if not kwargs.get("tokenize", False):
+            rendered = super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+            if not add or self.routing_token is None:
+                return rendered
+            if isinstance(rendered, str):
+                return self.insert_routing_tokens(rendered)
+            return [self.insert_routing_tokens(r) for r in rendered]
+        if add:
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        previous, self.add_routing_token = self.add_routing_token, False
+        try:
+            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        finally:
+            self.add_routing_token = previous
+
+
+
+class VisorProcessor(RoutingTokenMixin, LlavaOnevisionProcessor):
     r"""
     [`LlavaOnevisionProcessor`] whose prompts also carry VISOR's routing token.
 
@@ -73,35 +175,13 @@ class VisorProcessor(LlavaOnevisionProcessor):
         add_routing_token=True,
         **kwargs,
     ):
-        self.routing_token = routing_token
-        self.user_turn_start = user_turn_start
-        self.turn_end = turn_end
-        self.add_routing_token = add_routing_token
-        if tokenizer is not None and routing_token is not None:
-            ids = tokenizer.convert_tokens_to_ids(routing_token)
-            if ids is None or ids == tokenizer.unk_token_id:
-                raise ValueError(
-                    f"the tokenizer does not know the routing token {routing_token!r}; add it first "
-                    f"(tokenizer.add_special_tokens({{'additional_special_tokens': [{routing_token!r}]}}, "
-                    "replace_extra_special_tokens=False)), or convert the checkpoint with `visor-hf convert`"
-                )
-            self.routing_token_id = ids
-        else:
-            self.routing_token_id = None
+        self.set_routing_token(tokenizer, routing_token, user_turn_start, turn_end, add_routing_token)
         super().__init__(
             image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
             num_image_tokens=num_image_tokens, vision_feature_select_strategy=vision_feature_select_strategy,
             chat_template=chat_template, image_token=image_token, video_token=video_token,
             vision_aspect_ratio=vision_aspect_ratio, **kwargs,
         )
-
-    @classmethod
-    def get_attributes(cls):
-        # LLaVA-OneVision's video processor needs torchvision: without it, the processor has no video processor.
-        attributes = ["image_processor", "tokenizer"]
-        if _has_torchvision():
-            attributes.append("video_processor")
-        return attributes
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
@@ -116,77 +196,5 @@ class VisorProcessor(LlavaOnevisionProcessor):
         args = super(cls, without_video)._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
         return [*args, _default_video_processor()]
 
-    def check_argument_for_proper_class(self, argument_name, argument):
-        if argument_name == "video_processor" and argument is None:
-            return None
-        return super().check_argument_for_proper_class(argument_name, argument)
 
-    # -- the routing token ------------------------------------------------------------------------------------------
-
-    def _ends_with_routing_token(self, text: str) -> bool:
-        return text.rstrip().endswith(self.routing_token)
-
-    def _append_routing_token(self, text: str) -> str:
-        """`text` with the routing token after its last non-space character (unless it is already there)."""
-        if self._ends_with_routing_token(text):
-            return text
-        stripped = text.rstrip()
-        return stripped + self.routing_token + text[len(stripped) :]
-
-    def insert_routing_tokens(self, text: str) -> str:
-        """Put the routing token right after each user question of one prompt (see the class documentation)."""
-        if not self.user_turn_start or self.user_turn_start not in text:
-            return self._append_routing_token(text)
-        pieces, position = [], 0
-        while True:
-            start = text.find(self.user_turn_start, position)
-            if start < 0:
-                pieces.append(text[position:])
-                break
-            content_start = start + len(self.user_turn_start)
-            end = text.find(self.turn_end, content_start) if self.turn_end else -1
-            if end < 0:  # an open user turn at the end of the prompt
-                pieces.append(text[position:content_start])
-                pieces.append(self._append_routing_token(text[content_start:]))
-                break
-            pieces.append(text[position:content_start])
-            pieces.append(self._append_routing_token(text[content_start:end]))
-            pieces.append(self.turn_end)
-            position = end + len(self.turn_end)
-        return "".join(pieces)
-
-    def __call__(self, images=None, text=None, videos=None, audio=None, add_routing_token: bool | None = None, **kwargs):
-        if videos is not None and getattr(self, "video_processor", None) is None:
-            raise ValueError(
-                "this VisorProcessor has no video processor: LLaVA-OneVision's video processor needs torchvision "
-                "(pip install torchvision), then reload the processor"
-            )
-        add = self.add_routing_token if add_routing_token is None else add_routing_token
-        if text is not None and add and self.routing_token is not None:
-            if isinstance(text, str):
-                text = self.insert_routing_tokens(text)
-            else:
-                text = [self.insert_routing_tokens(t) for t in text]
-        return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
-
-    def apply_chat_template(self, conversation, chat_template=None, add_routing_token: bool | None = None, **kwargs):
-        """LLaVA-OneVision's `apply_chat_template`; the rendered prompt carries the routing token after each user
-        question (also when `tokenize=True`, through `__call__`)."""
-        add = self.add_routing_token if add_routing_token is None else add_routing_token
-        if not kwargs.get("tokenize", False):
-            rendered = super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
-            if not add or self.routing_token is None:
-                return rendered
-            if isinstance(rendered, str):
-                return self.insert_routing_tokens(rendered)
-            return [self.insert_routing_tokens(r) for r in rendered]
-        if add:
-            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
-        previous, self.add_routing_token = self.add_routing_token, False
-        try:
-            return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
-        finally:
-            self.add_routing_token = previous
-
-
-__all__ = ["VisorProcessor", "DEFAULT_ROUTING_TOKEN"]
+__all__ = ["VisorProcessor", "RoutingTokenMixin", "DEFAULT_ROUTING_TOKEN"]

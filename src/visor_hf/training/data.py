@@ -335,7 +335,11 @@ def load_processor(path: str | os.PathLike):
     return AutoProcessor.from_pretrained(str(path))
 
 
-MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images", "labels")
+# LLaVA-OneVision's image inputs, then the Qwen2-VL family's
+MODEL_INPUT_KEYS = (
+    "input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids",
+    "labels",
+)
 
 
 def model_inputs(batch: dict, keep_labels: bool = True) -> dict:

@@ -39,7 +39,7 @@ LORA_MODULES_TO_SAVE = list(_LORA_MODULES_TO_SAVE)
 
 NEW_MODULE_PREFIXES = ("model.cross_attention_blocks.",)
 ROUTER_PREFIX = "model.router."
-VISION_PREFIX = "model.vision_tower."
+VISION_PREFIX = ("model.vision_tower.", "model.visual.")  # LLaVA-OneVision's SigLIP, the Qwen2-VL family's ViT
 
 
 @dataclass
@@ -115,7 +115,7 @@ def apply_lora(model, options: LoraOptions, train_vision_tower: bool = False):
 
 # Parameters that a batch without images leaves out of the graph (the vision tower, projector, `image_newline` and
 # the cross-attention blocks, also their LoRA adapters).
-VISUAL_PATH_KEYS = ("cross_attention_blocks.", "vision_tower.", "multi_modal_projector.", "image_newline")
+VISUAL_PATH_KEYS = ("cross_attention_blocks.", "vision_tower.", "multi_modal_projector.", "image_newline", "model.visual.")
 
 
 class VisorTrainer(CompleteCheckpointMixin, Trainer):
@@ -209,7 +209,13 @@ def load_model(path, dtype=None, attn_implementation: str | None = None, fsdp_si
         kwargs["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else dtype
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    return VisorForConditionalGeneration.from_pretrained(str(path), **kwargs)
+    from transformers import AutoConfig
+
+    from ..conversion.families import family_of_visor
+
+    # the checkpoint's own family (LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL): its VISOR class
+    model_class = family_of_visor(AutoConfig.from_pretrained(str(path)).model_type).visor_class("generation")
+    return model_class.from_pretrained(str(path), **kwargs)
 
 
 def save_checkpoint(model, processor, output_dir, extra: dict | None = None) -> Path:
