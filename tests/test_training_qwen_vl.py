@@ -48,7 +48,8 @@ def test_stage1_then_stage2_on_qwen2_vl(workdir):
 def test_search_universal_label_router_evaluate_on_qwen2_vl(workdir):
     data, eval_data = str(workdir / "data/data.jsonl"), str(workdir / "eval/data.jsonl")
     searched, universal, labelled, routed = (workdir / n for n in ("search", "universal", "labels", "router"))
-    assert main(["search", "--model", str(workdir / "stage2"), "--data", eval_data, "--output-dir", str(searched), "--threshold", "1.0"]) == 0
+    assert main(["search", "--model", str(workdir / "stage2"), "--data", eval_data, "--output-dir", str(searched), "--threshold", "1.0",
+                 "--rule", "pooled"]) == 0  # every subset written (the per-group rule thins by cost)
     assert json.loads((searched / "config.json").read_text())["configurations"] == [[], [2], [4], [2, 4]]
     assert main(["train", "--stage", "universal", "--model", str(searched), "--data", data, "--output-dir", str(universal), "--max-steps", "2", *COMMON]) == 0
     assert main(["label", "--model", str(universal), "--data", data, "--output-dir", str(labelled), "--limit", "4"]) == 0
