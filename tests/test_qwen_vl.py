@@ -10,6 +10,7 @@ import visor_hf  # noqa: F401  (registers the Auto classes)
 from visor_hf.testing import (
     IMAGE_ID,
     QWEN_FAMILIES,
+    ROUTE_ID,
     TINY_LAYOUT,
     VIDEO_ID,
     build_qwen_vl_batch,
@@ -230,3 +231,24 @@ def test_video_dense_equivalence_and_cache(source):
         logits = sparse(**full, visor_configuration=1, use_cache=False).logits
     logits[..., [IMAGE_ID, VIDEO_ID]] = float("-inf")
     assert torch.equal(logits[:, prompt - 1 : -1].argmax(-1), sequences[:, prompt:])
+
+
+def test_calibrated_router_threshold_per_sample_through_beams(source):
+    """`visor_router_threshold=` on the Qwen-VL forward and `generate`: each sample runs the cheapest configuration at
+    or above its threshold, in a batch and in its beams as when forced to that configuration."""
+    model = visor_from_qwen_vl(source, **TINY_LAYOUT)
+    model.config.router_type = "calibrated"
+    with torch.no_grad():  # constant probabilities: [0] 0.6, [0, 3] 0.8, max 0.95
+        model.model.router.fc2.weight.zero_()
+        model.model.router.fc2.bias.copy_(torch.logit(torch.tensor([0.6, 0.8, 0.95])))
+        routed = [{**sample, "text": [*sample["text"], ROUTE_ID]} for sample in (TWO_IMAGES, ONE_IMAGE)]  # token after the question
+        batch = build_qwen_vl_batch(routed)
+        assert model(**batch, visor_router_threshold=[0.5, 0.7]).configuration_index.tolist() == [0, 1]
+        beams = model.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2,
+                               visor_router_threshold=[0.5, 0.7])
+        forced = model.generate(**batch, max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2,
+                                visor_configuration=torch.tensor([0, 1]))
+        assert model.last_visor_report.configuration_index == [0, 0, 1, 1]
+        assert torch.equal(beams, forced)
+        with pytest.raises(ValueError, match="visor_router_threshold"):
+            model(**batch, visor_configuration="max", visor_router_threshold=0.5)
