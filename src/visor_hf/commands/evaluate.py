@@ -6,7 +6,7 @@ import json
 
 from ..modeling.requests_visor import parse_configuration
 from . import argument_type
-from .paths import check_data_path, check_model_path
+from .paths import add_scoring_arguments, scoring_options
 
 
 def add_parser(subparsers) -> None:
@@ -21,17 +21,13 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--data", required=True, help="evaluation records: .json / .jsonl, a saved `datasets` folder or a Hub dataset id")
     parser.add_argument("--configuration", type=argument_type(parse_configuration), default="auto", help="'auto' (router), 'max', an index, or a layer list '0,3'")
     parser.add_argument("--output-dir", default=None, help="folder for the results (summary.json, per_sample.jsonl / the label files)")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N records")
-    parser.add_argument("--image-root", default=None, help="folder of the relative image paths (default: the data file's folder)")
-    parser.add_argument("--dtype", default=None, help="load the weights in this dtype (float32, bfloat16, ...)")
-    parser.add_argument("--attn-implementation", default=None, help="eager or sdpa")
     parser.add_argument("--router-threshold", type=float, default=None,
                         help="threshold of a calibrated router (default: the checkpoint's router_threshold)")
     parser.add_argument("--curve", action="store_true",
                         help="instead: every configuration and the router at each --thresholds; writes curve.json, curve.md, curve.png")
     parser.add_argument("--thresholds", default=None, help="comma-separated thresholds of --curve (default 0, 0.1, ..., 0.99, 1)")
     parser.add_argument("--group-field", default="source", help="--curve: report accuracy per value of this record field")
+    add_scoring_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -39,22 +35,18 @@ def run(args) -> int:
     from ..training import evaluate
     from ..training.evaluation import DEFAULT_THRESHOLDS, curve_table, evaluate_curve
 
-    check_model_path(args.model)
-    check_data_path(args.data)
+    options = scoring_options(args)
 
     if args.curve:
         thresholds = [float(t) for t in args.thresholds.split(",")] if args.thresholds else DEFAULT_THRESHOLDS
         curve = evaluate_curve(
-            args.model, args.data, thresholds=thresholds, group_field=args.group_field or None, batch_size=args.batch_size,
-            image_root=args.image_root, limit=args.limit, output=args.output_dir, dtype=args.dtype,
-            attn_implementation=args.attn_implementation,
+            args.model, args.data, thresholds=thresholds, group_field=args.group_field or None, output=args.output_dir, **options
         )
         print(curve_table(curve))
         return 0
     summary = evaluate(
-        args.model, args.data, visor_configuration=args.configuration, batch_size=args.batch_size,
-        image_root=args.image_root, limit=args.limit, output=args.output_dir, dtype=args.dtype,
-        attn_implementation=args.attn_implementation, router_threshold=args.router_threshold,
+        args.model, args.data, visor_configuration=args.configuration, output=args.output_dir,
+        router_threshold=args.router_threshold, **options,
     )
     print(json.dumps(summary, indent=2))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .paths import check_data_path, check_model_path
+from .paths import add_scoring_arguments, scoring_options
 
 
 def add_parser(subparsers) -> None:
@@ -27,23 +27,18 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--group-field", default=None,
                         help="group-level labels: the cheapest configuration keeping >= --keep of the maximal one's accuracy "
                         "on the record's group (this record field)")
-    parser.add_argument("--limit", type=int, default=None, help="label the first N records")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
-    parser.add_argument("--image-root", default=None, help="folder of the relative image paths (default: the data file's folder)")
-    parser.add_argument("--dtype", default=None, help="load the weights in this dtype (float32, bfloat16, ...)")
-    parser.add_argument("--attn-implementation", default=None, help="eager or sdpa")
+    add_scoring_arguments(parser, limit_help="label the first N records")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..training import pseudo_label
 
-    check_model_path(args.model)
-    check_data_path(args.data)
+    options = scoring_options(args)
 
     report = pseudo_label(
-        args.model, args.data, args.output_dir, keep=args.keep, spend_slack=args.spend_slack, group_field=args.group_field, limit=args.limit, batch_size=args.batch_size,
-        image_root=args.image_root, dtype=args.dtype, attn_implementation=args.attn_implementation,
+        args.model, args.data, args.output_dir, keep=args.keep, spend_slack=args.spend_slack, group_field=args.group_field,
+        **options,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "moved_to_cheapest"}, indent=2))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from .paths import check_data_path, check_model_path
+from .paths import add_scoring_arguments, scoring_options
 
 
 def add_parser(subparsers) -> None:
@@ -28,27 +28,21 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--max-exhaustive", type=int, default=8, help="'auto' searches exhaustively up to this many switchable layers")
     parser.add_argument("--num-samples", type=int, default=32, help="random subsets of the 'sampled' strategy")
     parser.add_argument("--max-configurations", type=int, default=None, help="keep at most N viable configurations")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per forward pass")
-    parser.add_argument("--limit", type=int, default=None, help="use the first N records")
-    parser.add_argument("--image-root", default=None, help="folder of the relative image paths (default: the data file's folder)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (sampled strategy)")
-    parser.add_argument("--dtype", default=None, help="load the weights in this dtype (float32, bfloat16, ...)")
-    parser.add_argument("--attn-implementation", default=None, help="eager or sdpa")
+    add_scoring_arguments(parser)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     from ..training import search
 
-    check_model_path(args.model)
-    check_data_path(args.data)
+    options = scoring_options(args)
 
     result = search(
         args.model, args.data, args.output_dir, strategy=args.strategy, metric=args.metric, threshold=args.threshold,
         rule=args.rule, group_field=args.group_field,
         max_exhaustive=args.max_exhaustive, num_samples=args.num_samples, max_configurations=args.max_configurations,
-        seed=args.seed, batch_size=args.batch_size, image_root=args.image_root, limit=args.limit, dtype=args.dtype,
-        attn_implementation=args.attn_implementation,
+        seed=args.seed, **options,
     )
     for c in result["candidates"]:
         groups = " ".join(f"{g}={v['accuracy']:.3f}" for g, v in c["groups"].items())
