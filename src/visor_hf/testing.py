@@ -44,25 +44,23 @@ def tiny_llava_config(num_layers: int = 6, vocab_size: int | None = None, **text
         "pad_token_id": PAD_ID,
     }
     text_config.update(text_overrides)
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    return siglip_llava_config(text_config, vision, IMAGE_SIZE, PATCH_SIZE, GRID_PINPOINTS)
+
+
+def siglip_llava_config(text_config: dict, vision: dict, image_size: int, patch_size: int, grid_pinpoints: list,
+                        **overrides) -> LlavaOnevisionConfig:
+    """A LLaVA-OneVision config with a Qwen2 LLM (`text_config`) and a SigLIP tower of the given sizes, without the
+    tower's pooling head, reading its last layer's full features (the shapes of the tiny test and toy models)."""
     vision_config = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 16,
-        "intermediate_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "image_size": IMAGE_SIZE,
-        "patch_size": PATCH_SIZE,
+        "model_type": "siglip_vision_model", **vision, "image_size": image_size, "patch_size": patch_size,
         "vision_use_head": False,
     }
-    return LlavaOnevisionConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_index=IMAGE_ID,
-        video_token_index=VIDEO_ID,
-        image_grid_pinpoints=GRID_PINPOINTS,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )
+    settings = {
+        "image_token_index": IMAGE_ID, "video_token_index": VIDEO_ID, "image_grid_pinpoints": grid_pinpoints,
+        "vision_feature_layer": -1, "vision_feature_select_strategy": "full", **overrides,
+    }
+    return LlavaOnevisionConfig(text_config=text_config, vision_config=vision_config, **settings)
 
 
 def tiny_llava(seed: int = 0, attn_implementation: str = "eager", **config_kwargs) -> LlavaOnevisionForConditionalGeneration:

@@ -13,7 +13,7 @@ import torch
 from transformers import LlavaOnevisionConfig
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
-from ..testing import word_level_tokenizer, write_llava_folder
+from ..testing import siglip_llava_config, word_level_tokenizer, write_llava_folder
 from .data import vocabulary
 
 TOWER_SIZE = 64
@@ -69,25 +69,10 @@ def toy_llava_config(num_layers: int = 8) -> LlavaOnevisionConfig:
         "bos_token_id": IM_START_ID,
         "eos_token_id": IM_END_ID,
     }
-    vision_config = {
-        "model_type": "siglip_vision_model",
-        "hidden_size": 96,
-        "intermediate_size": 384,
-        "num_hidden_layers": 3,
-        "num_attention_heads": 4,
-        "image_size": TOWER_SIZE,
-        "patch_size": TOWER_PATCH,
-        "vision_use_head": False,
-    }
-    return LlavaOnevisionConfig(
-        text_config=text_config,
-        vision_config=vision_config,
-        image_token_index=IMAGE_ID,
-        video_token_index=VIDEO_ID,
-        image_grid_pinpoints=GRID_PINPOINTS,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        tie_word_embeddings=False,
+    vision = {"hidden_size": 96, "intermediate_size": 384, "num_hidden_layers": 3, "num_attention_heads": 4}
+    return siglip_llava_config(
+        text_config, vision, TOWER_SIZE, TOWER_PATCH, GRID_PINPOINTS,
+        image_token_index=IMAGE_ID, video_token_index=VIDEO_ID, tie_word_embeddings=False,
     )
 
 
