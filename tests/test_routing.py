@@ -107,6 +107,16 @@ def test_threshold_through_forward_and_generate(calibrated):
     assert torch.equal(beams.sequences, reference)
 
 
+def test_threshold_without_a_cache_holds_the_prompts_configuration(calibrated):
+    """Without a cache every step re-runs the whole sequence: the threshold picks the configuration once, on the
+    prompt, and the answer equals the cached generation with the same threshold."""
+    batch = build_batch(calibrated, [ONE_IMAGE, ANYRES])
+    kwargs = {"max_new_tokens": 3, "do_sample": False, "visor_router_threshold": [0.5, 0.75]}
+    cached = calibrated.generate(**batch, **kwargs)
+    uncached = calibrated.generate(**batch, use_cache=False, **kwargs)
+    assert torch.equal(uncached, cached)
+
+
 def test_bad_thresholds_are_refused(calibrated, llava):
     model = calibrated
     batch = build_batch(model, [ONE_IMAGE, ANYRES])
