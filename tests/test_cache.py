@@ -251,3 +251,29 @@ def test_a_cache_from_another_model_or_batch_is_refused_clearly(llava, visor, de
             visor(input_ids=token[:1], attention_mask=mask[:1], past_key_values=prompt.past_key_values)
         # the cache is left as it was: the right batch still continues
         visor(input_ids=token, attention_mask=mask, past_key_values=prompt.past_key_values)
+
+
+@pytest.mark.parametrize("how", ["cache_implementation", "cache_object"])
+def test_a_replaced_user_cache_is_named_in_a_warning(visor, how):
+    """A cache the user chose (`cache_implementation="static"`, a `StaticCache`) cannot hold VISOR's per-sample layout:
+    generate replaces it with a VisorCache, says so, and answers as with the default cache."""
+    from transformers import StaticCache
+    from transformers.testing_utils import CaptureLogger
+    from transformers.utils import logging
+
+    batch = build_batch(visor, [ONE_IMAGE])
+    asked = (
+        {"cache_implementation": "static"}
+        if how == "cache_implementation"
+        else {"past_key_values": StaticCache(config=visor.config.text_config, max_cache_len=batch["input_ids"].shape[1] + 4)}
+    )
+    expected = visor.generate(**batch, max_new_tokens=3, do_sample=False)
+    logger = logging.get_logger("visor_hf.modeling.generation_visor")
+    with CaptureLogger(logger) as captured:
+        out = visor.generate(**batch, max_new_tokens=3, do_sample=False, **asked)
+    assert torch.equal(out, expected)
+    named = "cache_implementation='static'" if how == "cache_implementation" else "the given StaticCache"
+    assert f"VISOR replaces {named} with a VisorCache" in captured.out
+    with CaptureLogger(logger) as quiet:
+        visor.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert "replaces" not in quiet.out  # the default cache is replaced silently

@@ -10,14 +10,18 @@ import weakref
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
+from transformers.utils import logging
 
 from .cache_visor import VisorCache
 from .flops_visor import VisorFlopsReport
 from .report_visor import budget_request, generation_report, prompt_token_counts
 from .requests_visor import is_per_sample
 from .streams_visor import embedded_token_mask
+
+logger = logging.get_logger(__name__)
 
 # inputs of `generate` that a draft model (assisted decoding) receives only if its forward takes them
 _TARGET_ONLY_GENERATE_KWARGS = (
@@ -162,6 +166,13 @@ class VisorGenerationMixin(GenerationMixin):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if cache is not None and not isinstance(cache, VisorCache) and cache.get_seq_length() == 0:
+            asked = generation_config.cache_implementation
+            if asked is not None or type(cache) is not DynamicCache:  # the user chose this cache: say what happens to it
+                what = f"cache_implementation={asked!r}" if asked is not None else f"the given {type(cache).__name__}"
+                logger.warning(
+                    f"VISOR replaces {what} with a VisorCache: which layers cache visual keys/values is decided at "
+                    "prefill (per sample), so a cache laid out beforehand cannot hold them"
+                )
             model_kwargs["past_key_values"] = VisorCache(config=self.config.text_config)
         # kept for the report that `generate` builds when it returns (dropped right after)
         _thread_slots("caches")[self] = model_kwargs.get("past_key_values")
