@@ -1,7 +1,9 @@
 """Prompts shared by the model, cache and generation tests: `{"text": [ids or "<image>"], "images": [(h, w)]}`,
 built into model inputs by `visor_hf.testing.build_batch`."""
 
-from visor_hf.testing import ROUTE_ID, word_ids
+import torch
+
+from visor_hf.testing import IMAGE_ID, ROUTE_ID, word_ids
 
 ONE_IMAGE = {"text": [*word_ids("user"), "<image>", *word_ids("what is the colour of background ?")], "images": [(16, 16)], "seed": 0}
 ANYRES = {"text": ["<image>", *word_ids("describe this picture .")], "images": [(20, 40)], "seed": 1}
@@ -19,3 +21,22 @@ def routed(sample: dict) -> dict:
 
 
 ROUTED_ONE_IMAGE, ROUTED_ANYRES, ROUTED_TWO_IMAGES, ROUTED_TEXT_ONLY = map(routed, (ONE_IMAGE, ANYRES, TWO_IMAGES, TEXT_ONLY))
+
+
+def text_positions(batch: dict, row: int = 0) -> torch.Tensor:
+    """`[T]` the real (unpadded) text positions of one row of a batch."""
+    return (batch["input_ids"][row] != IMAGE_ID) & batch["attention_mask"][row].bool()
+
+
+def assert_no_text_sees_a_later_image(model, batch: dict) -> None:
+    """Other pixels change no logit of the text before the first image, and do change the text after it."""
+    other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
+    text = text_positions(batch)
+    first_image = int((batch["input_ids"][0] == IMAGE_ID).nonzero()[0])
+    before, after = text.clone(), text.clone()
+    before[first_image:] = False
+    after[:first_image] = False
+    with torch.no_grad():
+        a, b = model(**batch).logits[0], model(**other).logits[0]
+    torch.testing.assert_close(a[before], b[before], atol=0, rtol=0)
+    assert (a[after] - b[after]).abs().max() > 1e-4

@@ -160,18 +160,27 @@ def test_router_follows_its_logits_per_sample(llava):
     assert generated.visor_report.configuration_index == expected
 
 
-def test_the_most_expensive_prediction_of_several_routing_tokens_wins(llava):
+def _decisive_router(llava):
+    """The tiny layout with large random router weights, so that routing tokens disagree."""
     model = visor_from_llava(llava, **LAYOUT)
     torch.manual_seed(7)
     with torch.no_grad():
         model.model.router.fc2.weight.normal_(0, 3.0)
-    two_questions = {
-        "text": [*word_ids("user"), "<image>", *word_ids("what is the colour ?"), ROUTE_ID,
-                 *word_ids("how many circle are there ?"), ROUTE_ID, *word_ids("any red ?"), ROUTE_ID],
-        "images": [(16, 16)],
-        "seed": 4,
-    }
-    batch = build_batch(model, [two_questions, ONE_IMAGE, TEXT_ONLY])
+    return model
+
+
+def _questions(*questions: str) -> dict:
+    """One image, then each question followed by a routing token."""
+    text = [*word_ids("user"), "<image>"]
+    for question in questions:
+        text += [*word_ids(question), ROUTE_ID]
+    return {"text": text, "images": [(16, 16)], "seed": 4}
+
+
+def test_the_most_expensive_prediction_of_several_routing_tokens_wins(llava):
+    model = _decisive_router(llava)
+    three_questions = _questions("what is the colour ?", "how many circle are there ?", "any red ?")
+    batch = build_batch(model, [three_questions, ONE_IMAGE, TEXT_ONLY])
     with torch.no_grad():
         out = model(**batch, output_router_logits=True)
     cost = [len(c) for c in LAYOUT["configurations"]]
@@ -192,16 +201,8 @@ def test_the_most_expensive_prediction_of_several_routing_tokens_wins(llava):
 def test_the_router_ignores_routing_tokens_the_attention_mask_hides(llava):
     """A routing token under `attention_mask == 0` is not read: the router's rows and the configurations are those of
     the same batch with that token replaced by padding."""
-    model = visor_from_llava(llava, **LAYOUT)
-    torch.manual_seed(7)
-    with torch.no_grad():
-        model.model.router.fc2.weight.normal_(0, 3.0)
-    two_questions = {
-        "text": [*word_ids("user"), "<image>", *word_ids("what is the colour ?"), ROUTE_ID,
-                 *word_ids("how many circle are there ?"), ROUTE_ID],
-        "images": [(16, 16)],
-        "seed": 4,
-    }
+    model = _decisive_router(llava)
+    two_questions = _questions("what is the colour ?", "how many circle are there ?")
     batch = build_batch(model, [two_questions, ONE_IMAGE])
     routing = (batch["input_ids"][0] == ROUTE_ID).nonzero()[:, 0]
     hidden = routing[0].item()  # the first question's routing token is hidden

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import visor_hf  # noqa: F401  (registers the Auto classes)
-from samples import ANYRES, ONE_IMAGE, TEXT_ONLY, TWO_IMAGES
+from samples import ANYRES, ONE_IMAGE, TEXT_ONLY, TWO_IMAGES, assert_no_text_sees_a_later_image, text_positions
 from visor_hf import VisorConfig, VisorForConditionalGeneration, VisorModel
 from visor_hf.modeling import FlopsShape, prefill_flops
 from visor_hf.testing import (
@@ -29,10 +29,6 @@ from visor_hf.testing import (
 
 # two images with no text between them (LLaVA-OV's chat template puts a message's images side by side)
 ADJACENT_IMAGES = {"text": [*word_ids("user"), "<image>", "<image>", *word_ids("what is this ?")], "images": [(16, 16), (24, 40)], "seed": 4}
-
-
-def _text_positions(batch, row=0):
-    return (batch["input_ids"][row] != IMAGE_ID) & batch["attention_mask"][row].bool()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -167,7 +163,7 @@ def test_sparse_layout_matches_reference(random_position_embedding, sample, requ
         out = visor(**batch, visor_configuration=request_)
     assert out.visor_configurations == [layers]
     expected = reference_text_logits(visor, batch, set(layers))
-    torch.testing.assert_close(out.logits[0][_text_positions(batch)], expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.logits[0][text_positions(batch)], expected, atol=2e-5, rtol=1e-4)
 
 
 def test_left_padded_mixed_batch_matches_reference(random_position_embedding):
@@ -186,7 +182,7 @@ def test_left_padded_mixed_batch_matches_reference(random_position_embedding):
         expected = reference_text_logits(visor, alone, set(wanted))
         length = alone["input_ids"].shape[1]
         assert batch["attention_mask"][row, :-length].sum() == 0  # left padding
-        got = out.logits[row, -length:][_text_positions(alone)]
+        got = out.logits[row, -length:][text_positions(alone)]
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
@@ -217,7 +213,7 @@ def test_video_sample_matches_reference(random_position_embedding, images, reque
 def test_no_sa_no_ca_equals_qwen2_on_the_text(llava):
     blind = visor_from_llava(llava, cross_attention_layers=[], self_attention_layers=[0, 1], configurations=[[]])
     batch = build_batch(llava, [TWO_IMAGES])
-    text = _text_positions(batch)
+    text = text_positions(batch)
     with torch.no_grad():
         out = blind(**batch, visor_configuration=[]).logits[0][text]
         qwen = llava.model.language_model(
@@ -254,16 +250,7 @@ def test_cross_attention_never_sees_a_later_image(llava):
     model = visor_from_llava(llava, cross_attention_layers=[1, 2, 4], self_attention_layers=[0], configurations=[[]])
     sample = {"text": [*word_ids("what is the colour of"), "<image>", *word_ids("background ?")], "images": [(16, 16)]}
     batch = build_batch(llava, [sample])
-    other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
-    text = _text_positions(batch)
-    first_image = int((batch["input_ids"][0] == IMAGE_ID).nonzero()[0])
-    before, after = text.clone(), text.clone()
-    before[first_image:] = False
-    after[:first_image] = False
-    with torch.no_grad():
-        a, b = model(**batch).logits[0], model(**other).logits[0]
-    torch.testing.assert_close(a[before], b[before], atol=0, rtol=0)
-    assert (a[after] - b[after]).abs().max() > 1e-4
+    assert_no_text_sees_a_later_image(model, batch)
 
 
 def test_text_only_sample_in_a_mixed_batch_is_plain_qwen2(llava, visor):
@@ -300,7 +287,7 @@ def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(visor):
         with torch.no_grad():
             logits = visor(**alone, visor_configuration=wanted).logits[0]
         length = alone["input_ids"].shape[1]
-        text = _text_positions(alone)
+        text = text_positions(alone)
         torch.testing.assert_close(together.logits[row, -length:][text], logits[text], atol=1e-5, rtol=1e-5)
 
 

@@ -7,6 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 import visor_hf  # noqa: F401  (registers the Auto classes)
+from samples import assert_no_text_sees_a_later_image, text_positions
 from visor_hf.testing import (
     IMAGE_ID,
     QWEN_FAMILIES,
@@ -45,10 +46,6 @@ def sparse(source):
     return visor_from_qwen_vl(source, **TINY_LAYOUT)
 
 
-def _text_positions(batch, row=0):
-    return (batch["input_ids"][row] != IMAGE_ID) & batch["attention_mask"][row].bool()
-
-
 @pytest.mark.parametrize("samples", SAMPLES.values(), ids=SAMPLES.keys())
 def test_dense_conversion_reproduces_the_source(source, samples):
     dense = visor_from_qwen_vl(source)
@@ -66,7 +63,7 @@ def test_dense_conversion_reproduces_the_source(source, samples):
 def test_no_sa_no_ca_equals_the_text_model_at_the_original_3d_positions(source):
     blind = visor_from_qwen_vl(source, cross_attention_layers=[], self_attention_layers=[0], configurations=[[]])
     batch = build_qwen_vl_batch([TWO_IMAGES])
-    text = _text_positions(batch)
+    text = text_positions(batch)
     with torch.no_grad():
         out = blind(**batch, visor_configuration=[]).logits[0][text]
         positions, _ = source.model.get_rope_index(
@@ -88,16 +85,7 @@ def test_cross_attention_never_sees_a_later_image(source):
     model = visor_from_qwen_vl(source, cross_attention_layers=[1, 2, 4], self_attention_layers=[0], configurations=[[]])
     sample = {"text": [*word_ids("what is the colour of"), "<image>", *word_ids("background ?")], "images": [(16, 24)]}
     batch = build_qwen_vl_batch([sample])
-    other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))
-    text = _text_positions(batch)
-    first_image = int((batch["input_ids"][0] == IMAGE_ID).nonzero()[0])
-    before, after = text.clone(), text.clone()
-    before[first_image:] = False
-    after[:first_image] = False
-    with torch.no_grad():
-        a, b = model(**batch).logits[0], model(**other).logits[0]
-    torch.testing.assert_close(a[before], b[before], atol=0, rtol=0)
-    assert (a[after] - b[after]).abs().max() > 1e-4
+    assert_no_text_sees_a_later_image(model, batch)
 
 
 def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(sparse):
@@ -112,7 +100,7 @@ def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(sparse):
         with torch.no_grad():
             logits = sparse(**alone, visor_configuration=wanted).logits[0]
         length = alone["input_ids"].shape[1]
-        text = _text_positions(alone)
+        text = text_positions(alone)
         torch.testing.assert_close(together.logits[row, -length:][text], logits[text], atol=1e-5, rtol=1e-5)
 
 
