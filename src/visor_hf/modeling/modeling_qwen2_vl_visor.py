@@ -31,11 +31,9 @@ from .configuration_qwen2_vl_visor import VisorQwen2_5_VLConfig, VisorQwen2VLCon
 from .generation_visor import VisorGenerationMixin
 from .hub_visor import VisorHubMixin
 from .modeling_visor import (
-    VisorCrossAttentionBlock,
     VisorForConditionalGeneration,
     VisorModel,
     VisorPreTrainedMixin,
-    VisorRouter,
     check_visor_inputs,
 )
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast
@@ -93,10 +91,7 @@ class VisorQwenVLModelMixin(VisorEngine, QwenVLBackbone):
         self.visual = self.vision_class._from_config(config.vision_config)
         self.language_model = self.text_class._from_config(config.text_config)
         self.rope_deltas = None  # as the family's model: set at prefill, read by decoding steps
-        self.cross_attention_blocks = nn.ModuleDict(
-            {str(layer): VisorCrossAttentionBlock(config, layer) for layer in config.cross_attention_layers}
-        )
-        self.router = VisorRouter(config) if config.router_layer is not None else None
+        self.add_visor_modules(config)
         self.post_init()
 
     @merge_with_config_defaults

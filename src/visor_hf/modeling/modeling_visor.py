@@ -221,6 +221,13 @@ class VisorPreTrainedMixin:
         # of the sub-models (the SigLIP tower) differently from `__init__`
         return False
 
+    def add_visor_modules(self, config) -> None:
+        """What VISOR adds to any backbone: a cross-attention block per CA layer and the router (when it has a layer)."""
+        self.cross_attention_blocks = nn.ModuleDict(
+            {str(layer): VisorCrossAttentionBlock(config, layer) for layer in config.cross_attention_layers}
+        )
+        self.router = VisorRouter(config) if config.router_layer is not None else None
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -244,10 +251,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         self.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=self.dtype) * embed_std)
         self.vocab_size = config.text_config.vocab_size
         self.language_model = AutoModel.from_config(config.text_config)
-        self.cross_attention_blocks = nn.ModuleDict(
-            {str(layer): VisorCrossAttentionBlock(config, layer) for layer in config.cross_attention_layers}
-        )
-        self.router = VisorRouter(config) if config.router_layer is not None else None
+        self.add_visor_modules(config)
         self.post_init()
 
     # -- routing ---------------------------------------------------------------------------------------------------
