@@ -18,7 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import torch
+from torch import nn
 from transformers.cache_utils import DynamicCache
+
+from .streams_visor import compact_indices
 
 FULL = "full"
 TEXT = "text"
@@ -56,8 +59,11 @@ class VisorState:
     prompt_text: list[int] = field(default_factory=list)
     prompt_visual: list[int] = field(default_factory=list)
     prompt_length: int = -1  # -1: the whole sequence at construction (the prefill) is the prompt
+    # the SA layers each sample's (sub-)batch ran as full layers at prefill (the union of a masked batch's, its
+    # group's when grouped): what the prefill computed for it, for the FLOPs report
+    computed_layers: list[tuple[int, ...]] = field(default_factory=list)
 
-    HOST_LISTS = ("configurations", "prompt_text", "prompt_visual")
+    HOST_LISTS = ("configurations", "prompt_text", "prompt_visual", "computed_layers")
 
     def __post_init__(self) -> None:
         if self.prompt_length < 0:
@@ -158,6 +164,59 @@ class VisorCache(DynamicCache):
             raise ValueError("this VisorCache already holds a prompt; pass a fresh cache for a new prompt")
         fields.setdefault("seq_length", fields["full_valid"].shape[1])
         self._visor_state = VisorState(**fields)
+
+    def start_merged_prompt(self, parts: list[VisorCache], groups: list[list[int]]) -> None:
+        """Record the prefill of a batch that ran as groups (`parts[k]` holds the prompt of the samples `groups[k]`)
+        as one prompt, in the batch order, laid out as a masked prefill of the whole batch lays it out.
+
+        A layer is full when any group ran it full; there a group that ran it text-only has its text keys/values
+        scattered to their positions in the full sequence and zeros at its visual positions, which its `active` row
+        hides (`visual_keys_for`). Text-only slots, the visual stream and the cross-attention keys/values are
+        right-aligned: narrower groups are padded on the left with slots that `text_valid` / `visual_valid` hide.
+        """
+        states = [part.visor_state for part in parts]
+        order = [row for rows in groups for row in rows]
+        inverse = torch.empty(len(order), dtype=torch.long, device=states[0].full_valid.device)
+        inverse[torch.tensor(order, device=inverse.device)] = torch.arange(len(order), device=inverse.device)
+
+        def in_order(tensors: list[torch.Tensor], width: int | None = None) -> torch.Tensor:
+            if width is not None:  # right-aligned slots: pad on the left (dim -2 of K/V, dim 1 of a [B, N] mask)
+                tensors = [_pad_left(t, width) for t in tensors]
+            return torch.cat(tensors).index_select(0, inverse)
+
+        layouts = [FULL if any(s.layouts[i] == FULL for s in states) else TEXT for i in range(len(states[0].layouts))]
+        text_width = max(s.text_valid.shape[1] for s in states)
+        visual_width = max(s.visual_valid.shape[1] for s in states)
+        text_index = [compact_indices(~s.full_visual)[0] for s in states]  # where a group's text slots sit
+        for layer_idx, layout in enumerate(layouts):
+            slots = [part.layers[layer_idx] for part in parts]
+            if layout == TEXT:
+                keys, values = in_order([s.keys for s in slots], text_width), in_order([s.values for s in slots], text_width)
+            else:
+                full = [
+                    (s.keys, s.values) if state.layouts[layer_idx] == FULL
+                    else (_text_to_full(s.keys, index, state.seq_length), _text_to_full(s.values, index, state.seq_length))
+                    for s, state, index in zip(slots, states, text_index)
+                ]
+                keys, values = in_order([k for k, _ in full]), in_order([v for _, v in full])
+            self.update(keys, values, layer_idx)
+        cross_kv = {}
+        for layer_idx in sorted(set().union(*(s.cross_kv for s in states))):
+            reference = next(s.cross_kv[layer_idx][0] for s in states if layer_idx in s.cross_kv)
+            empty = [reference.new_zeros(len(rows), reference.shape[1], 0, reference.shape[3]) for rows in groups]
+            pairs = [s.cross_kv.get(layer_idx, (e, e)) for s, e in zip(states, empty)]  # a group without visual tokens
+            cross_kv[layer_idx] = (in_order([k for k, _ in pairs], visual_width), in_order([v for _, v in pairs], visual_width))
+        self.start_prompt(
+            layouts=layouts, cross_kv=cross_kv,
+            active=in_order([s.active for s in states]),
+            configurations=[c for _, c in sorted(zip(order, (c for s in states for c in s.configurations)))],
+            configuration_index=in_order([s.configuration_index for s in states]),
+            text_valid=in_order([s.text_valid for s in states], text_width),
+            full_valid=in_order([s.full_valid for s in states]),
+            full_visual=in_order([s.full_visual for s in states]),
+            visual_valid=in_order([s.visual_valid for s in states], visual_width),
+            computed_layers=[c for _, c in sorted(zip(order, (c for s in states for c in s.computed_layers)))],
+        )
 
     def record_prompt_counts(self, text: list[int], visual: list[int]) -> None:
         """Real text and visual tokens of each prompt (host side, for the FLOPs report; no sync while decoding)."""
@@ -305,6 +364,22 @@ class VisorCache(DynamicCache):
     def memory_bytes(self) -> int:
         """Total bytes of cached keys/values (self-attention and cross-attention)."""
         return sum(self.layer_layout_bytes().values()) + self.cross_attention_bytes()
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-aligned slots padded on the left to `width`: dim -2 of a `[B, H, N, D]` K/V, dim 1 of a `[B, N]` mask."""
+    if tensor.dim() == 4:
+        return nn.functional.pad(tensor, (0, 0, width - tensor.shape[-2], 0))
+    return nn.functional.pad(tensor, (width - tensor.shape[1], 0), value=False)
+
+
+def _text_to_full(states: torch.Tensor, text_index: torch.Tensor, length: int) -> torch.Tensor:
+    """A text-only slot's `[B, H, N_text, D]` keys or values at their positions in the full sequence (`length`
+    positions; zeros at the visual ones). Empty text slots (`text_index == length`) land in a dropped column."""
+    batch, heads, _, dim = states.shape
+    full = states.new_zeros(batch, heads, length + 1, dim)
+    index = text_index[:, None, :, None].expand(batch, heads, -1, dim)
+    return full.scatter(2, index, states)[:, :, :length]
 
 
 __all__ = ["VisorCache", "VisorState", "FULL", "TEXT"]

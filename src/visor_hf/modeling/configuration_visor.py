@@ -55,7 +55,7 @@ class VisorLayoutMixin:
     # `Trainer.evaluate/predict` gather every other output field as predictions: keep them to the logits
     keys_to_ignore_at_inference = [
         "past_key_values", "image_hidden_states", "video_hidden_states", "router_logits", "routing_token_batch_index",
-        "visor_configurations", "configuration_index", "flops",
+        "visor_configurations", "configuration_index", "flops", "flops_alone", "visor_computed_layers",
     ]
 
     cross_attention_layers: list | None = None

@@ -304,10 +304,15 @@ def count_flops(
 class VisorFlopsReport:
     """Configuration and analytical LLM FLOPs of each sample of a VISOR generation (one row per returned sequence).
 
-    `decode_flops[i][k]` is the FLOPs of the k-th token fed after the prompt for row i: in plain generation the k-th
-    decoding forward (the first generated token comes from the prefill, so `n` new tokens give `n - 1` decoding
-    forwards); a forward feeding several tokens (assisted decoding, a second turn) costs the sum of its tokens'. `dense_*` are the same quantities for
-    dense LLaVA-OV on the same tokens. Vision tower FLOPs are not included (see `vision_flops`).
+    `prefill_flops` / `decode_flops` are what the batch computed for the row: its prompt over `computed_layers` (the
+    layers its (sub-)batch ran over the whole sequence at prefill: a masked mixed batch runs the union of its samples'
+    SA layers for every sample, a grouped one its group's, see `visor_batching=`), and every decoding step over the
+    cache's full layers (one layout for the whole batch). `prefill_flops_alone` / `decode_flops_alone` are the same
+    with the row's own configuration only, as if it ran alone (what `visor_budget=` bounds). `decode_flops[i][k]` is
+    the FLOPs of the k-th token fed after the prompt for row i: in plain generation the k-th decoding forward (the
+    first generated token comes from the prefill, so `n` new tokens give `n - 1` decoding forwards); a forward feeding
+    several tokens (assisted decoding, a second turn) costs the sum of its tokens'. `dense_*` are the same quantities
+    for dense LLaVA-OV on the same tokens. Vision tower FLOPs are not included (see `vision_flops`).
     """
 
     configurations: list[tuple[int, ...]]
@@ -318,15 +323,24 @@ class VisorFlopsReport:
     decode_flops: list[list[int]]
     dense_prefill_flops: list[int]
     dense_decode_flops: list[list[int]] = field(default_factory=list)
+    computed_layers: list[tuple[int, ...]] = field(default_factory=list)
+    prefill_flops_alone: list[int] = field(default_factory=list)
+    decode_flops_alone: list[list[int]] = field(default_factory=list)
 
     @property
     def prefill_ratio(self) -> list[float]:
-        """VISOR / dense prefill FLOPs per row."""
+        """VISOR (computed) / dense prefill FLOPs per row."""
         return [v / d if d else 1.0 for v, d in zip(self.prefill_flops, self.dense_prefill_flops)]
 
     @property
     def total_flops(self) -> list[int]:
+        """Computed prefill plus decoding FLOPs per row."""
         return [p + sum(d) for p, d in zip(self.prefill_flops, self.decode_flops)]
+
+    @property
+    def total_flops_alone(self) -> list[int]:
+        """Prefill plus decoding FLOPs per row as if it ran alone."""
+        return [p + sum(d) for p, d in zip(self.prefill_flops_alone, self.decode_flops_alone)]
 
 
 def configuration_costs(config, n_text: int, n_visual: int) -> list[int]:

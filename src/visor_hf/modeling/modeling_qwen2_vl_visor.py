@@ -29,6 +29,7 @@ from .arguments_visor import check_forward_kwargs
 from .backbone_qwen2_vl_visor import QwenVLBackbone
 from .configuration_qwen2_vl_visor import VisorQwen2_5_VLConfig, VisorQwen2VLConfig
 from .generation_visor import VisorGenerationMixin
+from .grouping_visor import check_visor_batching
 from .hub_visor import VisorHubMixin
 from .modeling_visor import (
     VisorForConditionalGeneration,
@@ -52,6 +53,7 @@ class VisorEngine:
     _cross_attention_block = VisorModel._cross_attention_block
     _router_step = VisorModel._router_step
     _prefill = VisorModel._prefill
+    _prefill_rows = VisorModel._prefill_rows
     _prefill_streams = VisorModel._prefill_streams
     _prefill_plan = VisorModel._prefill_plan
     _configuration_outputs = VisorModel._configuration_outputs
@@ -114,16 +116,18 @@ class VisorQwenVLModelMixin(VisorEngine, QwenVLBackbone):
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         visor_router_threshold: float | list[float] | torch.Tensor | None = None,
+        visor_batching: str | None = None,
         **kwargs,
     ) -> VisorModelOutputWithPast:
         r"""
         The family's inputs (`image_grid_thw`, `mm_token_type_ids`, 3-D `position_ids`, ...), plus
-        visor_configuration / output_router_logits / visor_router_threshold as for [`VisorModel`]. Without `position_ids` the prompt's come from
+        visor_configuration / output_router_logits / visor_router_threshold / visor_batching as for [`VisorModel`]. Without `position_ids` the prompt's come from
         `get_rope_index` (`mm_token_type_ids` are derived from the placeholders when not given), and decoding steps
         add `rope_deltas` to the token's index.
         """
         has_pixels = pixel_values is not None or pixel_values_videos is not None
         check_visor_inputs(input_ids, inputs_embeds, has_pixels, mm_encoder_outputs, attention_mask)
+        visor_batching = check_visor_batching(visor_batching)
         grid_kwargs = {k: kwargs.pop(k) for k in ("second_per_grid_ts",) if k in kwargs}
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
@@ -149,7 +153,7 @@ class VisorQwenVLModelMixin(VisorEngine, QwenVLBackbone):
         visual_inputs = (pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, mm_encoder_outputs)
         return self._prefill(
             input_ids, inputs_embeds, visual_inputs, attention_mask, position_ids, cache, visor_configuration, capture,
-            output_router_logits, kwargs, visor_router_threshold,
+            output_router_logits, kwargs, visor_router_threshold, visor_batching,
         )
 
 
@@ -215,11 +219,12 @@ class VisorQwenVLForConditionalGenerationMixin(VisorGenerationMixin):
         output_router_logits: bool | None = None,
         visor_budget: float | list[float] | torch.Tensor | None = None,
         visor_router_threshold: float | list[float] | torch.Tensor | None = None,
+        visor_batching: str | None = None,
         **kwargs,
     ) -> VisorCausalLMOutputWithPast:
         r"""
-        The family's inputs and `labels`, plus `visor_configuration`, `visor_budget` and `visor_router_threshold` as
-        for [`VisorForConditionalGeneration`].
+        The family's inputs and `labels`, plus `visor_configuration`, `visor_budget`, `visor_router_threshold` and
+        `visor_batching` as for [`VisorForConditionalGeneration`].
         """
         check_forward_kwargs(self.forward, kwargs)
         visual_inputs = pixel_values is not None or pixel_values_videos is not None or bool(mm_encoder_outputs)
@@ -232,7 +237,7 @@ class VisorQwenVLForConditionalGenerationMixin(VisorGenerationMixin):
             pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
             mm_token_type_ids=mm_token_type_ids, mm_encoder_outputs=mm_encoder_outputs,
             visor_configuration=visor_configuration, output_router_logits=output_router_logits,
-            visor_router_threshold=visor_router_threshold, **kwargs,
+            visor_router_threshold=visor_router_threshold, visor_batching=visor_batching, **kwargs,
         )
         return self._visor_output(outputs, prefill, counts, labels, logits_to_keep, kwargs)
 

@@ -34,6 +34,7 @@ from .backbone_visor import LlavaOnevisionBackbone
 from .cache_visor import TEXT, VisorCache
 from .configuration_visor import VisorConfig
 from .generation_visor import VisorGenerationMixin
+from .grouping_visor import PrefillInputs, check_visor_batching, choose_groups, grouped_prefill
 from .hub_visor import VisorHubMixin
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast, capture_attentions
 from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
@@ -303,6 +304,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         output_hidden_states: bool | None = None,
         output_router_logits: bool | None = None,
         visor_router_threshold: float | list[float] | torch.Tensor | None = None,
+        visor_batching: str | None = None,
         **kwargs,
     ) -> VisorModelOutputWithPast:
         r"""
@@ -313,12 +315,17 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             Return the router's scores for every routing token even when no sample asks the router.
         visor_router_threshold (`float`, or one per sample, *optional*):
             Threshold of a calibrated router (default `config.router_threshold`); see `routing_visor.py`.
+        visor_batching (`str`, *optional*):
+            How a prefill whose samples run different SA layers runs: `"grouped"` (one pass per configuration, caches
+            merged), `"masked"` (one pass, visual keys hidden where a sample skips a layer) or `"auto"` (default:
+            grouped when it saves enough FLOPs); see `grouping_visor.py`. Same results either way.
         """
         # LLaVA-OV's pre-encoded images/videos; taken from kwargs, not the signature, so that `generate` keeps
         # passing the pixels (it pre-encodes them only for models whose forward names `mm_encoder_outputs`)
         mm_encoder_outputs = kwargs.pop("mm_encoder_outputs", None)
         has_pixels = pixel_values is not None or pixel_values_videos is not None
         check_visor_inputs(input_ids, inputs_embeds, has_pixels, mm_encoder_outputs, attention_mask)
+        visor_batching = check_visor_batching(visor_batching)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         capture = OutputCapture.start(self.config, output_hidden_states, kwargs.pop("output_attentions", None))
@@ -341,7 +348,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         visual_inputs = (pixel_values, image_sizes, pixel_values_videos, vision_kwargs)
         return self._prefill(
             input_ids, inputs_embeds, visual_inputs, attention_mask, position_ids, cache, visor_configuration, capture,
-            output_router_logits, kwargs, visor_router_threshold,
+            output_router_logits, kwargs, visor_router_threshold, visor_batching,
         )
 
     def _cache_for(self, past_key_values: Cache | None, use_cache: bool | None) -> VisorCache | None:
@@ -389,7 +396,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
 
     def _prefill(
         self, input_ids, inputs_embeds, visual_inputs, attention_mask, position_ids, cache, visor_configuration,
-        capture, output_router_logits, kwargs, visor_router_threshold=None,
+        capture, output_router_logits, kwargs, visor_router_threshold=None, visor_batching=None,
     ) -> VisorModelOutputWithPast:
         inputs_embeds, visual_mask, segments, image_features, video_features = self.embed_visual(
             input_ids, inputs_embeds, *visual_inputs
@@ -397,9 +404,29 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         batch, length = inputs_embeds.shape[:2]
         position_ids = self.backbone_position_ids(position_ids, batch, 0, length, inputs_embeds.device)
         valid = attention_mask.bool() if attention_mask is not None else torch.ones_like(visual_mask)
-        streams = self._prefill_streams(inputs_embeds, visual_mask, segments, position_ids, valid)
-        plan = self._prefill_plan(streams, visual_mask, attention_mask, position_ids, inputs_embeds, cache, visor_configuration)
-        routing_mask = self._routing_mask(input_ids, inputs_embeds)
+        prompt = PrefillInputs(
+            inputs_embeds, visual_mask, segments, position_ids, valid, attention_mask, self._routing_mask(input_ids, inputs_embeds)
+        )
+        mode = check_visor_batching(visor_batching)
+        groups = choose_groups(self.config, mode, visor_configuration, prompt, self.router is not None, cache)
+        if groups is None:  # one pass; samples that skip a layer another one runs have the visual keys masked
+            output = self._prefill_rows(prompt, cache, visor_configuration, capture, output_router_logits, kwargs, visor_router_threshold)
+        else:
+            output = grouped_prefill(self, prompt, groups, cache, visor_configuration, capture, output_router_logits, kwargs, visor_router_threshold)
+        output.image_hidden_states, output.video_hidden_states = image_features, video_features
+        return output
+
+    def _prefill_rows(
+        self, prompt: PrefillInputs, cache, visor_configuration, capture, output_router_logits, kwargs, visor_router_threshold=None,
+    ) -> VisorModelOutputWithPast:
+        """The layers of a prefill over the samples of `prompt` as one batch (the whole batch, or one group)."""
+        inputs_embeds, visual_mask, valid = prompt.inputs_embeds, prompt.visual_mask, prompt.valid
+        batch = inputs_embeds.shape[0]
+        streams = self._prefill_streams(inputs_embeds, visual_mask, prompt.segments, prompt.position_ids, valid)
+        plan = self._prefill_plan(
+            streams, visual_mask, prompt.attention_mask, prompt.position_ids, inputs_embeds, cache, visor_configuration
+        )
+        routing_mask = prompt.routing_mask
         router = RouterInputs(
             gather_tokens(routing_mask, streams.text_index) if routing_mask is not None else None,
             streams.text_valid, bool(output_router_logits),  # a routing token the attention mask hides is not read
@@ -410,24 +437,25 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         if plan.pending:  # the router never ran (no router layer reached): fall back to the default configuration
             plan.complete([-1] * batch, self.config.configurations, tuple(self.config.default_layers()))
         configurations, configuration_index, active = self._configuration_outputs(plan.layer_sets, valid.device)
+        # what this pass computed for every sample: its full layers (the union of the samples' SA layers)
+        computed = [tuple(i for i, layout in enumerate(plan.layouts) if layout != TEXT)] * batch
         hidden = self.backbone_norm(streams.merged())
         if cache is not None:
             cache.start_prompt(
                 layouts=plan.layouts, cross_kv=plan.cross_kv, active=active, configurations=configurations,
                 configuration_index=configuration_index, text_valid=streams.text_valid, full_valid=valid,
-                full_visual=visual_mask, visual_valid=streams.visual_valid,
+                full_visual=visual_mask, visual_valid=streams.visual_valid, computed_layers=computed,
             )
         return VisorModelOutputWithPast(
             last_hidden_state=hidden,
             past_key_values=cache,
             hidden_states=capture.hidden_states_with(hidden),
             attentions=capture.attentions,
-            image_hidden_states=image_features,
-            video_hidden_states=video_features,
             router_logits=router.logits,
             routing_token_batch_index=router.batch_index,
             visor_configurations=configurations,
             configuration_index=configuration_index,
+            visor_computed_layers=computed,
         )
 
     def _prefill_streams(self, inputs_embeds, visual_mask, segments, position_ids, valid) -> VisorStreams:
@@ -585,6 +613,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         output_router_logits: bool | None = None,
         visor_budget: float | list[float] | torch.Tensor | None = None,
         visor_router_threshold: float | list[float] | torch.Tensor | None = None,
+        visor_batching: str | None = None,
         **kwargs,
     ) -> VisorCausalLMOutputWithPast:
         r"""
@@ -600,6 +629,9 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             Threshold of a calibrated router (`config.router_type="calibrated"`; default `config.router_threshold`):
             each sample runs the cheapest configuration whose predicted probability of keeping the maximal
             configuration's answer is at least this, else the maximal one. Read at prefill only.
+        visor_batching (`str`, *optional*):
+            `"auto"` (default), `"grouped"` or `"masked"`: how a prefill of samples with different configurations
+            runs (see [`VisorModel.forward`]).
         """
         check_forward_kwargs(self.forward, kwargs)
         visual_inputs = pixel_values is not None or pixel_values_videos is not None or bool(kwargs.get("mm_encoder_outputs"))
@@ -612,7 +644,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy, vision_aspect_ratio=vision_aspect_ratio,
             batch_num_images=batch_num_images, use_cache=use_cache, visor_configuration=visor_configuration,
-            output_router_logits=output_router_logits, visor_router_threshold=visor_router_threshold, **kwargs,
+            output_router_logits=output_router_logits, visor_router_threshold=visor_router_threshold, visor_batching=visor_batching, **kwargs,
         )
         return self._visor_output(outputs, prefill, counts, labels, logits_to_keep, kwargs)
 
@@ -636,29 +668,35 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs)
-        flops = self._forward_flops(outputs, prefill, counts, hidden_states.shape[1], logits_to_keep)
+        flops, alone = self._forward_flops(outputs, prefill, counts, hidden_states.shape[1], logits_to_keep)
         # every field of the model's output but `last_hidden_state` (the logits replace it)
         passed = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
-        return VisorCausalLMOutputWithPast(loss=loss, logits=logits, flops=flops, **passed)
+        return VisorCausalLMOutputWithPast(loss=loss, logits=logits, flops=flops, flops_alone=alone, **passed)
 
     def _forward_flops(self, outputs, prefill, counts, kept_positions, logits_to_keep):
-        """`[B]` FLOPs of this forward for each sample (see `report_visor`); None in training or without counts."""
+        """`[B]` FLOPs this forward computed for each sample, and `[B]` as if each ran alone (see `report_visor`);
+        (None, None) in training or without counts."""
         cache = outputs.past_key_values
         state = cache.visor_state if isinstance(cache, VisorCache) else None
         if outputs.visor_configurations is None or self.training:
-            return None
+            return None, None
         if not prefill:
             if state is None or not state.prompt_text:
-                return None
-            return decode_flops_per_sample(self.config, state, outputs.last_hidden_state.shape[1])
+                return None, None
+            new = outputs.last_hidden_state.shape[1]
+            return decode_flops_per_sample(self.config, state, new), decode_flops_per_sample(self.config, state, new, alone=True)
         if counts is None and state is not None:
             visual = state.full_valid & state.full_visual
             counts = tuple(torch.stack([state.text_valid.sum(1), visual.sum(1)]).tolist())
         if counts is None:
-            return None
+            return None, None
         if state is not None:
             cache.record_prompt_counts(*counts)
-        return prefill_flops_per_sample(self.config, outputs.visor_configurations, counts, kept_positions, logits_to_keep)
+        computed = outputs.visor_computed_layers or outputs.visor_configurations
+        return (
+            prefill_flops_per_sample(self.config, computed, counts, kept_positions, logits_to_keep),
+            prefill_flops_per_sample(self.config, outputs.visor_configurations, counts, kept_positions, logits_to_keep),
+        )
 
     def visor_flops(self, n_text: int, n_visual: int, visor_configuration="max", decode_context: int = 0) -> dict:
         """Analytical LLM FLOPs of one sample with `n_text` text and `n_visual` visual tokens.

@@ -32,12 +32,15 @@ class VisorModelOutputWithPast(LlavaOnevisionModelOutputWithPast):
     routing_token_batch_index: the sample each row of `router_logits` belongs to.
     visor_configurations: the SA layers that ran for each sample.
     configuration_index: index into `config.configurations` per sample (-1 for a layer set outside the list).
+    visor_computed_layers: the layers that ran over each sample's whole sequence at prefill: the union of the SA
+        layers of the batch when it ran masked, of its group's when grouped (`visor_batching=`); what its FLOPs count.
     """
 
     router_logits: torch.Tensor | None = None
     routing_token_batch_index: torch.Tensor | None = None
     visor_configurations: list[tuple[int, ...]] | None = None
     configuration_index: torch.Tensor | None = None
+    visor_computed_layers: list[tuple[int, ...]] | None = None
 
 
 @dataclass
@@ -47,16 +50,20 @@ class VisorCausalLMOutputWithPast(LlavaOnevisionCausalLMOutputWithPast):
 
     logits: `[B, T, vocab]` like LLaVA-OV's. Text positions are VISOR's predictions; visual positions come from the
         visual tokens' last states (meaningful only when the last layer is an active SA layer, as in the dense layout).
-    flops: `[B]` int64 (CPU): analytical LLM FLOPs of this forward for each sample as if it ran alone (prefill: the
-        prompt with its configuration and the LM head on the logits kept; decoding: this step). See `flops_visor`.
-        None in training mode.
+    flops: `[B]` int64 (CPU): analytical LLM FLOPs this forward computed for each sample (prefill: the prompt over
+        `visor_computed_layers` — a masked mixed batch runs the union of its SA layers for every sample — and the LM
+        head on the logits kept; decoding: this step over the cache's full layers). `flops.sum()` is the batch's.
+        See `flops_visor`. None in training mode.
+    flops_alone: `[B]` the same for each sample as if it ran alone (its own configuration only).
     """
 
     router_logits: torch.Tensor | None = None
     routing_token_batch_index: torch.Tensor | None = None
     visor_configurations: list[tuple[int, ...]] | None = None
     configuration_index: torch.Tensor | None = None
+    visor_computed_layers: list[tuple[int, ...]] | None = None
     flops: torch.Tensor | None = None
+    flops_alone: torch.Tensor | None = None
 
 
 def relaid_attention(module: nn.Module, hidden_states: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, length: int):

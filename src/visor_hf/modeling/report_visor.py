@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .arguments_visor import check_visor_budget
+from .cache_visor import FULL
 from .flops_visor import FlopsShape, VisorFlopsReport, decode_flops, prefill_flops, select_by_budget
 from .requests_visor import AUTO, resolve_configuration
 from .streams_visor import embedded_token_mask
@@ -57,8 +58,9 @@ def budget_request(config, budget, request, counts) -> list[tuple[int, ...]]:
 
 
 def prefill_flops_per_sample(config, configurations, counts, kept_positions: int, logits_to_keep) -> torch.Tensor:
-    """`[B]` FLOPs of a prefill, each sample as if it ran alone; the LM head runs on the positions whose logits are
-    kept (padding excluded)."""
+    """`[B]` FLOPs of a prefill, each sample running the SA layers `configurations[b]` over its tokens (its own
+    configuration: as if alone; its computed layers: what the batch computed for it); the LM head runs on the
+    positions whose logits are kept (padding excluded)."""
     shape = FlopsShape.from_config(config)
     flops = []
     for layers, n_text, n_visual in zip(configurations, *counts):
@@ -69,14 +71,22 @@ def prefill_flops_per_sample(config, configurations, counts, kept_positions: int
     return torch.tensor(flops, dtype=torch.long)
 
 
-def decode_flops_per_sample(config, state, new: int) -> torch.Tensor:
-    """`[B]` FLOPs of a decoding forward that fed `new` tokens (already counted in `state.decode_steps`)."""
+def decoding_layers(state) -> tuple[int, ...]:
+    """The layers a decoding step runs over the whole cached sequence (visual keys included) for every sample: the
+    cache's full slots (a masked or merged cache is one layout for the whole batch)."""
+    return tuple(i for i, layout in enumerate(state.layouts) if layout == FULL)
+
+
+def decode_flops_per_sample(config, state, new: int, alone: bool = False) -> torch.Tensor:
+    """`[B]` FLOPs of a decoding forward that fed `new` tokens (already counted in `state.decode_steps`): what it
+    computed for each sample (the cache's full layers), or with `alone` each sample's own configuration."""
     shape = FlopsShape.from_config(config)
     cross = config.cross_attention_layers
     before = state.decode_steps - new
     steps = sum(before + j for j in range(new))
     flops = []
-    for layers, n_text, n_visual in zip(state.configurations, state.prompt_text, state.prompt_visual):
+    per_sample = state.configurations if alone else [decoding_layers(state)] * len(state.prompt_text)
+    for layers, n_text, n_visual in zip(per_sample, state.prompt_text, state.prompt_visual):
         # a decoding step costs a base plus a fixed amount per token already fed after the prompt
         base = decode_flops(shape, n_text, n_visual, layers, cross)
         increment = decode_flops(shape, n_text + 1, n_visual, layers, cross) - base
@@ -112,16 +122,21 @@ def generation_report(config, state, prompts: int | None, rows: int) -> VisorFlo
     cross = config.cross_attention_layers
     known = {tuple(c): i for i, c in enumerate(config.configurations)}
     steps = state.decode_steps
+    decoding = decoding_layers(state)
     report = VisorFlopsReport([], [], [], [], [], [], [], [])
     for i in index:
         layers, n_text, n_visual = state.configurations[i], state.prompt_text[i], state.prompt_visual[i]
+        computed = state.computed_layers[i] if state.computed_layers else layers
         report.configurations.append(tuple(layers))
         report.configuration_index.append(known.get(tuple(layers), -1))
         report.num_text_tokens.append(n_text)
         report.num_visual_tokens.append(n_visual)
-        report.prefill_flops.append(prefill_flops(shape, n_text, n_visual, layers, cross))
+        report.computed_layers.append(tuple(computed))
+        report.prefill_flops.append(prefill_flops(shape, n_text, n_visual, computed, cross))
+        report.prefill_flops_alone.append(prefill_flops(shape, n_text, n_visual, layers, cross))
         report.dense_prefill_flops.append(prefill_flops(shape, n_text, n_visual))
-        report.decode_flops.append([decode_flops(shape, n_text + k, n_visual, layers, cross) for k in range(steps)])
+        report.decode_flops.append([decode_flops(shape, n_text + k, n_visual, decoding, cross) for k in range(steps)])
+        report.decode_flops_alone.append([decode_flops(shape, n_text + k, n_visual, layers, cross) for k in range(steps)])
         report.dense_decode_flops.append([decode_flops(shape, n_text + k, n_visual) for k in range(steps)])
     return report
 
