@@ -44,10 +44,11 @@ def _tiny_cases() -> dict[str, dict]:
 
 @torch.no_grad()
 def _cases(model, inputs: dict, requests: dict) -> dict[str, dict]:
-    """Per request: the last prefill logits of every row, the configurations, and one cached decode step."""
+    """Per request: the last prefill logits of every row, the configurations, and one cached decode step. Recorded
+    with masked batching (a mixed request's grouped prefill agrees within float rounding, not bit for bit)."""
     out = {}
     for name, request in requests.items():
-        prefill = model(**inputs, visor_configuration=request, use_cache=True)
+        prefill = model(**inputs, visor_configuration=request, use_cache=True, visor_batching="masked")
         next_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
         mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_ids)], dim=1)
         step = model(input_ids=next_ids, attention_mask=mask, past_key_values=prefill.past_key_values)

@@ -318,7 +318,7 @@ def test_budget_picks_the_most_expensive_configuration_within_it(visor):
             costs = configuration_costs(visor.config, n_text, n_visual)
             fitting = [c for c, cost in enumerate(costs) if cost <= budget * dense]
             assert report.configuration_index[i] == max(fitting, key=lambda c: (costs[c], c))
-            assert report.prefill_flops[i] <= budget * report.dense_prefill_flops[i]
+            assert report.prefill_flops_alone[i] <= budget * report.dense_prefill_flops[i]
         forced = visor.generate(**batch, max_new_tokens=3, visor_configuration=[list(c) for c in report.configurations])
         assert torch.equal(forced, out.sequences)
     with pytest.raises(ValueError, match="below every configuration"):
@@ -342,8 +342,12 @@ def test_flops_are_reported_in_forward_and_generate(visor):
                      attention_mask=torch.cat([batch["attention_mask"], torch.ones(3, 1, dtype=torch.long)], 1))
     layers = [(0,), (), (0, 2, 3, 5)]
     expected = [prefill_flops(shape, t, v, c, ca) for c, t, v in zip(layers, *counts)]
-    assert out.flops.tolist() == expected
-    assert step.flops.tolist() == [decode_flops(shape, t, v, c, ca) for c, t, v in zip(layers, *counts)]
+    # grouped (the rule's choice here): each sample computed its own layers; decoding runs the cache's full layers
+    # (layer 0, the only SA layer a sample with visual tokens ran) for every sample
+    assert out.visor_computed_layers == [(0,), (), ()]
+    assert out.flops.tolist() == expected == out.flops_alone.tolist()
+    assert step.flops_alone.tolist() == [decode_flops(shape, t, v, c, ca) for c, t, v in zip(layers, *counts)]
+    assert step.flops.tolist() == [decode_flops(shape, t, v, (0,), ca) for t, v in zip(*counts)]
 
     gen = visor.generate(**batch, max_new_tokens=5, min_new_tokens=5, visor_configuration=request, return_dict_in_generate=True)
     report = gen.visor_report
@@ -352,7 +356,8 @@ def test_flops_are_reported_in_forward_and_generate(visor):
     assert report.prefill_flops == expected
     assert [len(d) for d in report.decode_flops] == [4, 4, 4]  # the first new token comes from the prefill
     for i, (c, t, v) in enumerate(zip(layers, *counts)):
-        assert report.decode_flops[i] == [decode_flops(shape, t + k, v, c, ca) for k in range(4)]
+        assert report.decode_flops_alone[i] == [decode_flops(shape, t + k, v, c, ca) for k in range(4)]
+        assert report.decode_flops[i] == [decode_flops(shape, t + k, v, (0,), ca) for k in range(4)]
         assert report.dense_prefill_flops[i] == prefill_flops(shape, t, v)
     assert report.prefill_ratio[2] == 1.0  # text only: VISOR costs what LLaVA-OV costs
     assert report.prefill_ratio[0] < 1.0 and report.prefill_ratio[1] < 1.0

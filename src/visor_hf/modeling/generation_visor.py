@@ -25,7 +25,7 @@ logger = logging.get_logger(__name__)
 
 # inputs of `generate` that a draft model (assisted decoding) receives only if its forward takes them
 _TARGET_ONLY_GENERATE_KWARGS = (
-    "visor_configuration", "visor_budget", "visor_router_threshold", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
+    "visor_configuration", "visor_budget", "visor_router_threshold", "visor_batching", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
     "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
 )
 

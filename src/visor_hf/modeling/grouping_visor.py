@@ -193,7 +193,10 @@ def grouped_prefill(
     config = model.config
     batch = prompt.inputs_embeds.shape[0]
     requests = resolve_configuration_request(config, request, batch, model.router is not None)
-    resolve_router_threshold(config, threshold, any(r == AUTO for r in requests), batch)  # its errors, batch-wide
+    routed_batch = any(r == AUTO for r in requests)
+    resolve_router_threshold(config, threshold, routed_batch, batch)  # its errors, batch-wide
+    # a masked pass that runs the router scores every sample's routing tokens: so does every group then
+    scores = bool(output_router_logits) or routed_batch
     outputs, parts = [], []
     for rows in groups:
         part = VisorCache(config=config.text_config) if cache is not None else None
@@ -207,7 +210,7 @@ def grouped_prefill(
                 part,
                 [requests[r] for r in rows],
                 fresh,
-                output_router_logits,
+                scores,
                 kwargs,
                 select_per_sample(threshold, rows) if routed else None,
             )
