@@ -61,6 +61,8 @@ def markdown(report) -> str:
         lines.append("|---|---|")
         lines.append(f"| dense LLaVA-OV, batch {mixed['batch']} | {1000 * m['dense_batch']:.0f} |")
         lines.append(f"| VISOR, mixed batch {mixed['batch']} | {1000 * m['visor_mixed_batch']:.0f} |")
+        if "visor_grouped_batch" in m:  # results recorded before the grouped prefill existed have none
+            lines.append(f"| VISOR, mixed batch {mixed['batch']}, grouped | {1000 * m['visor_grouped_batch']:.0f} |")
         lines.append(f"| VISOR, the {mixed['batch']} samples one by one (sum) | {1000 * mixed['sum_alone_s']:.0f} |")
         lines.append("")
         lines.append(f"Speedup of the mixed batch over the dense batch: {mixed['speedup_time_vs_dense_batch']:.2f}x "
