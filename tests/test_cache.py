@@ -12,9 +12,9 @@ from visor_hf.testing import TINY_LAYOUT as LAYOUT
 from visor_hf.testing import build_batch, tiny_llava_config, visor_from_llava
 
 
-def _prefill(model, batch, configuration):
+def _prefill(model, batch, configuration, batching="auto"):
     with torch.no_grad():
-        return model(**batch, visor_configuration=configuration, use_cache=True, logits_to_keep=1)
+        return model(**batch, visor_configuration=configuration, use_cache=True, logits_to_keep=1, visor_batching=batching)
 
 
 def _step(model, out, attention_mask):
@@ -29,17 +29,25 @@ def _positions(cache):
 
 
 @pytest.mark.parametrize(
-    "request_, full_layers",
-    [([0, 0, 0], {0}), ([[], [], []], set()), ([0, [], 1], {0, 3}), (["max", 0, []], {0, 2, 3, 5})],
-    ids=["all-[0]", "ca-only", "mixed", "max"],
+    "request_, full_layers, batching",
+    [
+        ([0, 0, 0], {0}, "auto"),
+        ([[], [], []], set(), "auto"),
+        # masked: a layer that any sample runs is full, also one that only the text-only sample asks for (3);
+        # grouped: full where a group with visual tokens ran it
+        ([0, [], 1], {0, 3}, "masked"),
+        ([0, [], 1], {0}, "grouped"),
+        (["max", 0, []], {0, 2, 3, 5}, "auto"),
+    ],
+    ids=["all-[0]", "ca-only", "mixed-masked", "mixed-grouped", "max"],
 )
-def test_visual_keys_are_cached_only_where_used(visor, request_, full_layers):
+def test_visual_keys_are_cached_only_where_used(visor, request_, full_layers, batching):
     batch = build_batch(visor, [ONE_IMAGE, ANYRES, TEXT_ONLY])
     length = batch["input_ids"].shape[1]
     visual = (batch["input_ids"] == visor.config.image_token_id).sum(1)
     width_text = int((~(batch["input_ids"] == visor.config.image_token_id)).sum(1).max())
     width_visual = int(visual.max())
-    out = _prefill(visor, batch, request_)
+    out = _prefill(visor, batch, request_, batching)
     cache = out.past_key_values
     assert isinstance(cache, VisorCache)
     state = cache.visor_state
