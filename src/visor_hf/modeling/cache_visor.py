@@ -173,6 +173,7 @@ class VisorCache(DynamicCache):
         scattered to their positions in the full sequence and zeros at its visual positions, which its `active` row
         hides (`visual_keys_for`). Text-only slots, the visual stream and the cross-attention keys/values are
         right-aligned: narrower groups are padded on the left with slots that `text_valid` / `visual_valid` hide.
+        The parts' slots are emptied as they are merged.
         """
         states = [part.visor_state for part in parts]
         order = [row for rows in groups for row in rows]
@@ -200,6 +201,8 @@ class VisorCache(DynamicCache):
                 ]
                 keys, values = in_order([k for k, _ in full]), in_order([v for _, v in full])
             self.update(keys, values, layer_idx)
+            for slot in slots:  # the parts are consumed: peak memory stays one layer above the merged cache
+                slot.keys = slot.values = None
         cross_kv = {}
         for layer_idx in sorted(set().union(*(s.cross_kv for s in states))):
             reference = next(s.cross_kv[layer_idx][0] for s in states if layer_idx in s.cross_kv)
