@@ -331,3 +331,25 @@ def test_flops_report_what_the_batch_computed(model):
         assert sum(report.total_flops) >= sum(report.total_flops_alone)
     # masking overstates nothing any more: its batch costs more than the grouped one, as computed
     assert sum(expected["masked"]) > sum(expected["grouped"])
+
+
+def test_training_auto_keeps_one_pass_and_grouped_gives_the_same_gradients():
+    batch = build_batch(tiny_visor(seed=5), MIXED)
+    # the first real token of a left-padded row is predicted from a padding position (never read): not a label
+    after_padding = ~torch.nn.functional.pad(_real(batch)[:, :-1], (1, 0), value=False)
+    labels = batch["input_ids"].masked_fill(~_real(batch) | after_padding | (batch["input_ids"] == IMAGE_ID), -100)
+    results = {}
+    for batching in ("auto", "masked", "grouped"):
+        model = tiny_visor(seed=5).train()
+        out = model(**batch, labels=labels, visor_configuration=REQUEST, visor_batching=batching)
+        out.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[batching] = out, grads
+    assert results["auto"][0].visor_computed_layers == [(0, 2, 3, 5)] * 4  # one masked pass
+    assert results["grouped"][0].visor_computed_layers == [(0,), (), (0, 2, 3, 5), ()]
+    torch.testing.assert_close(results["auto"][0].loss, results["masked"][0].loss, atol=0, rtol=0)
+    torch.testing.assert_close(results["grouped"][0].loss, results["masked"][0].loss, **TIGHT)
+    grouped, masked = results["grouped"][1], results["masked"][1]
+    assert grouped.keys() == masked.keys()
+    for name in masked:
+        torch.testing.assert_close(grouped[name], masked[name], atol=1e-6, rtol=1e-5, msg=name)

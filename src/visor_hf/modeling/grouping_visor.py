@@ -101,9 +101,13 @@ def batch_prefill_cost(config, requests, groups, counts) -> int:
     return total
 
 
-def choose_groups(config, mode: str, request, prompt: PrefillInputs, has_router: bool, cache) -> list[list[int]] | None:
-    """The groups a prefill runs as (None: one masked batch). `mode`: a checked `visor_batching`."""
-    if mode == MASKED:
+def choose_groups(
+    config, mode: str, request, prompt: PrefillInputs, has_router: bool, cache, training: bool = False
+) -> list[list[int]] | None:
+    """The groups a prefill runs as (None: one masked batch). `mode`: a checked `visor_batching`. In training "auto"
+    keeps one pass: sharded training gathers a layer's parameters at every call and activation checkpointing
+    recomputes every call, costs the FLOPs rule does not see (`"grouped"` still groups)."""
+    if mode == MASKED or (mode == AUTO and training):
         return None
     batch = prompt.inputs_embeds.shape[0]
     requests = resolve_configuration_request(config, request, batch, has_router)

@@ -408,7 +408,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             inputs_embeds, visual_mask, segments, position_ids, valid, attention_mask, self._routing_mask(input_ids, inputs_embeds)
         )
         mode = check_visor_batching(visor_batching)
-        groups = choose_groups(self.config, mode, visor_configuration, prompt, self.router is not None, cache)
+        groups = choose_groups(self.config, mode, visor_configuration, prompt, self.router is not None, cache, self.training)
         if groups is None:  # one pass; samples that skip a layer another one runs have the visual keys masked
             output = self._prefill_rows(prompt, cache, visor_configuration, capture, output_router_logits, kwargs, visor_router_threshold)
         else:
