@@ -7,7 +7,7 @@ from transformers import DynamicCache, LlavaOnevisionConfig, Qwen2Config
 from samples import ROUTED_ANYRES as ANYRES
 from samples import ROUTED_ONE_IMAGE as ONE_IMAGE
 from samples import ROUTED_TEXT_ONLY as TEXT_ONLY
-from visor_hf.modeling import FlopsShape, VisorCache, decode_flops, prefill_flops, vision_flops
+from visor_hf.modeling import FlopsShape, VisorCache, VisorStaticCache, decode_flops, prefill_flops, vision_flops
 from visor_hf.testing import TINY_LAYOUT as LAYOUT
 from visor_hf.testing import build_batch, tiny_llava_config, visor_from_llava
 
@@ -203,11 +203,15 @@ def test_generation_continues_from_a_returned_cache(visor):
     assert torch.equal(cont, ref)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["VisorCache", "VisorStaticCache"])
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_a_decoding_step_makes_no_host_sync(llava, implementation):
+def test_a_decoding_step_makes_no_host_sync(llava, implementation, static):
     model = visor_from_llava(llava, attn_implementation=implementation, **LAYOUT)
     batch = build_batch(model, [ONE_IMAGE, ANYRES, TEXT_ONLY])
-    out = _prefill(model, batch, torch.tensor([0, 1, 2]))
+    length = batch["input_ids"].shape[1] + 4
+    cache = VisorStaticCache(config=model.config.text_config, max_cache_len=length) if static else None
+    with torch.no_grad():
+        out = model(**batch, visor_configuration=torch.tensor([0, 1, 2]), past_key_values=cache, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
     names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
