@@ -16,8 +16,18 @@ from samples import ROUTED_ANYRES as ANYRES
 from samples import ROUTED_ONE_IMAGE as ONE_IMAGE
 from samples import ROUTED_TEXT_ONLY as TEXT_ONLY
 from visor_hf.modeling import VisorCache, VisorStaticCache
+from visor_hf.testing import (
+    IMAGE_ID,
+    QWEN_FAMILIES,
+    VIDEO_ID,
+    build_batch,
+    build_qwen_vl_batch,
+    tiny_qwen_vl,
+    visor_from_llava,
+    visor_from_qwen_vl,
+    word_ids,
+)
 from visor_hf.testing import TINY_LAYOUT as LAYOUT
-from visor_hf.testing import build_batch, visor_from_llava
 
 # a mixed batch: a full layer that some samples skip (hidden visual keys), CA layers, text-only layers
 REQUEST = [0, [0, 3], "max"]
@@ -188,3 +198,35 @@ def test_an_inductor_compiled_static_decoding_step(llava):
     for a, b in zip(logits, expected):
         assert torch.equal(a.argmax(-1), b.argmax(-1))
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", QWEN_FAMILIES)
+def test_the_static_cache_on_the_qwen_vl_backbone(family):
+    """The M-RoPE backbone: `generate` with the static cache equals the dynamic one, and a hand-written step without
+    position ids continues from the static cache's device-side length as from the dynamic cache's."""
+    model = visor_from_qwen_vl(tiny_qwen_vl(family), **LAYOUT)
+    image = {"text": [*word_ids("user"), "<image>", *word_ids("what is this ?")], "images": [(16, 40)], "seed": 0}
+    batch = build_qwen_vl_batch([image, {"text": word_ids("user how many circle are there ?"), "seed": 1}])
+    settings = {
+        "max_new_tokens": 4,
+        "min_new_tokens": 4,
+        "do_sample": False,
+        "visor_configuration": [1, "max"],
+        "suppress_tokens": [IMAGE_ID, VIDEO_ID],
+        "output_scores": True,
+        "return_dict_in_generate": True,
+    }
+    dynamic = model.generate(**batch, **settings)
+    static = model.generate(**batch, cache_implementation="static", **settings)
+    assert type(static.past_key_values) is VisorStaticCache
+    assert torch.equal(static.sequences, dynamic.sequences)
+    torch.testing.assert_close(torch.stack(static.scores), torch.stack(dynamic.scores), atol=1e-5, rtol=1e-5)
+    length = batch["input_ids"].shape[1] + 2
+    steps = []
+    for cache in (None, VisorStaticCache(config=model.config.text_config, max_cache_len=length)):
+        with torch.no_grad():
+            out = model(**batch, visor_configuration=1, past_key_values=cache)
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
+            steps.append(model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values).logits)
+    torch.testing.assert_close(steps[1], steps[0], atol=1e-5, rtol=1e-5)
