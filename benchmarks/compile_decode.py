@@ -63,8 +63,10 @@ class Row:
                 logits_to_keep=1,
                 **kwargs,
             )
+            # inference tensors, as every later step's: a normal tensor would make the second step recompile
+            token, mask = out.logits[:, -1:].argmax(-1), torch.ones_like(input_ids)
         pad_to = input_ids.shape[1] + extra_room if self.static else None
-        return out.logits[:, -1:].argmax(-1), torch.ones_like(input_ids), out.past_key_values, pad_to
+        return token, mask, out.past_key_values, pad_to
 
     def step(self, token, mask, cache):
         return self.model(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
