@@ -7,7 +7,7 @@ from transformers import DynamicCache, LlavaOnevisionConfig, Qwen2Config
 from samples import ROUTED_ANYRES as ANYRES
 from samples import ROUTED_ONE_IMAGE as ONE_IMAGE
 from samples import ROUTED_TEXT_ONLY as TEXT_ONLY
-from visor_hf.modeling import FlopsShape, VisorCache, decode_flops, prefill_flops, vision_flops
+from visor_hf.modeling import FlopsShape, VisorCache, VisorStaticCache, decode_flops, prefill_flops, vision_flops
 from visor_hf.testing import TINY_LAYOUT as LAYOUT
 from visor_hf.testing import build_batch, tiny_llava_config, visor_from_llava
 
@@ -211,11 +211,15 @@ def test_generation_continues_from_a_returned_cache(visor):
     assert torch.equal(cont, ref)
 
 
+@pytest.mark.parametrize("static", [False, True], ids=["VisorCache", "VisorStaticCache"])
 @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_a_decoding_step_makes_no_host_sync(llava, implementation):
+def test_a_decoding_step_makes_no_host_sync(llava, implementation, static):
     model = visor_from_llava(llava, attn_implementation=implementation, **LAYOUT)
     batch = build_batch(model, [ONE_IMAGE, ANYRES, TEXT_ONLY])
-    out = _prefill(model, batch, torch.tensor([0, 1, 2]))
+    length = batch["input_ids"].shape[1] + 4
+    cache = VisorStaticCache(config=model.config.text_config, max_cache_len=length) if static else None
+    with torch.no_grad():
+        out = model(**batch, visor_configuration=torch.tensor([0, 1, 2]), past_key_values=cache, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
     names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
@@ -261,27 +265,47 @@ def test_a_cache_from_another_model_or_batch_is_refused_clearly(llava, visor, de
         visor(input_ids=token, attention_mask=mask, past_key_values=prompt.past_key_values)
 
 
-@pytest.mark.parametrize("how", ["cache_implementation", "cache_object"])
+@pytest.mark.parametrize("how", ["static", "offloaded", "offloaded_static", "static_cache_object", "dynamic_cache_object"])
 def test_a_replaced_user_cache_is_named_in_a_warning(visor, how):
-    """A cache the user chose (`cache_implementation="static"`, a `StaticCache`) cannot hold VISOR's per-sample layout:
-    generate replaces it with a VisorCache, says so, and answers as with the default cache."""
-    from transformers import StaticCache
+    """A cache laid out before the prefill cannot hold VISOR's per-sample layout: generate replaces it with a VISOR
+    cache (a `VisorStaticCache` of the same length for a static one), answers as with the default cache, and names
+    in a warning what it replaced and why unless the replacement is what was asked (`"static"`)."""
+    from transformers import DynamicCache, StaticCache
     from transformers.testing_utils import CaptureLogger
     from transformers.utils import logging
 
+    from visor_hf.modeling import VisorStaticCache
+
     batch = build_batch(visor, [ONE_IMAGE])
-    asked = (
-        {"cache_implementation": "static"}
-        if how == "cache_implementation"
-        else {"past_key_values": StaticCache(config=visor.config.text_config, max_cache_len=batch["input_ids"].shape[1] + 4)}
-    )
-    expected = visor.generate(**batch, max_new_tokens=3, do_sample=False)
+    length = batch["input_ids"].shape[1] + 4
+    asked = {
+        "static": {"cache_implementation": "static"},
+        "offloaded": {"cache_implementation": "offloaded"},
+        "offloaded_static": {"cache_implementation": "offloaded_static"},
+        "static_cache_object": {"past_key_values": StaticCache(config=visor.config.text_config, max_cache_len=length)},
+        "dynamic_cache_object": {"past_key_values": DynamicCache(config=visor.config.text_config, offloading=True)},
+    }[how]
+    expected = visor.generate(**batch, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True)
     logger = logging.get_logger("visor_hf.modeling.generation_visor")
     with CaptureLogger(logger) as captured:
-        out = visor.generate(**batch, max_new_tokens=3, do_sample=False, **asked)
-    assert torch.equal(out, expected)
-    named = "cache_implementation='static'" if how == "cache_implementation" else "the given StaticCache"
-    assert f"VISOR replaces {named} with a VisorCache" in captured.out
+        out = visor.generate(
+            **batch, max_new_tokens=3, do_sample=False, output_scores=True, return_dict_in_generate=True, **asked
+        )
+    assert torch.equal(out.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(out.scores), torch.stack(expected.scores), atol=1e-5, rtol=1e-5)
+    static = how in ("static", "offloaded_static", "static_cache_object")
+    assert type(out.past_key_values) is (VisorStaticCache if static else VisorCache)
+    warning = {
+        "static": None,
+        "offloaded": "VISOR replaces cache_implementation='offloaded' with a VisorCache: it does not offload",
+        "offloaded_static": "VISOR replaces cache_implementation='offloaded_static' with a VisorStaticCache(max_cache_len=",
+        "static_cache_object": f"VISOR replaces the given StaticCache with a VisorStaticCache(max_cache_len={length})",
+        "dynamic_cache_object": "VISOR replaces the given DynamicCache with a VisorCache: it does not offload",
+    }[how]
+    if warning is None:
+        assert "replaces" not in captured.out
+    else:
+        assert warning in captured.out
     with CaptureLogger(logger) as quiet:
         visor.generate(**batch, max_new_tokens=3, do_sample=False)
     assert "replaces" not in quiet.out  # the default cache is replaced silently

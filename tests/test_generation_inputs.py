@@ -15,7 +15,7 @@ from samples import ROUTED_ANYRES as ANYRES
 from samples import ROUTED_ONE_IMAGE as ONE_IMAGE
 from samples import ROUTED_TEXT_ONLY as TEXT_ONLY
 from samples import ROUTED_TWO_IMAGES as TWO_IMAGES
-from visor_hf.modeling import FlopsShape, VisorCache, prefill_flops
+from visor_hf.modeling import FlopsShape, VisorCache, VisorStaticCache, prefill_flops
 from visor_hf.modeling.flops_visor import configuration_costs
 from visor_hf.testing import ROUTE_ID, VIDEO_ID, build_batch, tiny_llava, visor_from_llava, word_ids
 from visor_hf.testing import TINY_LAYOUT as LAYOUT
@@ -307,10 +307,10 @@ def test_crop_reaches_into_the_prompts_trailing_text_only(visor):
     assert [layer.keys.shape for layer in cache.layers] == shapes  # a refused crop leaves the cache as it was
 
 
-def test_a_requested_cache_implementation_is_replaced_by_the_visor_cache(visor):
-    # the layer-sparse layout is decided at prefill, so a preallocated (static) cache cannot hold it
+def test_a_requested_static_cache_is_the_visor_static_cache(visor):
+    # the layer-sparse layout is decided at prefill: "static" gets VISOR's own static cache, sized after the prefill
     batch = build_batch(visor, [ONE_IMAGE, TEXT_ONLY])
     default = _run(visor, batch, visor_configuration=1)
     static = _run(visor, batch, visor_configuration=1, cache_implementation="static")
-    assert isinstance(static.past_key_values, VisorCache)
+    assert isinstance(static.past_key_values, VisorStaticCache)
     _assert_same(static, default)

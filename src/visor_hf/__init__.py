@@ -14,6 +14,7 @@ from .modeling import (
     VisorModel,
     VisorModelOutputWithPast,
     VisorPreTrainedModel,
+    VisorStaticCache,
     uniform_layer_layout,
 )
 from .modeling.configuration_qwen2_vl_visor import VisorQwen2_5_VLConfig, VisorQwen2VLConfig
@@ -55,6 +56,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "VisorCache",
+    "VisorStaticCache",
     "VisorCausalLMOutputWithPast",
     "VisorConfig",
     "VisorDataCollator",

@@ -1,6 +1,6 @@
 """VISOR model files; this folder also ships to the Hub as remote code (relative imports only)."""
 
-from .cache_visor import VisorCache, VisorState
+from .cache_visor import VisorCache, VisorState, VisorStaticCache
 from .configuration_visor import VisorConfig, uniform_layer_layout
 from .flops_visor import (
     FlopsCount,
@@ -31,6 +31,7 @@ __all__ = [
     "prefill_flops",
     "vision_flops",
     "VisorCache",
+    "VisorStaticCache",
     "VisorState",
     "VisorConfig",
     "uniform_layer_layout",

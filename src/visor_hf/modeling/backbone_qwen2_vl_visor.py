@@ -95,7 +95,7 @@ class QwenVLBackbone:
         """`[B, new]` positions of new tokens at indices `start ..` of the padded sequence: index + `rope_deltas`."""
         deltas = self.rope_deltas if self.rope_deltas is not None else torch.zeros(batch, 1, dtype=torch.long, device=device)
         deltas = deltas.to(device).repeat_interleave(batch // deltas.shape[0], dim=0)  # beams / returned sequences
-        return torch.arange(start, start + new, device=device)[None] + deltas
+        return (torch.arange(new, device=device) + start)[None] + deltas  # `start` may be a device tensor
 
 
 __all__ = ["QwenVLBackbone"]

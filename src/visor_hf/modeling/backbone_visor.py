@@ -70,9 +70,10 @@ class LlavaOnevisionBackbone:
         return inputs_embeds, visual_mask, segments, image_features, video_features
 
     def backbone_position_ids(self, position_ids, batch: int, start: int, length: int, device) -> torch.Tensor:
-        """`[B, length]` position ids of tokens `start .. start + length - 1` (given ones are broadcast)."""
+        """`[B, length]` position ids of tokens `start .. start + length - 1` (given ones are broadcast). `start` may
+        be a device tensor (a static cache's position: no host sync, no recompilation per step)."""
         if position_ids is None:
-            position_ids = torch.arange(start, start + length, device=device)[None]
+            position_ids = (torch.arange(length, device=device) + start)[None]
         return position_ids.expand(batch, -1)
 
     def backbone_rotary(self, states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

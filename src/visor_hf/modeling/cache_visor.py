@@ -10,7 +10,12 @@ holds depends on the layer's *layout*, fixed at prefill:
 Cross-attention layers also keep the keys/values of the visual tokens, computed once at prefill.
 `VisorState` holds the token bookkeeping that the masks need at every decoding step. The cache owns it: the model
 starts it with `start_prompt`, books new tokens with `append_text` and reads it through the cache's methods
-(`valid_keys`, `visual_keys_for`, `cross_attention_kv`, ...); `visor_state` is a read-only view.
+(`valid_keys`, `visual_keys_for`, `cross_attention_kv`, `decode_start`, ...); `visor_state` is a read-only view.
+
+`VisorStaticCache` is the static-shape variant (what `cache_implementation="static"` asks for): the prefill runs as
+with `VisorCache`, then every slot is moved into a pre-allocated buffer sized for `max_cache_len` logical tokens,
+and a decoding step writes at device-side positions, so its shapes and its Python-side state do not change from
+step to step (`torch.compile` without recompiling, CUDA graphs).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field, fields
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticLayer
 
 from .streams_visor import compact_indices
 
@@ -289,6 +294,10 @@ class VisorCache(DynamicCache):
             new_valid = torch.ones(state.text_valid.shape[0], new, dtype=torch.bool, device=state.text_valid.device)
         state.append_text(new_valid)
 
+    def decode_start(self) -> int | torch.Tensor:
+        """Logical position of the first token of the next decoding step (the sequence length so far)."""
+        return self._visor_state.seq_length
+
     def get_seq_length(self, layer_idx: int = 0) -> int:
         if self._visor_state is not None:
             return self._visor_state.seq_length
@@ -385,4 +394,134 @@ def _text_to_full(states: torch.Tensor, text_index: torch.Tensor, length: int) -
     return full.scatter(2, index, states)[:, :, :length]
 
 
-__all__ = ["VisorCache", "VisorState", "FULL", "TEXT"]
+class VisorStaticLayer(StaticLayer):
+    """A `StaticLayer` that beam search reorders in place (its buffers keep their address, as CUDA graphs need) and
+    that batch expansion / selection can resize."""
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.keys.copy_(self.keys.index_select(0, beam_idx.to(self.keys.device)))
+        self.values.copy_(self.values.index_select(0, beam_idx.to(self.values.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.keys = self.keys.repeat_interleave(repeats, dim=0)
+        self.values = self.values.repeat_interleave(repeats, dim=0)
+        self.batch_size = self.keys.shape[0]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keys = self.keys[indices, ...]
+        self.values = self.values[indices, ...]
+        self.batch_size = self.keys.shape[0]
+
+
+class VisorStaticCache(VisorCache):
+    """A `VisorCache` with static shapes while decoding: `max_cache_len` logical tokens (prompt, visual tokens
+    included, plus the new tokens), as transformers' `StaticCache` takes it.
+
+    The prefill fills ordinary slots (their layout, and so their length, is only known once the plan has run);
+    `start_prompt` then moves every slot into a pre-allocated buffer with room for the same `max_cache_len - prompt`
+    new tokens (a `"full"` slot: `max_cache_len` positions; a `"text"` slot: the prompt's text stream plus that
+    room), and the masks of the state into buffers of the same widths. A decoding step writes its keys/values and
+    masks at device-side positions (`decode_start` is a device tensor) and keeps the host-side bookkeeping (the
+    logical length, the FLOPs of the step) outside any compiled graph, so the step's shapes and guards do not change
+    from step to step. `generate(cache_implementation="static")` uses it; it cannot be cropped (assisted decoding).
+    """
+
+    def __init__(self, config, max_cache_len: int, **kwargs):
+        super().__init__(config=config, **kwargs)
+        if max_cache_len <= 0:
+            raise ValueError(f"max_cache_len must be positive, got {max_cache_len}")
+        self.max_cache_len = max_cache_len
+        self._text_end: torch.Tensor | None = None  # next free slot of a "text" layer (device, 0-d)
+        self._full_end: torch.Tensor | None = None  # next free slot of a "full" layer = the logical length
+
+    @property
+    def is_compileable(self) -> bool:
+        # before the prefill its slots are ordinary ones, but `generate` decides whether to compile up front
+        return True
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    def start_prompt(self, **fields) -> None:
+        super().start_prompt(**fields)
+        state = self._visor_state
+        room = self.max_cache_len - state.seq_length
+        if room < 1:
+            self._visor_state = None
+            raise ValueError(
+                f"max_cache_len={self.max_cache_len} leaves no room for a new token after the prompt's "
+                f"{state.seq_length} tokens (visual tokens included)"
+            )
+        for index, layer in enumerate(self.layers):
+            static = VisorStaticLayer(max_cache_len=layer.keys.shape[-2] + room)
+            static.lazy_initialization(layer.keys, layer.values)
+            static.update(layer.keys, layer.values)
+            self.layers[index] = static
+
+        def widened(mask: torch.Tensor) -> torch.Tensor:
+            return torch.cat([mask, mask.new_zeros(mask.shape[0], room)], dim=1)
+
+        state.text_valid = widened(state.text_valid)
+        state.full_valid = widened(state.full_valid)
+        state.full_visual = widened(state.full_visual)
+        device = state.full_valid.device
+        self._text_end = torch.tensor(state.text_valid.shape[1] - room, device=device)
+        self._full_end = torch.tensor(state.seq_length, device=device)
+        for tensor in (state.text_valid, state.full_valid, self._text_end, self._full_end):
+            torch._dynamo.mark_static_address(tensor)
+
+    def decode_start(self) -> torch.Tensor:
+        return self._full_end
+
+    @torch.compiler.disable
+    def _book_host(self, width: int | None, new: int) -> None:
+        """The host-side part of booking `new` tokens (checks, logical length): run eagerly, outside a compiled graph,
+        so that no graph reads the growing length."""
+        state = self._visor_state
+        if state.seq_length + new > self.max_cache_len:
+            raise ValueError(
+                f"this VisorStaticCache is full: it holds {state.seq_length} of max_cache_len={self.max_cache_len} "
+                f"tokens and {new} are new"
+            )
+        if width is not None and width not in (state.seq_length + new, self.max_cache_len):
+            raise ValueError(
+                f"attention_mask covers {width} tokens; the cache holds {state.seq_length} and {new} are new: pass the "
+                f"mask of the whole sequence (or padded to max_cache_len={self.max_cache_len})"
+            )
+        state.seq_length += new
+
+    def append_text(self, attention_mask: torch.Tensor | None, new: int) -> None:
+        """As `VisorCache.append_text`; `attention_mask` may also be padded to `max_cache_len` (what `generate` passes
+        with this cache, so that every step's inputs keep one shape)."""
+        state = self._visor_state
+        width = None if attention_mask is None else attention_mask.shape[1]
+        self._book_host(width, new)
+        batch = state.full_valid.shape[0]
+        steps = torch.arange(new, device=self._full_end.device)
+        full_slots, text_slots = self._full_end + steps, self._text_end + steps
+        if attention_mask is None:
+            new_valid = torch.ones(batch, new, dtype=torch.bool, device=state.full_valid.device)
+        elif width == self.max_cache_len:
+            new_valid = attention_mask.gather(1, full_slots[None].expand(batch, -1).to(attention_mask.device)).bool()
+        else:
+            new_valid = attention_mask[:, -new:].bool()
+        new_valid = new_valid.to(state.full_valid.device)
+        state.text_valid.index_copy_(1, text_slots, new_valid)
+        state.full_valid.index_copy_(1, full_slots, new_valid)
+        self._text_end.add_(new)
+        self._full_end.add_(new)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        for layer in self.layers:
+            layer.reorder_cache(beam_idx)
+        if self._visor_state is not None:  # in place: the buffers keep their address
+            self._visor_state.map_batch(lambda t: t.copy_(t.index_select(0, beam_idx.to(t.device))))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove < 0 and self._visor_state is not None:
+            raise ValueError("a VisorStaticCache cannot be cropped (assisted decoding): use a VisorCache")
+        super().crop(tokens_to_remove)
+
+
+__all__ = ["VisorCache", "VisorStaticCache", "VisorState", "FULL", "TEXT"]

@@ -10,12 +10,12 @@ import weakref
 
 import torch
 from torch import nn
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import DynamicCache, StaticCache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import ModelOutput
 from transformers.utils import logging
 
-from .cache_visor import VisorCache
+from .cache_visor import VisorCache, VisorStaticCache
 from .flops_visor import VisorFlopsReport
 from .report_visor import budget_request, generation_report, prompt_token_counts
 from .requests_visor import is_per_sample
@@ -166,16 +166,44 @@ class VisorGenerationMixin(GenerationMixin):
         super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if cache is not None and not isinstance(cache, VisorCache) and cache.get_seq_length() == 0:
-            asked = generation_config.cache_implementation
-            if asked is not None or type(cache) is not DynamicCache:  # the user chose this cache: say what happens to it
-                what = f"cache_implementation={asked!r}" if asked is not None else f"the given {type(cache).__name__}"
-                logger.warning(
-                    f"VISOR replaces {what} with a VisorCache: which layers cache visual keys/values is decided at "
-                    "prefill (per sample), so a cache laid out beforehand cannot hold them"
-                )
-            model_kwargs["past_key_values"] = VisorCache(config=self.config.text_config)
+            model_kwargs["past_key_values"] = self._visor_cache_for(cache, generation_config.cache_implementation)
         # kept for the report that `generate` builds when it returns (dropped right after)
         _thread_slots("caches")[self] = model_kwargs.get("past_key_values")
+
+    def _visor_cache_for(self, cache, asked: str | None) -> VisorCache:
+        """The VISOR cache that replaces the empty `cache` that `generate` prepared or was given: a `VisorStaticCache`
+        of the same `max_cache_len` for a `StaticCache` (`cache_implementation="static"`), else a `VisorCache`. A
+        replacement the user did not ask for is named in a warning, with the reason."""
+        what = f"cache_implementation={asked!r}" if asked is not None else f"the given {type(cache).__name__}"
+        # which layers cache visual keys/values is decided at prefill (per sample): no cache is laid out beforehand
+        why = "VISOR lays its cache out at prefill (which layers hold visual keys/values is decided per sample)"
+        if isinstance(cache, StaticCache):
+            length = cache.get_max_length()
+            if cache.offloading:
+                logger.warning(
+                    f"VISOR replaces {what} with a VisorStaticCache(max_cache_len={length}) that does not offload: {why}"
+                )
+            elif asked is None:
+                logger.warning(
+                    f"VISOR replaces {what} with a VisorStaticCache(max_cache_len={length}), which generate fills instead "
+                    f"(the given object stays empty): {why}"
+                )
+            return VisorStaticCache(config=self.config.text_config, max_cache_len=length)
+        offloading = getattr(cache, "offloading", False)
+        if asked is not None or type(cache) is not DynamicCache or offloading:  # the user chose it: say what happens
+            reason = "it does not offload" if offloading else why
+            logger.warning(f"VISOR replaces {what} with a VisorCache: {reason}")
+        return VisorCache(config=self.config.text_config)
+
+    def create_masks_for_generate(self, config, inputs_embeds, attention_mask, past_key_values=None, **kwargs):
+        """What `generate` passes as `attention_mask` with a compileable cache (where transformers builds a 4D mask):
+        VISOR builds its masks itself, per layout, so the 2D mask stays 2D. Once a `VisorStaticCache` holds a prompt,
+        the mask is padded to `max_cache_len` columns, so that every decoding step's inputs have one shape."""
+        if isinstance(past_key_values, VisorStaticCache) and past_key_values.visor_state is not None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                missing = past_key_values.max_cache_len - attention_mask.shape[1]
+                attention_mask = nn.functional.pad(attention_mask, (0, max(missing, 0)))
+        return attention_mask
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, *args, **kwargs):
         model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)

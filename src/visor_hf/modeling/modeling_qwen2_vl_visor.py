@@ -138,7 +138,7 @@ class VisorQwenVLModelMixin(VisorEngine, QwenVLBackbone):
             if pixel_values is not None or pixel_values_videos is not None or mm_encoder_outputs:
                 raise ValueError("images must be given in the first forward (prefill); this cache already holds a prompt")
             if position_ids is None:
-                position_ids = self.decoding_position_ids(batch, cache.get_seq_length(), new, inputs_embeds.device)
+                position_ids = self.decoding_position_ids(batch, cache.decode_start(), new, inputs_embeds.device)
             return self._decode(inputs_embeds, attention_mask, position_ids, cache, capture, kwargs)
         if attention_mask is None:
             # an explicit mask: masks are then never inferred from the (non-consecutive) M-RoPE positions

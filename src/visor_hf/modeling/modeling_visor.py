@@ -31,7 +31,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 
 from .arguments_visor import check_forward_kwargs
 from .backbone_visor import LlavaOnevisionBackbone
-from .cache_visor import TEXT, VisorCache
+from .cache_visor import TEXT, VisorCache, VisorStaticCache
 from .configuration_visor import VisorConfig
 from .generation_visor import VisorGenerationMixin
 from .grouping_visor import PrefillInputs, check_visor_batching, choose_groups, grouped_prefill
@@ -184,6 +184,9 @@ class RouterInputs:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
+
+# the FLOPs of a decoding step, computed from host-side counts, run eagerly even inside a compiled forward
+decode_flops_outside_graph = torch.compiler.disable(decode_flops_per_sample)
 
 
 @torch.no_grad()
@@ -533,7 +536,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         """A step after prefill: every new token is text, whatever its id; the plan is the cache's."""
         batch, new = inputs_embeds.shape[:2]
         cache.check_continues(self.config.text_config.num_hidden_layers, self.config.cross_attention_layers, batch)
-        position_ids = self.backbone_position_ids(position_ids, batch, cache.get_seq_length(), new, inputs_embeds.device)
+        position_ids = self.backbone_position_ids(position_ids, batch, cache.decode_start(), new, inputs_embeds.device)
         cache.append_text(attention_mask, new)
         rotary = self.backbone_rotary(inputs_embeds, position_ids)
         streams = VisorStreams(inputs_embeds, position_ids, rotary, position_ids, rotary, new)
@@ -683,8 +686,10 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         if not prefill:
             if state is None or not state.prompt_text:
                 return None, None
+            # host-side counts: outside the compiled graph with a static cache (no guard on the growing length)
+            flops_of = decode_flops_outside_graph if isinstance(cache, VisorStaticCache) else decode_flops_per_sample
             new = outputs.last_hidden_state.shape[1]
-            return decode_flops_per_sample(self.config, state, new), decode_flops_per_sample(self.config, state, new, alone=True)
+            return flops_of(self.config, state, new), flops_of(self.config, state, new, alone=True)
         if counts is None and state is not None:
             visual = state.full_valid & state.full_visual
             counts = tuple(torch.stack([state.text_valid.sum(1), visual.sum(1)]).tolist())
