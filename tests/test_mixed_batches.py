@@ -129,6 +129,22 @@ def test_grouped_generate_equals_masked(model, options):
     assert out["grouped"].visor_configurations == out["masked"].visor_configurations
 
 
+def test_grouped_prefill_into_a_static_cache_equals_the_dynamic_cache(model):
+    """The merged prompt of a grouped prefill moves into the static cache's buffers as a masked one does."""
+    batch = build_batch(model, MIXED)
+    out = {}
+    for cache in ("dynamic", "static"):
+        out[cache] = model.generate(
+            **batch, visor_configuration=REQUEST, visor_batching="grouped", max_new_tokens=NEW, min_new_tokens=NEW,
+            do_sample=False, num_beams=2, output_scores=True, return_dict_in_generate=True,
+            cache_implementation=cache,
+        )
+    assert torch.equal(out["static"].sequences, out["dynamic"].sequences)
+    for a, b in zip(out["static"].scores, out["dynamic"].scores, strict=True):
+        finite = torch.isfinite(b)
+        torch.testing.assert_close(a[finite], b[finite], atol=1e-5, rtol=1e-5)
+
+
 def test_each_sample_of_a_grouped_batch_equals_itself_alone(model):
     batch = build_batch(model, MIXED)
     greedy = {
