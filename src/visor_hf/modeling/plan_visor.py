@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.masking_utils import or_masks
 
 from .cache_visor import FULL, TEXT
+from .masks_visor import FLEX, block_mask, materialise, rows_without_keys
 from .streams_visor import gather_tokens, merge_streams
 
 
@@ -50,7 +52,7 @@ class CrossAttentionInputs:
     """What the CA blocks of one forward share: the mask over the visual stream and which text tokens see any
     visual token (`has_key`, `[B, Q, 1]` in the hidden dtype; a text token that sees none gets nothing added)."""
 
-    mask: torch.Tensor
+    mask: torch.Tensor  # or flex attention's BlockMask
     has_key: torch.Tensor
 
     @classmethod
@@ -58,6 +60,18 @@ class CrossAttentionInputs:
         """From a boolean `[B, Q, N_vis]` (text token q may see visual token j)."""
         has_key = allowed.any(-1, keepdim=True)
         return cls(to_attention_mask(allowed | ~has_key, implementation, dtype), has_key.to(dtype))
+
+    @classmethod
+    def from_mask_function(
+        cls, mask_function: Callable, shape: tuple[int, int, int], implementation: str, dtype: torch.dtype, device
+    ) -> CrossAttentionInputs:
+        """From a mask function over `shape` = (B, Q, N_vis): materialised for eager/sdpa, a `BlockMask` for flex."""
+        allowed = materialise(mask_function, *shape, device)
+        if implementation != FLEX:
+            return cls.from_allowed(allowed, implementation, dtype)
+        has_key = allowed.any(-1)
+        mask = block_mask(or_masks(mask_function, rows_without_keys(has_key)), *shape, device)
+        return cls(mask, has_key[..., None].to(dtype))
 
 
 @dataclass
