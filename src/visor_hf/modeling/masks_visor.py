@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torch_flex_attn_available
 
 if is_torch_flex_attn_available():
@@ -36,8 +37,9 @@ def check_attention_implementation(implementation: str | None, model_name: str, 
     if implementation is None or isinstance(implementation, dict):
         return  # the default (sdpa), or per-sub-config choices that the sub-models check
     offered = ATTENTION_IMPLEMENTATIONS if flex else ATTENTION_IMPLEMENTATIONS[:-1]
-    if implementation in offered:
-        return
+    known = implementation in ALL_ATTENTION_FUNCTIONS.valid_keys() or "flash" in implementation or "/" in implementation
+    if implementation in offered or not known:
+        return  # an unknown name gets transformers' own error (it lists the valid names)
     names = ", ".join(f'"{name}"' for name in offered)
     why = (
         "its text-only and cross-attention passes need arbitrary masks (causal by original position, visual keys "
@@ -70,15 +72,6 @@ def decoding_cross_attention_mask_function(visual_valid: torch.Tensor) -> Callab
     return inner
 
 
-def rows_without_keys(has_key: torch.Tensor) -> Callable:
-    """`has_key` [B, Q]: the rows that see no key see every key instead (no empty softmax; their output is dropped)."""
-
-    def inner(batch_idx, head_idx, q_idx, kv_idx):
-        return ~has_key[batch_idx, q_idx]
-
-    return inner
-
-
 def materialise(mask_function: Callable, batch: int, q_length: int, kv_length: int, device) -> torch.Tensor:
     """`[B, Q, K]` booleans of a mask function, by broadcasting index tensors (no vmap, as transformers' sdpa masks)."""
     batch_idx = torch.arange(batch, device=device)[:, None, None]
@@ -99,5 +92,4 @@ __all__ = [
     "decoding_cross_attention_mask_function",
     "materialise",
     "block_mask",
-    "rows_without_keys",
 ]

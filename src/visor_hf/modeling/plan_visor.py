@@ -22,10 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.masking_utils import or_masks
 
 from .cache_visor import FULL, TEXT
-from .masks_visor import FLEX, block_mask, materialise, rows_without_keys
+from .masks_visor import FLEX, block_mask, materialise
 from .streams_visor import gather_tokens, merge_streams
 
 
@@ -69,9 +68,11 @@ class CrossAttentionInputs:
         allowed = materialise(mask_function, *shape, device)
         if implementation != FLEX:
             return cls.from_allowed(allowed, implementation, dtype)
-        has_key = allowed.any(-1)
-        mask = block_mask(or_masks(mask_function, rows_without_keys(has_key)), *shape, device)
-        return cls(mask, has_key[..., None].to(dtype))
+        # a row that sees no key is left empty: flex attention returns zeros there (no NaN), and `has_key` drops it
+        # anyway. (Widening it to every key, as above, would read `has_key[b, q]` in the mask: torch 2.13's CPU
+        # kernel fails to compile such a mask for a one-token decoding step.)
+        has_key = allowed.any(-1, keepdim=True)
+        return cls(block_mask(mask_function, *shape, device), has_key.to(dtype))
 
 
 @dataclass
