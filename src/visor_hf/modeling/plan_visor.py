@@ -68,9 +68,7 @@ class CrossAttentionInputs:
         allowed = materialise(mask_function, *shape, device)
         if implementation != FLEX:
             return cls.from_allowed(allowed, implementation, dtype)
-        # a row that sees no key is left empty: flex attention returns zeros there (no NaN), and `has_key` drops it
-        # anyway. (Widening it to every key, as above, would read `has_key[b, q]` in the mask: torch 2.13's CPU
-        # kernel fails to compile such a mask for a one-token decoding step.)
+        # a row that sees no key stays empty: flex attention returns zeros there (no NaN), and `has_key` drops it
         has_key = allowed.any(-1, keepdim=True)
         return cls(block_mask(mask_function, *shape, device), has_key.to(dtype))
 
