@@ -485,10 +485,10 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         cross = None
         if has_visual and config.cross_attention_layers:
             # text token i sees visual token j only if j comes before i in the original sequence
-            allowed = cross_attention_mask_function(streams.text_index, streams.visual_index, streams.visual_valid)
+            sees = cross_attention_mask_function(streams.text_index, streams.visual_index, streams.visual_valid)
             shape = (streams.text.shape[0], streams.text.shape[1], streams.visual.shape[1])
             cross = CrossAttentionInputs.from_mask_function(
-                allowed, shape, config.text_config._attn_implementation, streams.text.dtype, streams.text.device
+                sees, shape, config.text_config._attn_implementation, streams.text.dtype, streams.text.device
             )
         return VisorLayerPlan(
             layer_sets=[provisional if r == AUTO else r for r in requests],
