@@ -7,6 +7,7 @@ its kernel and its block masks (torch.compile) on first use: the first test of t
 minute, depending on the inductor cache.
 """
 
+import copy
 import functools
 
 import pytest
@@ -121,6 +122,37 @@ def test_flex_cached_decoding_equals_recomputation_and_eager(visor, flex):
     for step, (a, b, c) in enumerate(zip(cached.scores, recomputed.scores, eager.scores)):
         torch.testing.assert_close(a, b, **TOL, msg=f"step {step}: cache vs recompute")
         torch.testing.assert_close(a, c, **TOL, msg=f"step {step}: flex vs eager")
+
+
+@pytest.mark.slow  # torch.compile of the flex kernel and block masks on CPU
+def test_a_flex_decoding_step_makes_no_host_sync(flex):
+    batch = build_batch(flex, [ONE_IMAGE, ANYRES, TEXT_ONLY])
+    with torch.no_grad():
+        out = flex(**batch, visor_configuration=torch.tensor([0, 1, 2]), use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
+    with torch.no_grad():  # a first step on a copy compiles what the step needs
+        flex(input_ids=token, attention_mask=mask, past_key_values=copy.deepcopy(out.past_key_values))
+    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+    calls = []
+
+    def spy(name):
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            return saved[name](self, *args, **kwargs)
+
+        return call
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, spy(name))
+        with torch.no_grad():
+            flex(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, logits_to_keep=1)
+    finally:
+        for name, function in saved.items():
+            setattr(torch.Tensor, name, function)
+    assert calls == []
 
 
 @pytest.mark.slow  # torch.compile of the flex kernel and block masks on CPU

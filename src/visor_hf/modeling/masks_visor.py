@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from transformers.masking_utils import and_masks, padding_mask_function
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import is_torch_flex_attn_available
 
@@ -72,6 +73,18 @@ def decoding_cross_attention_mask_function(visual_valid: torch.Tensor) -> Callab
     return inner
 
 
+def padding_without_sync(
+    config, valid: torch.Tensor, and_mask_function: Callable | None
+) -> tuple[torch.Tensor | None, Callable | None]:
+    """The arguments `attention_mask` and `and_mask_function` of `create_causal_mask` for a decoding step with key
+    padding `valid` ([B, K]). Under flex the padding becomes a mask function: given as a 2-D mask, transformers first
+    checks on the host whether it is all True (a host sync per mask and step). Other implementations: unchanged."""
+    if config._attn_implementation != FLEX:
+        return valid, and_mask_function
+    padding = padding_mask_function(valid)
+    return None, padding if and_mask_function is None else and_masks(and_mask_function, padding)
+
+
 def materialise(mask_function: Callable, batch: int, q_length: int, kv_length: int, device) -> torch.Tensor:
     """`[B, Q, K]` booleans of a mask function, by broadcasting index tensors (no vmap, as transformers' sdpa masks)."""
     batch_idx = torch.arange(batch, device=device)[:, None, None]
@@ -91,5 +104,6 @@ __all__ = [
     "cross_attention_mask_function",
     "decoding_cross_attention_mask_function",
     "materialise",
+    "padding_without_sync",
     "block_mask",
 ]

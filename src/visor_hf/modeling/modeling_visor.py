@@ -35,7 +35,12 @@ from .cache_visor import TEXT, VisorCache
 from .configuration_visor import VisorConfig
 from .generation_visor import VisorGenerationMixin
 from .hub_visor import VisorHubMixin
-from .masks_visor import check_attention_implementation, cross_attention_mask_function, decoding_cross_attention_mask_function
+from .masks_visor import (
+    check_attention_implementation,
+    cross_attention_mask_function,
+    decoding_cross_attention_mask_function,
+    padding_without_sync,
+)
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast, capture_attentions
 from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
 from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
@@ -518,8 +523,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         streams = VisorStreams(inputs_embeds, position_ids, rotary, position_ids, rotary, new)
 
         def mask_factory(layout: str, layer_idx: int, and_mask_function):
+            valid, and_mask_function = padding_without_sync(self.config.text_config, cache.valid_keys(layout), and_mask_function)
             return create_causal_mask(
-                config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=cache.valid_keys(layout),
+                config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=valid,
                 past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx, and_mask_function=and_mask_function,
                 # no SDPA "is causal" shortcut: checking whether it applies costs a host sync at every step
                 allow_is_causal_skip=False,
