@@ -68,6 +68,7 @@ class VisorQwen2VLPreTrainedModel(VisorHubMixin, VisorPreTrainedMixin, Qwen2VLPr
         "AutoModelForImageTextToText": "modeling_qwen2_vl_visor.VisorQwen2VLForConditionalGeneration",
     }
     config: VisorQwen2VLConfig
+    _supports_flex_attn = False  # as the family's own model (its vision tower runs varlen attention): eager, sdpa
     _no_split_modules = ["Qwen2VLDecoderLayer", "Qwen2VLVisionBlock", "VisorCrossAttentionBlock"]
 
 
@@ -79,6 +80,7 @@ class VisorQwen2_5_VLPreTrainedModel(VisorHubMixin, VisorPreTrainedMixin, Qwen2_
         "AutoModelForImageTextToText": "modeling_qwen2_vl_visor.VisorQwen2_5_VLForConditionalGeneration",
     }
     config: VisorQwen2_5_VLConfig
+    _supports_flex_attn = False  # as the family's own model (its vision tower runs varlen attention): eager, sdpa
     _no_split_modules = ["Qwen2_5_VLDecoderLayer", "Qwen2_5_VLVisionBlock", "VisorCrossAttentionBlock"]
 
 

@@ -36,6 +36,12 @@ from .configuration_visor import VisorConfig
 from .generation_visor import VisorGenerationMixin
 from .grouping_visor import PrefillInputs, check_visor_batching, choose_groups, grouped_prefill
 from .hub_visor import VisorHubMixin
+from .masks_visor import (
+    check_attention_implementation,
+    cross_attention_mask_function,
+    decoding_cross_attention_mask_function,
+    padding_without_sync,
+)
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast, capture_attentions
 from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
 from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
@@ -114,11 +120,8 @@ class VisorCrossAttention(nn.Module):
     ) -> torch.Tensor:
         input_shape = hidden_states.shape[:-1]
         query = self.q_proj(hidden_states).view(*input_shape, -1, self.head_dim).transpose(1, 2)
-        implementation = self.config._attn_implementation
-        # a cross-attention mask is arbitrary: implementations without explicit masks fall back to SDPA
-        if implementation not in ("eager", "sdpa"):
-            implementation = "sdpa"
-        interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        # eager, sdpa or flex attention (the model refuses any other): the mask is the implementation's own
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
         output, _ = interface(
             self,
             query,
@@ -209,14 +212,20 @@ def check_visor_inputs(input_ids, inputs_embeds, has_pixels: bool, mm_encoder_ou
 
 
 class VisorPreTrainedMixin:
-    """What every VISOR `*PreTrainedModel` adds to its backbone's (placed before it): no flash/flex attention and no
-    full-graph compilation (the masks of the text-only and cross-attention passes are arbitrary), VISOR's init."""
+    """What every VISOR `*PreTrainedModel` adds to its backbone's (placed before it): eager, sdpa and flex attention
+    only, no flash attention or kernels and no full-graph compilation (the masks of the text-only and cross-attention
+    passes are arbitrary), VISOR's init."""
 
     base_model_prefix = "model"
     _supports_flash_attn = False
-    _supports_flex_attn = False
+    _supports_flex_attn = True
     _can_compile_fullgraph = False
     _can_record_outputs = {}
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, allow_all_kernels=False):
+        # before transformers' checks: they would fail on a missing flash-attn package or load a hub kernel instead
+        check_attention_implementation(attn_implementation, type(self).__name__, flex=self._supports_flex_attn)
+        return super()._check_and_adjust_attn_implementation(attn_implementation, is_init_check, allow_all_kernels)
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -512,8 +521,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         cross = None
         if has_visual and config.cross_attention_layers:
             # text token i sees visual token j only if j comes before i in the original sequence
-            allowed = streams.visual_valid[:, None, :] & (streams.visual_index[:, None, :] < streams.text_index[:, :, None])
-            cross = CrossAttentionInputs.from_allowed(allowed, config.text_config._attn_implementation, streams.text.dtype)
+            sees = cross_attention_mask_function(streams.text_index, streams.visual_index, streams.visual_valid)
+            shape = (streams.text.shape[0], streams.text.shape[1], streams.visual.shape[1])
+            cross = CrossAttentionInputs.from_mask_function(
+                sees, shape, config.text_config._attn_implementation, streams.text.dtype, streams.text.device
+            )
         return VisorLayerPlan(
             layer_sets=[provisional if r == AUTO else r for r in requests],
             layouts=[TEXT] * config.text_config.num_hidden_layers,
@@ -542,8 +554,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         streams = VisorStreams(inputs_embeds, position_ids, rotary, position_ids, rotary, new)
 
         def mask_factory(layout: str, layer_idx: int, and_mask_function):
+            valid, and_mask_function = padding_without_sync(self.config.text_config, cache.valid_keys(layout), and_mask_function)
             return create_causal_mask(
-                config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=cache.valid_keys(layout),
+                config=self.config.text_config, inputs_embeds=inputs_embeds, attention_mask=valid,
                 past_key_values=cache, position_ids=position_ids, layer_idx=layer_idx, and_mask_function=and_mask_function,
                 # no SDPA "is causal" shortcut: checking whether it applies costs a host sync at every step
                 allow_is_causal_skip=False,
@@ -552,8 +565,11 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         cross_kv = cache.cross_attention_kv()
         cross = None
         if cross_kv:
-            allowed = cache.visual_valid[:, None, :].expand(-1, new, -1)
-            cross = CrossAttentionInputs.from_allowed(allowed, self.config.text_config._attn_implementation, inputs_embeds.dtype)
+            visual_valid = cache.visual_valid
+            cross = CrossAttentionInputs.from_mask_function(
+                decoding_cross_attention_mask_function(visual_valid), (batch, new, visual_valid.shape[1]),
+                self.config.text_config._attn_implementation, inputs_embeds.dtype, inputs_embeds.device,
+            )
         plan = VisorLayerPlan(
             layer_sets=cache.configurations, layouts=cache.layouts, mask_factory=mask_factory, visual_keys=None,
             has_visual=bool(cross_kv), prefill=False, hidden_keys_for=cache.visual_keys_for, cross=cross, cross_kv=cross_kv,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .cache_visor import FULL, TEXT
+from .masks_visor import FLEX, block_mask, materialise
 from .streams_visor import gather_tokens, merge_streams
 
 
@@ -50,7 +51,7 @@ class CrossAttentionInputs:
     """What the CA blocks of one forward share: the mask over the visual stream and which text tokens see any
     visual token (`has_key`, `[B, Q, 1]` in the hidden dtype; a text token that sees none gets nothing added)."""
 
-    mask: torch.Tensor
+    mask: torch.Tensor  # or flex attention's BlockMask
     has_key: torch.Tensor
 
     @classmethod
@@ -58,6 +59,18 @@ class CrossAttentionInputs:
         """From a boolean `[B, Q, N_vis]` (text token q may see visual token j)."""
         has_key = allowed.any(-1, keepdim=True)
         return cls(to_attention_mask(allowed | ~has_key, implementation, dtype), has_key.to(dtype))
+
+    @classmethod
+    def from_mask_function(
+        cls, mask_function: Callable, shape: tuple[int, int, int], implementation: str, dtype: torch.dtype, device
+    ) -> CrossAttentionInputs:
+        """From a mask function over `shape` = (B, Q, N_vis): materialised for eager/sdpa, a `BlockMask` for flex."""
+        allowed = materialise(mask_function, *shape, device)
+        if implementation != FLEX:
+            return cls.from_allowed(allowed, implementation, dtype)
+        # a row that sees no key stays empty: flex attention returns zeros there (no NaN), and `has_key` drops it
+        has_key = allowed.any(-1, keepdim=True)
+        return cls(block_mask(mask_function, *shape, device), has_key.to(dtype))
 
 
 @dataclass
