@@ -113,6 +113,15 @@ def test_processor_attribute_and_chat_template(processor):
     by_call = processor(text=plain, images=[image], return_tensors="pt", token_reduction="visionzip:0.25")
     assert torch.equal(reduced["input_ids"], by_call["input_ids"])
     full = processor(text=plain, images=[image], return_tensors="pt")
+    with token_reduction("visionzip:0.25", processor):
+        templated = processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "what is the colour ?"}]}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+    assert torch.equal(templated["input_ids"], reduced["input_ids"])
     assert int((reduced["input_ids"] == IMAGE_ID).sum()) == round(0.25 * int((full["input_ids"] == IMAGE_ID).sum()))
 
 

@@ -7,6 +7,7 @@ Importing the package registers the VISOR classes with `AutoConfig`, `AutoModel`
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling import (
+    TokenReduction,
     VisorCache,
     VisorCausalLMOutputWithPast,
     VisorConfig,
@@ -14,6 +15,8 @@ from .modeling import (
     VisorModel,
     VisorModelOutputWithPast,
     VisorPreTrainedModel,
+    apply_token_reduction,
+    token_reduction,
     uniform_layer_layout,
 )
 from .modeling.configuration_qwen2_vl_visor import VisorQwen2_5_VLConfig, VisorQwen2VLConfig
@@ -70,5 +73,8 @@ __all__ = [
     "VisorQwen2_5_VLConfig",
     "VisorQwen2_5_VLForConditionalGeneration",
     "VisorQwen2_5_VLModel",
+    "TokenReduction",
+    "apply_token_reduction",
+    "token_reduction",
     "uniform_layer_layout",
 ]
