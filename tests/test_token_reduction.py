@@ -42,7 +42,13 @@ from visor_hf.testing import (
     visor_from_llava,
 )
 
-REDUCTIONS = ["visionzip:0.25", "visionzip:0.5", "visionzip:7", TokenReduction(keep=0.4, contextual_fraction=0.3)]
+REDUCTIONS = [
+    "visionzip:0.25",
+    "visionzip:0.5",
+    "visionzip:7",
+    TokenReduction(keep=0.4, contextual_fraction=0.3),
+    "visionzip:0.3:keep-newlines",
+]
 SIZES = [[(16, 16)], [(20, 40)], [(32, 32)], [(40, 24)], [(16, 32), (32, 32)]]
 GREEDY = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
 
@@ -141,10 +147,12 @@ def _reference_packed(per_crop: torch.Tensor, grid: tuple[int, int], side: int =
     return torch.cat(rows)
 
 
-def _reference_visionzip(features, scores, keys, n_kept, n_contextual):
+def _reference_visionzip(features, scores, keys, n_kept, n_contextual, keep_newlines=False):
     newline = torch.isnan(scores)
     candidates = [i for i in range(len(scores)) if not newline[i]]
     candidates.sort(key=lambda i: -float(scores[i]))
+    if keep_newlines:
+        candidates = [i for i in range(len(scores)) if newline[i]] + candidates
     dominant = sorted(candidates[: n_kept - n_contextual])
     out = [features[i] for i in dominant]
     if n_contextual:
@@ -163,7 +171,15 @@ def _reference_visionzip(features, scores, keys, n_kept, n_contextual):
 
 @pytest.mark.parametrize("size, grid", [((16, 16), (1, 1)), ((32, 32), (2, 2)), ((16, 32), (1, 2))])
 @pytest.mark.parametrize(
-    "reduction", ["visionzip:0.3", "visionzip:12", "visionzip:0.8", TokenReduction(keep=0.5, contextual_fraction=0.4)], ids=str
+    "reduction",
+    [
+        "visionzip:0.3",
+        "visionzip:12",
+        "visionzip:0.8",
+        TokenReduction(keep=0.5, contextual_fraction=0.4),
+        "visionzip:0.4:keep-newlines",
+    ],
+    ids=str,
 )
 def test_selection_equals_eager_attention_reference(size, grid, reduction):
     reduction = TokenReduction.parse(reduction)
@@ -186,7 +202,7 @@ def test_selection_equals_eager_attention_reference(size, grid, reduction):
     assert features.shape[0] == scores.shape[0]
     n_kept = reduction.count(features.shape[0])
     n_contextual = reduction.contextual_count(n_kept, features.shape[0], int((~torch.isnan(scores)).sum()))
-    expected = _reference_visionzip(features, scores, packed_keys, n_kept, n_contextual)
+    expected = _reference_visionzip(features, scores, packed_keys, n_kept, n_contextual, reduction.newlines == "keep")
     assert reduced.pooler_output[0].shape[0] == n_kept
     torch.testing.assert_close(reduced.pooler_output[0], expected, atol=1e-5, rtol=1e-5)
 
@@ -195,14 +211,15 @@ def test_selection_equals_eager_attention_reference(size, grid, reduction):
 # Models: keep everything == no reduction; dense LLaVA-OV == dense VISOR; batch == alone; generate
 
 
+@pytest.mark.parametrize("spec", ["visionzip:1.0", "visionzip:1.0:keep-newlines"])
 @pytest.mark.parametrize("layout", [{}, TINY_LAYOUT], ids=["dense-visor", "sparse-visor"])
-def test_keeping_every_token_is_exactly_the_unreduced_model(layout):
+def test_keeping_every_token_is_exactly_the_unreduced_model(layout, spec):
     llava = tiny_llava()
     visor = visor_from_llava(llava, **layout)
     batch = build_batch(llava, [ONE_IMAGE, ANYRES, TWO_IMAGES, TEXT_ONLY])
     with torch.no_grad():
         expected = [llava(**batch).logits, visor(**batch).logits]
-        with token_reduction("visionzip:1.0", llava, visor):
+        with token_reduction(spec, llava, visor):
             got = [llava(**batch).logits, visor(**batch).logits]
     for a, b in zip(got, expected):
         assert torch.equal(a, b)
@@ -302,6 +319,7 @@ def test_reduction_flops_counts_scoring_and_merge():
         ("visionzip:half", "neither a fraction nor a count"),
         ("visionzip:1.5", r"must be in \(0, 1\]"),
         ("visionzip:0", "must be >= 1"),
+        ("visionzip:0.5:keep-everything", "unknown option 'keep-everything'"),
     ],
 )
 def test_bad_reduction_specs(spec, error):

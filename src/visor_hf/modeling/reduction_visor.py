@@ -13,7 +13,7 @@ LLaVA-OneVision given fewer tokens would (see docs/token_reduction.md):
 - **contextual tokens**: the remaining image tokens grouped around evenly spaced centres by the cosine similarity
   of their keys (the layer's keys, mean over heads) and averaged, appended after the dominant tokens;
 - **newline tokens** rank below every image token (they are kept only when `keep` covers all the image tokens,
-  so that keeping everything is the identity) and are never merged.
+  so that keeping everything is the identity; `newlines="keep"` ranks them above instead) and are never merged.
 
 `apply_token_reduction(model_or_processor, reduction)` switches it on (`None`: off) for a LLaVA-OneVision or VISOR
 model (their inner `LlavaOnevisionModel`'s `get_image_features`) and for their processors (the placeholder count);
@@ -33,6 +33,7 @@ from transformers import LlavaOnevisionModel, LlavaOnevisionProcessor
 from transformers.models.llava_onevision.modeling_llava_onevision import image_size_to_num_patches
 
 METHODS = ("visionzip",)
+NEWLINE_POLICIES = ("drop", "keep")
 # VisionZip's default split of its budget: 54 dominant + 10 contextual tokens out of 64
 DEFAULT_CONTEXTUAL_FRACTION = 10 / 64
 
@@ -48,12 +49,16 @@ class TokenReduction:
         10 of 64 by default); no contextual token when everything is kept.
     layer (`int`, *optional*): index of the vision-tower layer whose attention ranks the tokens; by default the
         layer that outputs the selected feature (`vision_feature_layer`; the last one for a list).
+    newlines (`str`): `"drop"` (default): newline tokens rank below every image token (kept only when `keep`
+        covers all the image tokens); `"keep"`: they rank above every image token (kept in place, in the budget,
+        so the kept tokens still carry the row ends). Never merged either way.
     """
 
     method: str = "visionzip"
     keep: float | int = 0.25
     contextual_fraction: float = DEFAULT_CONTEXTUAL_FRACTION
     layer: int | None = None
+    newlines: str = "drop"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,26 +71,31 @@ class TokenReduction:
             raise ValueError(f"token reduction keep as a number of tokens must be >= 1, got {self.keep}")
         if not 0.0 <= self.contextual_fraction < 1.0:
             raise ValueError(f"contextual_fraction must be in [0, 1), got {self.contextual_fraction}")
+        if self.newlines not in NEWLINE_POLICIES:
+            raise ValueError(f"token reduction newlines must be one of {', '.join(NEWLINE_POLICIES)}, got {self.newlines!r}")
 
     @classmethod
     def parse(cls, spec: str | TokenReduction) -> TokenReduction:
-        """`"visionzip:0.25"` (a fraction: has a dot) or `"visionzip:64"` (tokens per image); a `TokenReduction`
-        is returned as it is."""
+        """`"visionzip:0.25"` (a fraction: has a dot) or `"visionzip:64"` (tokens per image), optionally
+        followed by `":keep-newlines"`; a `TokenReduction` is returned as it is."""
         if isinstance(spec, TokenReduction):
             return spec
         if not isinstance(spec, str):
             raise TypeError(f"token reduction must be a TokenReduction or a string like 'visionzip:0.25', got {spec!r}")
         method, _, keep = spec.partition(":")
+        keep, _, option = keep.partition(":")
+        if option not in ("", "keep-newlines"):
+            raise ValueError(f"token reduction {spec!r}: unknown option {option!r} (known: keep-newlines)")
         if not keep:
             raise ValueError(f"token reduction {spec!r}: expected 'method:keep', e.g. 'visionzip:0.25' or 'visionzip:64'")
         try:
             value = float(keep) if any(c in keep for c in ".eE") else int(keep)
         except ValueError:
             raise ValueError(f"token reduction {spec!r}: keep {keep!r} is neither a fraction nor a count") from None
-        return cls(method=method.strip(), keep=value)
+        return cls(method=method.strip(), keep=value, newlines="keep" if option else "drop")
 
     def __str__(self) -> str:
-        return f"{self.method}:{self.keep}"
+        return f"{self.method}:{self.keep}" + (":keep-newlines" if self.newlines == "keep" else "")
 
     def count(self, n_tokens: int) -> int:
         """Number of tokens an image of `n_tokens` packed visual tokens is reduced to (what the processor lays
@@ -101,8 +111,9 @@ class TokenReduction:
 
     def contextual_count(self, n_kept: int, n_tokens: int, n_image_tokens: int) -> int:
         """How many of the `n_kept` tokens are merged contextual tokens, for an image of `n_tokens` packed tokens
-        of which `n_image_tokens` are not newline tokens: none when the kept tokens reach the newline tokens."""
-        if n_kept > n_image_tokens:
+        of which `n_image_tokens` are not newline tokens: none when everything is kept, nor (newlines dropped) when
+        the kept tokens reach the newline tokens."""
+        if self.newlines == "drop" and n_kept > n_image_tokens:
             return 0
         return min(math.floor(n_kept * self.contextual_fraction), n_tokens - n_kept)
 
@@ -140,8 +151,8 @@ def reduce_image_tokens(
     n_image_tokens = n_tokens - int(newline.sum())
     n_kept = reduction.count(n_tokens)
     n_contextual = reduction.contextual_count(n_kept, n_tokens, n_image_tokens)
-    # newline tokens last; a stable sort breaks ties by position, so the choice is deterministic
-    ranking = scores.masked_fill(newline, float("-inf"))
+    # newline tokens last (or first); a stable sort breaks ties by position, so the choice is deterministic
+    ranking = scores.masked_fill(newline, float("-inf") if reduction.newlines == "drop" else float("inf"))
     order = torch.sort(ranking, descending=True, stable=True).indices
     dominant = order[: n_kept - n_contextual].sort().values
     kept = features[dominant]
@@ -151,6 +162,8 @@ def reduce_image_tokens(
     remaining[dominant] = False
     remaining &= ~newline
     pool = remaining.nonzero().squeeze(1)  # the image tokens not kept, in order
+    if pool.numel() < n_contextual:
+        raise ValueError(f"token reduction {reduction}: {n_contextual} contextual tokens but only {pool.numel()} tokens to merge")
     step = max(1, pool.numel() // n_contextual)
     centre_slots = torch.arange(0, pool.numel(), step, device=features.device)[:n_contextual]
     is_centre = torch.zeros(pool.numel(), dtype=torch.bool, device=features.device)
