@@ -4,6 +4,7 @@ reference, identity when everything is kept, dense LLaVA-OV == dense VISOR, batc
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -352,3 +353,65 @@ def test_placeholder_count_mismatch_names_both_counts():
 def test_unsupported_model_is_refused():
     with pytest.raises(TypeError, match="LLaVA-OneVision and VISOR"):
         apply_token_reduction(torch.nn.Linear(2, 2), "visionzip:0.5")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# visor-hf toy --reduction
+
+
+def test_toy_command_with_reduction(capsys):
+    import re
+
+    from visor_hf.cli import main
+    from visor_hf.modeling.flops_visor import FlopsShape, prefill_flops
+    from visor_hf.toy.inference import fresh_examples, load_toy
+
+    assert main(["toy", "--images", "1", "--seed", "3", "--reduction", "visionzip:0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "visual token reduction: visionzip:0.25" in out
+    pattern = re.compile(
+        r"^  \[(easy|hard)\] (.+?) +answer (\S*) +truth (\S+) +(ok |BAD) SA layers (\[[\d, ]*\]) +FLOPs ([\d.]+)x dense$"
+    )
+    lines = [m for m in map(pattern.match, out.splitlines()) if m]
+    examples = fresh_examples(3, 1)
+    assert len(lines) == len(examples) == 5
+    model, processor = load_toy()
+    shape = FlopsShape.from_config(model.config)
+    for m, e in zip(lines, examples):
+        text, answer, layers, ratio = m.group(2), m.group(3), json.loads(m.group(6)), float(m.group(7))
+        n_text = 2 + len(text.split()) + 1 + 3  # chat tokens, question, routing token
+        # the LLM ran on round(0.25 * 88) = 22 visual tokens; dense LLaVA-OV on all 88
+        expected = prefill_flops(shape, n_text, 22, layers, model.config.cross_attention_layers) / prefill_flops(
+            shape, n_text - 1, 88
+        )
+        assert abs(ratio - expected) <= 0.005
+        # the same question alone, with the reduction on the model and the processor
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": e.question.text}]}]
+        with token_reduction("visionzip:0.25", model, processor):
+            inputs = processor(
+                images=[e.image],
+                text=processor.apply_chat_template(conversation, add_generation_prompt=True),
+                return_tensors="pt",
+            )
+            assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 22
+            ids = model.generate(**inputs, max_new_tokens=2, do_sample=False, visor_configuration=layers)
+        word = processor.tokenizer.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).split()
+        assert answer == (word[0] if word else "")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reduction", "zip:0.5"], "unknown token reduction method 'zip'"),
+        (["--reduction", "visionzip:100"], "keeps 100 tokens per image but an image has only 88 visual tokens"),
+    ],
+)
+def test_toy_command_refuses_bad_reductions(argv, message, capsys):
+    from visor_hf.cli import main
+
+    try:
+        code = main(["toy", "--images", "1", "--seed", "0", *argv])
+    except SystemExit as raised:
+        code = raised.code
+    assert code == 2
+    assert message in capsys.readouterr().err
