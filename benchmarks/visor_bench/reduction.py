@@ -1,7 +1,7 @@
 """Training-free visual token reduction (VisionZip) before the LLM, as benchmark rows: the reduction runs inside the
-timed prefill (its scoring pass over the ranking layer's queries/keys and its merge) on the row's random features,
-then the model runs on the kept tokens. The tower itself is not run (as for every row): the ranking layer's input
-is a random `[crops, 729, 1152]` tensor, which costs what the real one does."""
+timed prefill (its attention map over the ranking layer's queries/keys and its merge) on the row's random features,
+then the model runs on the kept tokens. The tower itself is not run (as for every row): the ranking layer's
+queries and keys, which the tower computes anyway, are random `[crops, 729, 1152]` tensors made outside the timing."""
 
 from __future__ import annotations
 
@@ -15,21 +15,22 @@ from visor_hf.modeling.reduction_visor import TokenReduction, attention_received
 from .shapes import TOKENS_PER_CROP
 
 
-def ranking_layer_input(config, n_visual: int, dtype, device, seed: int = 0) -> torch.Tensor:
-    """A random input of the ranking layer (the tower's last) for the crops of an image of `n_visual` tokens."""
+def ranking_layer_input(config, n_visual: int, dtype, device, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random queries and keys of the ranking layer (the tower's last) for the crops of an image of `n_visual`
+    tokens, `[crops, 729, hidden]` each."""
     crops = max(1, math.ceil(n_visual / TOKENS_PER_CROP))
     generator = torch.Generator().manual_seed(seed + 7)
     hidden = config.vision_config.hidden_size
-    return torch.randn(crops, TOKENS_PER_CROP, hidden, generator=generator).to(device=device, dtype=dtype)
+    q, k = torch.randn(2, crops, TOKENS_PER_CROP, hidden, generator=generator).to(device=device, dtype=dtype)
+    return q, k
 
 
 @torch.inference_mode()
-def reduce_features(model, features: torch.Tensor, layer_input: torch.Tensor, reduction: TokenReduction) -> torch.Tensor:
+def reduce_features(model, features: torch.Tensor, layer_input: tuple, reduction: TokenReduction) -> torch.Tensor:
     """VisionZip on `features` (`[n, d]`, one image without newline tokens): attention received in the tower's last
-    layer, computed from `layer_input`, then the dominant + contextual tokens."""
+    layer, computed from its queries and keys `layer_input`, then the dominant + contextual tokens."""
     attention = model.model.vision_tower.encoder.layers[-1].self_attn
-    normed = model.model.vision_tower.encoder.layers[-1].layer_norm1(layer_input)
-    scores, keys = attention_received(attention, normed)
+    scores, keys = attention_received(attention, *layer_input)
     n_visual = features.shape[0]
     return reduce_image_tokens(features, scores.flatten()[:n_visual], keys.flatten(0, 1)[:n_visual], reduction)
 

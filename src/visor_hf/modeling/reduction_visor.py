@@ -125,14 +125,17 @@ def resolve_token_reduction(reduction: str | TokenReduction | None) -> TokenRedu
 # -- the method ---------------------------------------------------------------------------------------------------
 
 
-def attention_received(attention: torch.nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_received(
+    attention: torch.nn.Module, queries: torch.Tensor, keys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`[crops, P]` attention each token receives in a SigLIP attention layer (softmax over keys, mean over heads
-    and queries) and `[crops, P, head_dim]` the layer's keys averaged over heads, from the layer's input
-    `hidden_states` (`[crops, P, hidden]`, after its layer norm). Computed here because SDPA returns no weights."""
-    crops, length, _ = hidden_states.shape
+    and queries) and `[crops, P, head_dim]` the layer's keys averaged over heads, from the outputs of the layer's
+    `q_proj` / `k_proj` (`[crops, P, hidden]`, as the tower computed them). The map is computed here because SDPA
+    returns no weights."""
+    crops, length, _ = queries.shape
     shape = (crops, length, -1, attention.head_dim)
-    queries = attention.q_proj(hidden_states).view(shape).transpose(1, 2).float()
-    keys = attention.k_proj(hidden_states).view(shape).transpose(1, 2).float()
+    queries = queries.view(shape).transpose(1, 2).float()
+    keys = keys.view(shape).transpose(1, 2).float()
     received = []
     for crop in range(crops):  # one [heads, P, P] map at a time
         weights = torch.softmax(torch.matmul(queries[crop], keys[crop].transpose(-1, -2)) * attention.scale, dim=-1)
@@ -225,10 +228,14 @@ def _reduced_get_image_features(
     attention = layers[_feature_layer_index(reduction, vision_feature_layer, len(layers))].self_attn
     captured = {}
 
-    def capture(module, args, module_kwargs):
-        captured["hidden_states"] = module_kwargs["hidden_states"] if "hidden_states" in module_kwargs else args[0]
+    def capturing(name):
+        def hook(module, args, output):
+            captured[name] = output
 
-    handle = attention.register_forward_pre_hook(capture, with_kwargs=True)
+        return hook
+
+    # the tower's own query/key projections of the ranking layer (not recomputed)
+    handles = [attention.q_proj.register_forward_hook(capturing("q")), attention.k_proj.register_forward_hook(capturing("k"))]
     try:
         outputs = type(self).get_image_features(
             self,
@@ -242,9 +249,10 @@ def _reduced_get_image_features(
             **kwargs,
         )
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     with torch.no_grad():  # the selection is not differentiated (the kept and merged features are)
-        scores, keys = attention_received(attention, captured["hidden_states"])
+        scores, keys = attention_received(attention, captured["q"], captured["k"])
         if strategy == "default":  # as the features: without the first (CLS) token
             scores, keys = scores[:, 1:], keys[:, 1:]
         aux = _pack_like_features(self, torch.cat([scores[..., None], keys], dim=-1), image_sizes, batch_num_images, aspect)
@@ -429,13 +437,13 @@ def token_reduction(reduction: str | TokenReduction | None, *targets):
 
 def reduction_flops(config, crops: int, n_tokens: int, reduction: str | TokenReduction) -> int:
     """FLOPs the reduction itself adds for one image of `crops` crops and `n_tokens` packed tokens: the ranking
-    layer's query/key projections and attention map per crop (recomputed: SDPA returns no weights) and the merge
-    (similarities and averages). Multiply-adds count 2."""
+    layer's attention map per crop (recomputed from the tower's own queries and keys: SDPA returns no weights) and
+    the merge (similarities and averages). Multiply-adds count 2."""
     reduction = TokenReduction.parse(reduction)
     vision = config.vision_config
     patches = (vision.image_size // vision.patch_size) ** 2
     width, heads = vision.hidden_size, vision.num_attention_heads
-    per_crop = 2 * 2 * patches * width * width + 2 * patches * patches * width + 5 * heads * patches * patches
+    per_crop = 2 * patches * patches * width + 5 * heads * patches * patches
     n_kept = reduction.count(n_tokens)
     n_contextual = reduction.contextual_count(n_kept, n_tokens, n_tokens)
     merged = max(0, n_tokens - n_kept)
