@@ -37,6 +37,7 @@ def reduce_features(model, features: torch.Tensor, layer_input: tuple, reduction
 
 def reduction_row_flops(shape, config, n_text: int, n_visual: int, reduction: TokenReduction, layers=None, ca=()):
     """(prefill, decode) FLOPs of the LLM on the kept tokens plus the reduction's own cost (prefill)."""
+    ca = ca if layers is not None else ()  # dense LLaVA-OV (layers=None) has no CA layer
     kept = reduction.count(n_visual)
     crops = max(1, math.ceil(n_visual / TOKENS_PER_CROP))
     own = reduction_flops(config, crops, n_visual, reduction)
