@@ -415,3 +415,36 @@ def test_toy_command_refuses_bad_reductions(argv, message, capsys):
         code = raised.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_benchmark_rows_recompute_to_the_recorded_flops(monkeypatch):
+    """The recorded `*_visionzip` rows of benchmarks/results/token_reduction hold the FLOPs of the LLM on the kept
+    tokens plus the reduction's own cost, and `--recompute-flops` reproduces them."""
+    from pathlib import Path
+
+    benchmarks = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    from visor_bench.report import recompute_flops
+    from visor_bench.shapes import QWEN2_0_5B, TEXT_AFTER, TEXT_BEFORE, llava_config
+
+    from visor_hf.modeling.flops_visor import FlopsShape, prefill_flops
+
+    report = json.loads((benchmarks / "results" / "token_reduction" / "results.json").read_text())
+    recorded = {(s["n_visual"], r["name"]): r["flops_prefill"] for s in report["sizes"] for r in s["rows"]}
+    recompute_flops(report)
+    config = llava_config(QWEN2_0_5B)
+    shape, ca = FlopsShape.from_config(config), report["model"]["cross_attention_layers"]
+    n_text = TEXT_BEFORE + TEXT_AFTER
+    for size in report["sizes"]:
+        n = size["n_visual"]
+        kept = round(0.25 * n)
+        own = reduction_flops(config, -(-n // 729), n, "visionzip:0.25")
+        expected = {
+            "visionzip": prefill_flops(shape, n_text, kept) + own,
+            "visor_ca_visionzip": prefill_flops(shape, n_text, kept, [], ca) + own,
+            "visor_sa2_visionzip": prefill_flops(shape, n_text, kept, [2, 14], ca) + own,
+        }
+        for row in size["rows"]:
+            if row["name"] in expected:
+                assert row["flops_prefill"] == expected[row["name"]] == recorded[(n, row["name"])]
+                assert row["llm_visual_tokens"] == f"{n}->{kept}"
