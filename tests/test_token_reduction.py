@@ -448,3 +448,21 @@ def test_benchmark_rows_recompute_to_the_recorded_flops(monkeypatch):
             if row["name"] in expected:
                 assert row["flops_prefill"] == expected[row["name"]] == recorded[(n, row["name"])]
                 assert row["llm_visual_tokens"] == f"{n}->{kept}"
+
+
+def test_ranking_layer_choice_and_range():
+    """`layer=` picks the ranking layer (the tiny tower has 2): layer 0 ranks differently from the default (the
+    last, which outputs the selected feature); an index outside the tower is refused."""
+    pixels = tiny_image_processor()([random_image(32, 32, seed=2)], return_tensors="pt")
+
+    def reduced(reduction):
+        model = apply_token_reduction(tiny_llava(), reduction)
+        with torch.no_grad():
+            return model.model.get_image_features(pixels["pixel_values"], pixels["image_sizes"], return_dict=True).pooler_output[
+                0
+            ]
+
+    default, last, first = (reduced(TokenReduction(keep=0.3, layer=layer)) for layer in (None, -1, 0))
+    assert torch.equal(default, last) and not torch.equal(default, first)
+    with pytest.raises(ValueError, match="token reduction layer -3 is out of range for 2 vision layers"):
+        reduced(TokenReduction(keep=0.3, layer=-3))

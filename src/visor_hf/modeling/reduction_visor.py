@@ -188,7 +188,7 @@ def reduce_image_tokens(
 def _feature_layer_index(reduction: TokenReduction, vision_feature_layer, num_layers: int) -> int:
     """Index of the encoder layer whose attention ranks the tokens."""
     if reduction.layer is not None:
-        index = reduction.layer % num_layers if reduction.layer < 0 else reduction.layer
+        index = reduction.layer + num_layers if reduction.layer < 0 else reduction.layer
         if not 0 <= index < num_layers:
             raise ValueError(f"token reduction layer {reduction.layer} is out of range for {num_layers} vision layers")
         return index
