@@ -14,7 +14,10 @@ Rows, per visual-token count (batch 1, one image, 64 text tokens around it):
 - ``pool2x``/``pool4x``: dense LLaVA-OV on visual tokens average-pooled 2x / 4x (consecutive tokens) before the LLM;
 - ``fastv``: dense LLaVA-OV with FastV pruning (K=2, R=50 %): layers 0-1 run over every token; before layer 2
   the 50 % of visual tokens that received the most attention in layer 1 (mean over heads of the attention from
-  the text tokens after the image) are kept, with their original positions, for layers 2-23 and their cache.
+  the text tokens after the image) are kept, with their original positions, for layers 2-23 and their cache;
+- ``visionzip``, ``visor_ca_visionzip``, ``visor_sa2_visionzip``: dense LLaVA-OV, VISOR CA only and VISOR 2 SA on
+  the tokens VisionZip keeps (``--reduction``, default ``visionzip:0.25``; `visor_hf.modeling.reduction_visor`),
+  the reduction itself (its scoring pass and merge) inside the timed prefill and in the FLOPs.
 Plus a batch of 4 with mixed VISOR configurations, against the dense batch and the four samples run alone, and
 (unless ``--no-7b``) FLOPs-only rows for LLaVA-OV 7B shapes.
 
@@ -45,6 +48,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 from visor_bench.fastv import fastv_decode_step, fastv_flops, fastv_prefill
+from visor_bench.reduction import ranking_layer_input, reduce_features, reduction_row_flops
 from visor_bench.report import flops_only_7b, recompute_flops, write_outputs
 from visor_bench.shapes import (
     QWEN2_0_5B,
@@ -62,6 +66,7 @@ from visor_bench.timing import machine, measure_mixed_batch, measure_size, profi
 
 from visor_hf.modeling import uniform_layer_layout
 from visor_hf.modeling.flops_visor import FlopsShape, decode_flops, prefill_flops, projector_flops, vision_flops
+from visor_hf.modeling.reduction_visor import TokenReduction
 from visor_hf.testing import visor_from_llava
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -124,6 +129,8 @@ def build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, 
                         (lambda ids=ids, pooled=pooled: run_llava(ids, pooled)), llava_step,
                         prefill_flops(shape, n_text, pooled.shape[0]), decode_flops(shape, n_text, pooled.shape[0]),
                         pooled.shape[0]))
+    rows += reduction_rows(llava, features, n_visual, args, device, dtype, shape, ca, sa_sets, run_llava, llava_step,
+                           visor, visor_step)
     fv_prefill, fv_decode = fastv_flops(shape, n_text, n_visual)
     rows.append(Row("fastv", "dense + FastV (K=2, 50 %)",
                     lambda: fastv_prefill(llava, input_ids, features, n_visual),
@@ -134,6 +141,39 @@ def build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, 
         row.flops_ratio_decode = dense_decode / row.flops_decode
     return rows
 
+
+def reduction_rows(llava, features, n_visual, args, device, dtype, shape, ca, sa_sets, run_llava, llava_step, visor,
+                   visor_step):
+    """Dense LLaVA-OV, VISOR CA only and VISOR 2 SA with VisionZip before the LLM (reduction timed in the row)."""
+    reduction = TokenReduction.parse(args.reduction)
+    n_text = TEXT_BEFORE + TEXT_AFTER
+    layer_input = ranking_layer_input(llava.config, n_visual, dtype, device)
+    kept = reduction.count(n_visual)
+    ids = make_inputs(kept, 1, device)
+
+    def llava_reduced():
+        return run_llava(ids, reduce_features(llava, features, layer_input, reduction))
+
+    def visor_reduced(layers):
+        @torch.inference_mode()
+        def run():
+            patch_image_features(visor, [reduce_features(visor, features, layer_input, reduction)])
+            out = visor(input_ids=ids, pixel_values=torch.zeros(1, 1, device=device), use_cache=True,
+                        logits_to_keep=1, visor_configuration=list(layers))
+            return out.logits, out.past_key_values, ids.shape[1]
+        return run
+
+    rows = [Row("visionzip", f"dense + VisionZip ({reduction})", llava_reduced, llava_step,
+                *reduction_row_flops(shape, llava.config, n_text, n_visual, reduction), f"{n_visual}->{kept}")]
+    for name, label, layers in sa_sets:
+        if name in ("visor_ca", "visor_sa2"):
+            rows.append(Row(f"{name}_visionzip", f"{label} + VisionZip ({reduction})", visor_reduced(layers),
+                            visor_step, *reduction_row_flops(shape, llava.config, n_text, n_visual, reduction, layers, ca),
+                            f"{n_visual}->{kept}"))
+            rows[-1].result["sa_layers"] = list(layers)
+    for row in rows:
+        row.result["reduction"] = str(reduction)
+    return rows
 
 
 def main(argv=None):
@@ -151,6 +191,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="torch.profiler of VISOR CA-only and 2 SA, largest size")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 small sizes, 1 repeat, 4 new tokens")
     parser.add_argument("--rows", help="comma-separated subset of rows (default: all), e.g. dense,visor_ca,visor_sa2")
+    parser.add_argument("--reduction", default="visionzip:0.25",
+                        help="token reduction of the *_visionzip rows (visor_hf.modeling.reduction_visor)")
     parser.add_argument("--no-7b", action="store_true", help="leave out the FLOPs-only rows for LLaVA-OV 7B shapes")
     parser.add_argument("--out", help=f"output folder (default {RESULTS}; with --quick, {RESULTS / 'quick'})")
     parser.add_argument("--from-json", help="only re-render the table and plots of a results.json (into --out, "

@@ -24,7 +24,7 @@ def plots(report, directory: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7, 5))
     for name in names:
         ys = [next(r for r in s["rows"] if r["name"] == name)["prefill_ms"] / 1000 for s in report["sizes"]]
-        ax.plot(xs, ys, marker="o", label=labels[name], linestyle="--" if name in ("pool2x", "pool4x", "fastv") else "-")
+        ax.plot(xs, ys, marker="o", label=labels[name], linestyle="--" if name in ("pool2x", "pool4x", "fastv") or "visionzip" in name else "-")
     ax.set_title(f"Prefill latency, LLaVA-OV 0.5B shapes, {report['machine']['device_name']}")
     latency = _save_log_log(plt, fig, ax, "visual tokens (before any reduction)", "prefill latency, s (median)",
                             directory / "latency_vs_visual_tokens.png")

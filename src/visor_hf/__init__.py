@@ -7,6 +7,7 @@ Importing the package registers the VISOR classes with `AutoConfig`, `AutoModel`
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .modeling import (
+    TokenReduction,
     VisorCache,
     VisorCausalLMOutputWithPast,
     VisorConfig,
@@ -15,6 +16,8 @@ from .modeling import (
     VisorModelOutputWithPast,
     VisorPreTrainedModel,
     VisorStaticCache,
+    apply_token_reduction,
+    token_reduction,
     uniform_layer_layout,
 )
 from .modeling.configuration_qwen2_vl_visor import VisorQwen2_5_VLConfig, VisorQwen2VLConfig
@@ -72,5 +75,8 @@ __all__ = [
     "VisorQwen2_5_VLConfig",
     "VisorQwen2_5_VLForConditionalGeneration",
     "VisorQwen2_5_VLModel",
+    "TokenReduction",
+    "apply_token_reduction",
+    "token_reduction",
     "uniform_layer_layout",
 ]

@@ -46,6 +46,15 @@ def _seed(text: str) -> int:
     return _integer(text, 0, "a non-negative integer (the picture seed)")
 
 
+def _reduction(text: str):
+    from ..modeling.reduction_visor import TokenReduction
+
+    try:
+        return TokenReduction.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "toy",
@@ -62,6 +71,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--router-threshold", type=_threshold, default=None,
                         help="threshold of the calibrated router with --configuration auto (default: the checkpoint's "
                         "router_threshold): higher answers more questions with more SA layers")
+    parser.add_argument("--reduction", type=_reduction, default=None,
+                        help="visual token reduction before the LLM, e.g. 'visionzip:0.25' (a fraction of each "
+                        "image's tokens) or 'visionzip:22' (tokens per image); see docs/token_reduction.md")
     parser.add_argument("--save-images", default=None, help="folder to write the pictures to (PNG)")
     parser.add_argument("--quiet", action="store_true", help="print the summary only")
     parser.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
@@ -111,7 +123,14 @@ def run(args: argparse.Namespace) -> int:
     examples = fresh_examples(seed, args.images)
     if args.save_images:
         os.makedirs(args.save_images, exist_ok=True)
-    answers = answer_examples(model, processor, examples, visor_configuration=configuration, router_threshold=args.router_threshold)
+    if args.reduction is not None:
+        print(f"visual token reduction: {args.reduction} (dense FLOPs: LLaVA-OV on the unreduced tokens)\n")
+    try:
+        answers = answer_examples(model, processor, examples, visor_configuration=configuration,
+                                  router_threshold=args.router_threshold, token_reduction=args.reduction)
+    except ValueError as error:  # e.g. a keep count larger than the pictures' tokens
+        print(f"visor-hf toy: error: {error}", file=sys.stderr)
+        return 2
     current = None
     for a in answers:
         e = a.example

@@ -19,6 +19,7 @@ from .modeling_visor import (
     VisorModelOutputWithPast,
     VisorPreTrainedModel,
 )
+from .reduction_visor import TokenReduction, apply_token_reduction, token_reduction
 from .requests_visor import resolve_configuration_request
 
 __all__ = [
@@ -41,4 +42,7 @@ __all__ = [
     "VisorModelOutputWithPast",
     "VisorPreTrainedModel",
     "resolve_configuration_request",
+    "TokenReduction",
+    "apply_token_reduction",
+    "token_reduction",
 ]

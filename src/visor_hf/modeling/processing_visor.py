@@ -6,6 +6,8 @@ import importlib.util
 
 from transformers import LlavaOnevisionProcessor
 
+from .reduction_visor import TokenReductionProcessorMixin
+
 DEFAULT_ROUTING_TOKEN = "<route>"
 
 
@@ -125,7 +127,7 @@ class RoutingTokenMixin:
 
 
 
-class VisorProcessor(RoutingTokenMixin, LlavaOnevisionProcessor):
+class VisorProcessor(TokenReductionProcessorMixin, RoutingTokenMixin, LlavaOnevisionProcessor):
     r"""
     [`LlavaOnevisionProcessor`] whose prompts also carry VISOR's routing token.
 
@@ -140,6 +142,9 @@ class VisorProcessor(RoutingTokenMixin, LlavaOnevisionProcessor):
       by [`~VisorProcessor.apply_chat_template`] never doubles it.
 
     Pass `add_routing_token=False` to a call (or to the constructor) to get LLaVA-OneVision's inputs unchanged.
+
+    Pass `token_reduction=` to a call (e.g. `"visionzip:0.25"`, see `reduction_visor`) to lay out the reduced
+    number of image placeholders that a model with the same reduction expects.
 
     The video processor is optional: LLaVA-OneVision's needs torchvision. Without torchvision the processor has
     no video processor and asking it to process videos raises an error saying so.

@@ -52,11 +52,24 @@ def prompt(processor: ProcessorMixin, question: str) -> str:
 @torch.no_grad()
 def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples: list[Example],
                     visor_configuration: str | int | list = "auto", batch_size: int = 25,
-                    router_threshold: float | None = None) -> list[Answer]:
+                    router_threshold: float | None = None, token_reduction=None) -> list[Answer]:
     """Greedy answers with `generate` (a left-padded batch; every sample gets its own configuration), the SA layers
     that ran and the analytical prefill FLOPs of the LLM against dense LLaVA-OV on the same tokens.
-    `router_threshold`: the calibrated router's threshold (default: the checkpoint's)."""
+    `router_threshold`: the calibrated router's threshold (default: the checkpoint's). `token_reduction`: a visual
+    token reduction (e.g. `"visionzip:0.25"`, see `reduction_visor`) on the model and the processor for these
+    answers; the dense FLOPs are then those of LLaVA-OV on the unreduced tokens (the reduction's own cost is not
+    counted)."""
+    from ..modeling.reduction_visor import token_reduction as reducing
+
+    with reducing(token_reduction, model, processor):
+        return _answer_examples(model, processor, examples, visor_configuration, batch_size, router_threshold,
+                                token_reduction)
+
+
+def _answer_examples(model, processor, examples, visor_configuration, batch_size, router_threshold,
+                     token_reduction) -> list[Answer]:
     from ..modeling.flops_visor import FlopsShape, prefill_flops
+    from ..modeling.reduction_visor import token_reduction as reducing
 
     tokenizer = processor.tokenizer
     shape = FlopsShape.from_config(model.config)
@@ -67,6 +80,10 @@ def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples:
         chunk = examples[start : start + batch_size]
         texts = [prompt(processor, e.question.text) for e in chunk]
         inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
+        full = inputs
+        if token_reduction is not None:  # the unreduced prompt, for dense LLaVA-OV's FLOPs
+            with reducing(None, processor):
+                full = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
         extra = {"visor_router_threshold": router_threshold} if router_threshold is not None else {}
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, visor_configuration=visor_configuration,
                              pad_token_id=tokenizer.pad_token_id, **extra)
@@ -77,13 +94,14 @@ def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples:
             ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()]
             n_visual = int((ids == image_id).sum())
             n_text = len(ids) - n_visual
+            dense_visual = int((full["input_ids"][i][full["attention_mask"][i].bool()] == image_id).sum())
             layers = tuple(report.configurations[i])
             results.append(Answer(
                 example=e,
                 answer=words[0] if words else "",
                 sa_layers=layers,
                 prefill_flops=prefill_flops(shape, n_text, n_visual, layers, cross),
-                dense_prefill_flops=prefill_flops(shape, n_text - 1, n_visual),  # LLaVA-OV has no routing token
+                dense_prefill_flops=prefill_flops(shape, n_text - 1, dense_visual),  # LLaVA-OV has no routing token
             ))
     return results
 
