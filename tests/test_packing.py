@@ -418,3 +418,73 @@ def test_packed_checkpoint_as_remote_code_in_a_fresh_process(folders, tmp_path):
     out = load_file(str(tmp_path / "out.safetensors"))
     assert torch.equal(out["input_ids"], inputs["input_ids"])
     torch.testing.assert_close(out["logits"], expected, atol=1e-5, rtol=1e-5)
+
+
+# -- training -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_repacked_batch_equals_the_processor_with_packing(packed, padding_side):
+    from visor_hf.training.data import repack_placeholders
+
+    processor = tiny_processor()
+    processor.tokenizer.padding_side = padding_side
+    images = [[random_image(13, 29)], [], [random_image(16, 10), random_image(30, 7)], [random_image(32, 32)]]
+    texts = ["<image> what is", "how many red", "<image> a <image> what is the colour ?", "<image>"]
+    full = dict(processor(text=texts, images=images, padding=True, return_tensors="pt"))
+    full["labels"] = torch.where(full["input_ids"] == IMAGE_ID, -100, full["input_ids"])
+    for factors in ([2] * 4, [4] * 4, [1, 2, 4, 2]):
+        repacked = repack_placeholders(full, packed.config, factors)
+        for row, factor in enumerate(factors):
+            alone = processor(
+                text=[texts[row]], images=[images[row]] if images[row] else None, packing=factor, return_tensors="pt"
+            )
+            valid = repacked["attention_mask"][row].bool()
+            assert repacked["input_ids"][row][valid].tolist() == alone["input_ids"][0].tolist()
+            assert (
+                repacked["labels"][row][valid].tolist()
+                == torch.where(alone["input_ids"][0] == IMAGE_ID, -100, alone["input_ids"][0]).tolist()
+            )
+            assert valid.tolist() == sorted(valid.tolist(), reverse=padding_side == "right")  # padding stays on its side
+        inputs = {k: repacked[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images")}
+        with torch.no_grad():
+            packed(**inputs, visor_packing=factors)  # the model accepts the counts
+
+
+def test_universal_fine_tuning_samples_configuration_and_packing_pairs(folders, tmp_path):
+    from visor_hf.training import UniversalConfigurationSampler, make_synthetic_dataset, train_stage
+
+    make_synthetic_dataset(tmp_path / "data", num_samples=8, seed=0)
+    config = json.loads((folders / "packed" / "config.json").read_text())
+    pairs = [(c, k) for c in range(len(config["configurations"])) for k in (1, 2, 4)]
+    trainer = train_stage(
+        folders / "packed",
+        str(tmp_path / "data" / "data.jsonl"),
+        tmp_path / "universal",
+        "universal",
+        seed=5,
+        packing=[4, 1, 2],
+        training_args={
+            "max_steps": len(pairs),
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-3,
+            "use_cpu": True,
+            "report_to": "none",
+            "save_strategy": "no",
+            "logging_steps": 1,
+        },
+    )
+    expected = [pairs[i] for i in UniversalConfigurationSampler(len(pairs), seed=5).sequence(0, len(pairs))]
+    assert [drawn for _, drawn in trainer.configuration_trace] == expected
+    assert sorted(expected) == pairs  # one cycle visits every (configuration, packing) pair
+    log = [json.loads(line) for line in (tmp_path / "universal" / "universal_configurations.jsonl").read_text().splitlines()]
+    assert [(e["configuration"], e["packing"]) for e in log] == expected
+    summary = json.loads((tmp_path / "universal" / "visor_training.json").read_text())
+    assert summary["universal"]["packing"] == [1, 2, 4]
+    before, after = read_tensors(folders / "packed"), read_tensors(tmp_path / "universal")
+    for name in ("model.token_packing.pack2.weight", "model.token_packing.pack4.weight"):
+        assert not torch.equal(before[name], after[name]), name  # both packing modules trained
+    with pytest.raises(ValueError, match="packing factor 3"):
+        train_stage(folders / "packed", str(tmp_path / "data" / "data.jsonl"), tmp_path / "bad", "universal", packing=[1, 3])
+    with pytest.raises(ValueError, match="universal"):
+        train_stage(folders / "packed", str(tmp_path / "data" / "data.jsonl"), tmp_path / "bad", "2", packing=[1, 2])

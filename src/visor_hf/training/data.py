@@ -326,6 +326,51 @@ class VisorDataCollator:
         return batch
 
 
+def repack_placeholders(batch: dict, config, packing: int | list[int], pad_token_id: int | None = None) -> dict:
+    """A collated batch laid out for token packing: each image's run of placeholders shortened to its packed count
+    (`packing_visor.ImageTokenLayout`), which is what the processor gives with `packing=` (the placeholders are one
+    repeated token; labels there are -100). `packing`: one factor or one per row; 1 leaves a row as it is.
+
+    Universal fine-tuning draws the factor per optimisation step, after the data loader has collated (and prefetched)
+    the batch, so the trainer packs the batch here rather than in the collator. Rows are re-padded on the side their
+    padding was on; `input_ids`, `attention_mask` and `labels` change, the image tensors do not.
+    """
+    from ..modeling.packing_visor import image_token_layouts, images_of_samples
+
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    rows = input_ids.shape[0]
+    factors = list(packing) if isinstance(packing, (list, tuple)) else [int(packing)] * rows
+    if all(f == 1 for f in factors) or batch.get("image_sizes") is None:
+        return batch
+    image = (input_ids == config.image_token_id) & attention_mask.bool()
+    layouts = image_token_layouts(config, batch["image_sizes"], batch_num_images=batch.get("batch_num_images"))
+    owners = images_of_samples(image.sum(1).tolist(), layouts, [1] * rows, batch.get("batch_num_images"))
+    keep = attention_mask.bool().clone()
+    for row in range(rows):
+        positions = image[row].nonzero()[:, 0].tolist()
+        start = 0
+        for layout in (layout for layout, owner in zip(layouts, owners) if owner == row):
+            full, packed = layout.num_tokens(1), layout.num_tokens(factors[row])
+            keep[row, positions[start + packed : start + full]] = False
+            start += full
+    left = bool((attention_mask[:, 0] == 0).any() and (attention_mask[:, -1] == 1).all())
+    width = int(keep.sum(1).max())
+    out = dict(batch)
+    if pad_token_id is None:
+        pad_token_id = getattr(config.get_text_config(), "pad_token_id", None) or 0
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    for key, fill in fills.items():
+        if key not in batch:
+            continue
+        tensor = batch[key]
+        packed = torch.full((rows, width), fill, dtype=tensor.dtype, device=tensor.device)
+        for row in range(rows):
+            values = tensor[row][keep[row]]
+            packed[row, slice(width - len(values), width) if left else slice(0, len(values))] = values
+        out[key] = packed
+    return out
+
+
 def load_processor(path: str | os.PathLike):
     """The processor of a VISOR checkpoint (`AutoProcessor`, the `VisorProcessor` registered by `import visor_hf`)."""
     from transformers import AutoProcessor
@@ -357,4 +402,5 @@ __all__ = [
     "load_records",
     "model_inputs",
     "record_messages",
+    "repack_placeholders",
 ]
