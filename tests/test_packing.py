@@ -488,3 +488,34 @@ def test_universal_fine_tuning_samples_configuration_and_packing_pairs(folders, 
         train_stage(folders / "packed", str(tmp_path / "data" / "data.jsonl"), tmp_path / "bad", "universal", packing=[1, 3])
     with pytest.raises(ValueError, match="universal"):
         train_stage(folders / "packed", str(tmp_path / "data" / "data.jsonl"), tmp_path / "bad", "2", packing=[1, 2])
+
+
+def test_evaluation_and_labels_at_a_packing_factor(folders, tmp_path, capsys):
+    from visor_hf.training import make_synthetic_dataset, pseudo_label
+    from visor_hf.training.evaluation import evaluate, read_jsonl
+
+    make_synthetic_dataset(tmp_path / "data", num_samples=6, seed=2)
+    data = str(tmp_path / "data" / "data.jsonl")
+    rows = {}
+    for factor in (1, 2, 4):
+        summary = evaluate(folders / "packed", data, visor_configuration="max", packing=factor, output=tmp_path / f"eval{factor}")
+        assert summary["packing"] == factor and summary["samples"] == 6
+        rows[factor] = read_jsonl(tmp_path / f"eval{factor}" / "per_sample.jsonl")
+    assert any(r["n_visual"] for r in rows[1]) and not all(r["n_visual"] for r in rows[1])
+    for one, two, four in zip(rows[1], rows[2], rows[4]):
+        assert one["n_text"] == two["n_text"] == four["n_text"]  # the same prompts, fewer visual tokens
+        if one["n_visual"]:
+            assert one["n_visual"] > two["n_visual"] > four["n_visual"] > 0
+            assert one["flops"] > two["flops"] > four["flops"]
+        else:  # a text-only record: the same result (the loss up to the batch's other padding)
+            assert one["flops"] == two["flops"] == four["flops"] and one["correct"] == two["correct"] == four["correct"]
+            assert one["loss"] == pytest.approx(two["loss"], rel=1e-5) and one["loss"] == pytest.approx(four["loss"], rel=1e-5)
+    report = pseudo_label(folders / "packed", data, tmp_path / "labels", packing=4)
+    assert report["packing"] == 4
+    table = read_jsonl(tmp_path / "labels" / "pseudo_label_table.jsonl")
+    assert {(r["index"], r["flops_dense"]) for r in table} == {(r["index"], r["flops_dense"]) for r in rows[4]}
+    capsys.readouterr()
+    assert (
+        cli_main(["evaluate", "--model", str(folders / "packed"), "--data", data, "--configuration", "0", "--packing", "2"]) == 0
+    )
+    assert json.loads(capsys.readouterr().out)["packing"] == 2

@@ -260,12 +260,20 @@ class VisorDataCollator:
         (Qwen2 / LLaVA-OV: `"<|im_start|>assistant"` and `"<|im_end|>"`). The label span of an answer starts after the
         header (and the white space the template puts after it) and ends with `turn_end`, included, so the model
         learns to stop.
+    packing: a token packing factor (1, 2 or 4): images expand to their packed placeholder counts
+        (`VisorProcessor(..., packing=)`) and the batch carries `visor_packing` for the forward. For evaluation, the
+        search, pseudo-labels and router training at one factor; universal fine-tuning samples the factor per step
+        and packs an unpacked batch itself (`repack_placeholders`).
     The output holds `input_ids`, `attention_mask`, `labels`, the image tensors (`pixel_values`, `image_sizes`,
-    `batch_num_images`) when the batch has images, and `sample_index` (the dataset index of each row; the trainers
-    remove it before the forward).
+    `batch_num_images`) when the batch has images, `visor_packing` with a packing factor, and `sample_index` (the
+    dataset index of each row; the trainers remove it before the forward).
     """
 
-    def __init__(self, processor, max_length: int | None = None, assistant_header: str = "<|im_start|>assistant", turn_end: str = "<|im_end|>"):
+    def __init__(self, processor, max_length: int | None = None, assistant_header: str = "<|im_start|>assistant", turn_end: str = "<|im_end|>",
+                 packing: int = 1):
+        if packing != 1 and not hasattr(processor, "active_packing"):
+            raise ValueError(f"packing={packing} needs a VisorProcessor (it lays out the packed image tokens), got {type(processor).__name__}")
+        self.packing = packing
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
@@ -302,6 +310,8 @@ class VisorDataCollator:
             texts.append(self.render(record))
             images.append([open_image(i) for i in record_images(record)])
         kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
+        if self.packing != 1:
+            kwargs["packing"] = self.packing
         if any(images):
             # nested per sample, as LLaVA-OneVision's processor takes them: a sample with several images gets the
             # multi-image treatment (no anyres crops) and `batch_num_images` counts the images of each sample
@@ -322,6 +332,8 @@ class VisorDataCollator:
                 raise ValueError("max_length cuts need right padding: set processor.tokenizer.padding_side = 'right'")
             batch["input_ids"], batch["attention_mask"], labels = input_ids[:, :keep], attention_mask[:, :keep], labels[:, :keep]
         batch["labels"] = labels
+        if self.packing != 1:
+            batch["visor_packing"] = torch.full((input_ids.shape[0],), self.packing, dtype=torch.long)
         batch["sample_index"] = torch.tensor([r.get("__index__", -1) for r in records], dtype=torch.long)
         return batch
 
@@ -383,7 +395,7 @@ def load_processor(path: str | os.PathLike):
 # LLaVA-OneVision's image inputs, then the Qwen2-VL family's
 MODEL_INPUT_KEYS = (
     "input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids",
-    "labels",
+    "visor_packing", "labels",
 )
 
 

@@ -168,6 +168,8 @@ class VisorTrainer(CompleteCheckpointMixin, Trainer):
         configuration, packing = drawn if isinstance(drawn, tuple) else (drawn, 1)
         if model.training:
             self.configuration_trace.append((self.state.global_step, drawn))
+        if packing != 1 and inputs.get("visor_packing") is not None:
+            raise ValueError("universal fine-tuning samples the packing factor itself: give it an unpacked collator (packing=1)")
         inputs = self.sharded_step(model, model_inputs(inputs))
         if packing != 1:  # the step's packing factor: the batch (and a sharded step's unseen image) packed
             inputs = repack_placeholders(inputs, self.accelerator.unwrap_model(model).config, packing)
