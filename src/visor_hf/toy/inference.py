@@ -52,11 +52,13 @@ def prompt(processor: ProcessorMixin, question: str) -> str:
 @torch.no_grad()
 def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples: list[Example],
                     visor_configuration: str | int | list = "auto", batch_size: int = 25,
-                    router_threshold: float | None = None) -> list[Answer]:
+                    router_threshold: float | None = None, packing: int = 1) -> list[Answer]:
     """Greedy answers with `generate` (a left-padded batch; every sample gets its own configuration), the SA layers
-    that ran and the analytical prefill FLOPs of the LLM against dense LLaVA-OV on the same tokens.
-    `router_threshold`: the calibrated router's threshold (default: the checkpoint's)."""
+    that ran and the analytical prefill FLOPs of the LLM against dense LLaVA-OV on the unpacked prompt.
+    `router_threshold`: the calibrated router's threshold (default: the checkpoint's). `packing`: the images' token
+    packing factor (VISOR-TR; the checkpoint needs the packing module)."""
     from ..modeling.flops_visor import FlopsShape, prefill_flops
+    from ..modeling.packing_visor import image_token_layouts
 
     tokenizer = processor.tokenizer
     shape = FlopsShape.from_config(model.config)
@@ -66,8 +68,11 @@ def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples:
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         texts = [prompt(processor, e.question.text) for e in chunk]
-        inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
+        inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True, packing=packing)
         extra = {"visor_router_threshold": router_threshold} if router_threshold is not None else {}
+        if packing != 1:
+            extra["visor_packing"] = packing
+        unpacked = [layout.num_tokens(1) for layout in image_token_layouts(model.config, inputs["image_sizes"])]
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, visor_configuration=visor_configuration,
                              pad_token_id=tokenizer.pad_token_id, **extra)
         report = model.last_visor_report
@@ -83,7 +88,8 @@ def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples:
                 answer=words[0] if words else "",
                 sa_layers=layers,
                 prefill_flops=prefill_flops(shape, n_text, n_visual, layers, cross),
-                dense_prefill_flops=prefill_flops(shape, n_text - 1, n_visual),  # LLaVA-OV has no routing token
+                # LLaVA-OV, no routing token, every visual token
+                dense_prefill_flops=prefill_flops(shape, n_text - 1, unpacked[i]),
             ))
     return results
 
