@@ -519,3 +519,35 @@ def test_evaluation_and_labels_at_a_packing_factor(folders, tmp_path, capsys):
         cli_main(["evaluate", "--model", str(folders / "packed"), "--data", data, "--configuration", "0", "--packing", "2"]) == 0
     )
     assert json.loads(capsys.readouterr().out)["packing"] == 2
+
+
+# -- the toy --------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_toy_encoding_and_processor_agree_with_packing(factor):
+    from visor_hf.toy.data import eval_set
+    from visor_hf.toy.inference import DEFAULT_CHECKPOINT, prompt
+    from visor_hf.toy.model import encode_batch
+
+    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+        pytest.skip("the toy checkpoint is not shipped in this tree")
+    processor = AutoProcessor.from_pretrained(DEFAULT_CHECKPOINT)
+    routing = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text())["routing_token_id"]
+    examples = eval_set(9, 2)[:4]
+    texts = [prompt(processor, e.question.text) for e in examples]
+    inputs = processor(images=[e.image for e in examples], text=texts, return_tensors="pt", padding=True, packing=factor)
+    assert torch.equal(inputs["input_ids"], encode_batch(examples, routing, packing=factor)["input_ids"])
+
+
+def test_toy_command_refuses_a_factor_the_checkpoint_lacks(capsys):
+    from visor_hf.toy.inference import DEFAULT_CHECKPOINT
+
+    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+        pytest.skip("the toy checkpoint is not shipped in this tree")
+    factors = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text()).get("packing_factors") or []
+    missing = [k for k in (2, 4) if k not in factors]
+    if not missing:
+        pytest.skip("the shipped toy has every packing module")
+    assert cli_main(["toy", "--images", "1", "--seed", "0", "--packing", str(missing[0])]) == 2
+    assert "no packing module" in capsys.readouterr().err
