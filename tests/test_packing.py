@@ -346,7 +346,8 @@ def test_conversion_adds_the_average_initialised_module_by_default(folders, tmp_
     assert cli_main(["convert", str(folders / "src"), str(tmp_path / "plain"), "--no-packing"]) == 0
     assert not any(k.startswith("model.token_packing.") for k in read_tensors(tmp_path / "plain"))
     assert json.loads((tmp_path / "plain" / "config.json").read_text())["packing_factors"] == []
-    assert cli_main(["convert", str(folders / "src"), str(tmp_path / "dense"), "--dense"]) == 0
+    assert cli_main(["convert", str(folders / "src"), str(tmp_path / "dense"), "--dense", "--packing"]) == 0
+    assert json.loads((tmp_path / "dense" / "config.json").read_text())["packing_factors"] == [2, 4]
     capsys.readouterr()
     assert cli_main(["verify", str(tmp_path / "dense"), "--against", str(folders / "src"), "--max-new-tokens", "3"]) == 0
     assert "OK" in capsys.readouterr().out

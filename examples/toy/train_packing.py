@@ -108,6 +108,9 @@ def main() -> None:
     parser.add_argument("--relabel", action="store_true", help="pseudo-label and train the router again after training")
     parser.add_argument("--label-images", type=int, default=300)
     parser.add_argument("--router-steps", type=int, default=2000)
+    parser.add_argument(
+        "--skip-eval", default="", help="stages not to evaluate, e.g. 'untrained,universal' (the final one always is)"
+    )
     parser.add_argument("--ship", action="store_true", help="copy the result over src/visor_hf/assets/toy-visor")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -120,10 +123,12 @@ def main() -> None:
     start = add_packing(Path(args.start), out / "start")
     test = eval_set(TEST_SEED, args.test_images)
     fresh = fresh_examples(0, args.fresh_images)
+    skip = set(filter(None, args.skip_eval.split(",")))
     stages = {}
-    t = time.time()
-    stages["untrained"] = evaluate_all(start, test, fresh, logfile)
-    timings["evaluate_untrained"] = round(time.time() - t, 1)
+    if "untrained" not in skip:
+        t = time.time()
+        stages["untrained"] = evaluate_all(start, test, fresh, logfile)
+        timings["evaluate_untrained"] = round(time.time() - t, 1)
 
     from visor_hf.training import pseudo_label, train_router, train_stage
     from visor_hf.training.data import load_processor
@@ -144,9 +149,10 @@ def main() -> None:
     )
     timings["universal"] = round(time.time() - t, 1)
     final = out / "universal"
-    t = time.time()
-    stages["universal"] = evaluate_all(final, test, fresh, logfile)
-    timings["evaluate_universal"] = round(time.time() - t, 1)
+    if "universal" not in skip or not args.relabel:
+        t = time.time()
+        stages["universal"] = evaluate_all(final, test, fresh, logfile)
+        timings["evaluate_universal"] = round(time.time() - t, 1)
     if args.relabel:
         t = time.time()
         labels = write_records(out / "data" / "labels", args.label_images, LABEL_SEED_BASE)

@@ -35,8 +35,9 @@ def add_parser(subparsers) -> None:
         "it to the mean of the tokenizer's rows (a new row always starts at the mean)",
     )
     parser.add_argument(
-        "--no-packing", dest="packing", action="store_false",
-        help="leave out the VISOR-TR token packing module (default: added for 2x and 4x, average-initialised)",
+        "--packing", action=argparse.BooleanOptionalAction, default=None,
+        help="add the VISOR-TR token packing module for 2x and 4x, average-initialised (default: yes, except with "
+        "--dense, whose output holds exactly the source's tensors); --no-packing leaves it out",
     )
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")

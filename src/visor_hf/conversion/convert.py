@@ -627,7 +627,7 @@ def convert(
     routing_token: str = DEFAULT_ROUTING_TOKEN,
     routing_token_init: str = "keep",
     revision: str | None = None,
-    packing: bool = True,
+    packing: bool | None = None,
 ) -> Path:
     """Convert a LLaVA-OneVision checkpoint (local folder or Hub id) into a VISOR checkpoint folder `dst`.
 
@@ -639,7 +639,8 @@ def convert(
     LLaVA-OneVision checkpoint folder. `routing_token_init` ("keep" or "mean") says how a spare embedding row
     taken by the routing token starts (see `add_routing_token`). `packing` adds the VISOR-TR token packing module
     (`model.token_packing.pack2` / `pack4`, average-initialised: an untrained module is average pooling; LLaVA-OneVision
-    sources only); `visor_packing=1`, the default, does not use it. Returns the output folder.
+    sources only); `visor_packing=1`, the default, does not use it. Default (`None`): added, except with `dense=True`
+    (the dense layout holds exactly the source's tensors). Returns the output folder.
     """
     if routing_token_init not in ROUTING_TOKEN_INITS:
         raise ConversionError(f"unknown routing token initialisation {routing_token_init!r}: one of {', '.join(ROUTING_TOKEN_INITS)}")
@@ -665,7 +666,7 @@ def convert(
     num_layers = llava_config.get_text_config().num_hidden_layers
     layout = resolve_layout(num_layers, cross_attention_layers, self_attention_layers, configurations, router_layer, dense)
     if family.visor_model_type == "visor":  # token packing works on LLaVA-OneVision's anyres layout
-        layout["packing_factors"] = list(PACKING_FACTORS) if packing else []
+        layout["packing_factors"] = list(PACKING_FACTORS) if (not dense if packing is None else packing) else []
 
     with staged_output(dst, overwrite) as tmp:
         llava = load_source_model(src_path, dtype, family)
