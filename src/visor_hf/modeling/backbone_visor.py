@@ -80,6 +80,8 @@ class LlavaOnevisionBackbone:
             return features
         batch = inputs_embeds.shape[0]
         factors = packing_per_sample(packing, batch, self.config.packing_factors)
+        if image_sizes is None:
+            raise ValueError("visor_packing needs image_sizes (the layout of each image's tokens follows from its size)")
         image_options = vision_kwargs["image"]
         layouts = image_token_layouts(self.config, image_sizes, image_options.get("vision_aspect_ratio"), image_options.get("batch_num_images"))
         if len(layouts) != len(features):
