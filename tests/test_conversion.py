@@ -142,6 +142,8 @@ def test_every_source_tensor_unchanged_and_exact_new_names(workdir, source_model
     config = json.loads((dst / "config.json").read_text())
     expected_new = {f"model.cross_attention_blocks.{layer}.{suffix}" for layer in config["cross_attention_layers"] for suffix in CA_SUFFIXES}
     expected_new |= set(ROUTER_NAMES)
+    expected_new |= {f"model.token_packing.pack{k}.{p}" for k in config["packing_factors"] for p in ("weight", "bias")}
+    assert config["packing_factors"] == [2, 4]  # added by default (tests/test_packing.py checks its values)
     assert set(out) - set(source) == expected_new
     # warm start: each CA block starts from its host layer; conv position embedding at zero
     for layer in config["cross_attention_layers"]:

@@ -136,7 +136,7 @@ def test_paper_conversion_of_a_model_saved_alone(sources, tmp_path, tie):
             torch.testing.assert_close(out[name][VOCAB_SIZE], tensor.mean(0))
         else:
             assert torch.equal(out[name], tensor), name
-    assert set(out) - set(source) == {n for n in out if n.startswith(("model.cross_attention_blocks.", "model.router."))}
+    assert set(out) - set(source) == {n for n in out if n.startswith(("model.cross_attention_blocks.", "model.router.", "model.token_packing."))}
     assert "routing token: id 99" in (dst / "README.md").read_text()
 
     model = AutoModelForImageTextToText.from_pretrained(dst).eval()

@@ -94,7 +94,7 @@ def visor_from_llava(llava: LlavaOnevisionForConditionalGeneration, attn_impleme
     missing, unexpected = visor.load_state_dict(llava.state_dict(), strict=False)
     if unexpected:
         raise ValueError(f"LLaVA-OV weights with no place in VISOR: {unexpected}")
-    not_new = [k for k in missing if not k.startswith(("model.cross_attention_blocks.", "model.router."))]
+    not_new = [k for k in missing if not k.startswith(("model.cross_attention_blocks.", "model.router.", "model.token_packing."))]
     if not_new:
         raise ValueError(f"VISOR weights that the LLaVA-OV model does not provide: {not_new}")
     warm_start_new_modules(visor)
@@ -163,12 +163,16 @@ def pad_rows(rows: list[list[int]], padding_side: str = "left") -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def build_batch(model, samples: list[dict], padding_side: str = "left", seed: int = 0) -> dict:
+def build_batch(model, samples: list[dict], padding_side: str = "left", seed: int = 0, packing: int | list[int] = 1) -> dict:
     """Model inputs for a batch of samples, each `{"text": [ids or "<image>"...], "images": [(h, w), ...]}`.
 
     `"<image>"` items in the text are expanded to the right number of image tokens; images are random pictures of
     the given sizes, seeded by `sample["seed"]` (default: its index in the batch). Shorter samples are padded on `padding_side`.
+    `packing` (one factor, or one per sample): the image tokens of a packed image (run with the same `visor_packing=`).
     """
+    from .modeling.packing_visor import image_token_layouts
+
+    factors = list(packing) if isinstance(packing, (list, tuple)) else [packing] * len(samples)
     processor = tiny_image_processor()
     rows, pixel_list, size_list = [], [], []
     for index, sample in enumerate(samples):
@@ -178,6 +182,8 @@ def build_batch(model, samples: list[dict], padding_side: str = "left", seed: in
         if images:
             processed = processor(images, return_tensors="pt")
             counts = count_image_tokens(model, processed["pixel_values"], processed["image_sizes"])
+            if factors[index] != 1:
+                counts = [layout.num_tokens(factors[index]) for layout in image_token_layouts(model.config, processed["image_sizes"])]
             pixel_list.extend(processed["pixel_values"])
             size_list.extend(processed["image_sizes"])
         rows.append(expand_image_markers(sample["text"], counts, index))
@@ -399,7 +405,7 @@ def visor_from_qwen_vl(source, attn_implementation: str | None = None, **layout)
     implementation = attn_implementation or source.config.text_config._attn_implementation
     visor = visor_class._from_config(config, attn_implementation=implementation)
     missing, unexpected = visor.load_state_dict(source.state_dict(), strict=False)
-    not_new = [k for k in missing if not k.startswith(("model.cross_attention_blocks.", "model.router."))]
+    not_new = [k for k in missing if not k.startswith(("model.cross_attention_blocks.", "model.router.", "model.token_packing."))]
     if unexpected or not_new:
         raise ValueError(f"weights that do not match: unexpected {unexpected}, missing {not_new}")
     warm_start_new_modules(visor)

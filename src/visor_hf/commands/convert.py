@@ -34,6 +34,11 @@ def add_parser(subparsers) -> None:
         help="a spare embedding row taken by the routing token: keep its values (default: no tensor changes) or set "
         "it to the mean of the tokenizer's rows (a new row always starts at the mean)",
     )
+    parser.add_argument(
+        "--packing", action=argparse.BooleanOptionalAction, default=None,
+        help="add the VISOR-TR token packing module for 2x and 4x, average-initialised (default: yes, except with "
+        "--dense, whose output holds exactly the source's tensors); --no-packing leaves it out",
+    )
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"], help="cast weights (default: keep)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard (default 5GB)")
     parser.add_argument("--revision", default=None, help="Hub revision of SRC")
@@ -63,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             routing_token=args.routing_token or DEFAULT_ROUTING_TOKEN,
             routing_token_init=args.routing_token_init,
             revision=args.revision,
+            packing=args.packing,
         )
     except (ConversionError, OSError) as error:  # OSError: FileExistsError, no space left, permission, ...
         print(f"visor-hf convert: error: {error}", file=sys.stderr)
@@ -73,4 +79,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"  self-attention layers:  {config['self_attention_layers']}")
     print(f"  configurations:         {config['configurations']}")
     print(f"  router layer:           {config['router_layer']}  (routing token id {config['routing_token_id']})")
+    print(f"  token packing factors:  {config.get('packing_factors') or 'none'}")
     return 0

@@ -39,6 +39,8 @@ def add_scoring_arguments(parser: argparse.ArgumentParser, limit_help: str = "us
     parser.add_argument("--image-root", default=None, help="folder of the relative image paths (default: the data file's folder)")
     parser.add_argument("--dtype", default=None, help="load the weights in this dtype (float32, bfloat16, ...)")
     parser.add_argument("--attn-implementation", default=None, help="eager or sdpa")
+    parser.add_argument("--packing", type=int, choices=[1, 2, 4], default=1,
+                        help="token packing factor of the images (needs a checkpoint with the packing module; default 1)")
 
 
 def scoring_options(args: argparse.Namespace) -> dict:
@@ -47,5 +49,5 @@ def scoring_options(args: argparse.Namespace) -> dict:
     check_data_path(args.data)
     return {
         "batch_size": args.batch_size, "limit": args.limit, "image_root": args.image_root, "dtype": args.dtype,
-        "attn_implementation": args.attn_implementation,
+        "attn_implementation": args.attn_implementation, "packing": args.packing,
     }

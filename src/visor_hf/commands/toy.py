@@ -74,6 +74,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--reduction", type=_reduction, default=None,
                         help="visual token reduction before the LLM, e.g. 'visionzip:0.25' (a fraction of each "
                         "image's tokens) or 'visionzip:22' (tokens per image); see docs/token_reduction.md")
+    parser.add_argument("--packing", type=int, choices=[1, 2, 4], default=1,
+                        help="VISOR-TR token packing factor of the pictures (1: every visual token; 2: horizontal pairs; "
+                        "4: 2x2 blocks); FLOPs stay against dense LLaVA-OV on every visual token")
     parser.add_argument("--save-images", default=None, help="folder to write the pictures to (PNG)")
     parser.add_argument("--quiet", action="store_true", help="print the summary only")
     parser.add_argument("--threads", type=_positive, default=1, help="torch threads (default 1)")
@@ -108,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
             problem = "--router-threshold only applies to --configuration auto (the router decides)"
         elif config.router_type != "calibrated":
             problem = f"--router-threshold needs a calibrated router; this checkpoint's router is {config.router_type!r}"
+    if problem is None and args.packing != 1 and args.packing not in (getattr(config, "packing_factors", None) or []):
+        problem = f"--packing {args.packing}: this checkpoint has no packing module for it (packing_factors {config.packing_factors})"
+    if problem is None and args.packing != 1 and args.reduction is not None:
+        problem = "--packing and --reduction cannot be combined (token reduction reads the unpacked layout)"
     if problem:
         print(f"visor-hf toy: error: {problem}", file=sys.stderr)
         return 2
@@ -119,7 +126,8 @@ def run(args: argparse.Namespace) -> int:
     if router == "calibrated":
         threshold = args.router_threshold if args.router_threshold is not None else config.router_threshold
         router = f"calibrated, threshold {threshold:g}"
-    print(f"configurations: {config.configurations}; router: {router}; pictures seed {seed} (--seed {seed} repeats this run)\n")
+    print(f"configurations: {config.configurations}; router: {router}; token packing {args.packing}x; "
+          f"pictures seed {seed} (--seed {seed} repeats this run)\n")
     examples = fresh_examples(seed, args.images)
     if args.save_images:
         os.makedirs(args.save_images, exist_ok=True)
@@ -127,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"visual token reduction: {args.reduction} (dense FLOPs: LLaVA-OV on the unreduced tokens)\n")
     try:
         answers = answer_examples(model, processor, examples, visor_configuration=configuration,
-                                  router_threshold=args.router_threshold, token_reduction=args.reduction)
+                                  router_threshold=args.router_threshold, token_reduction=args.reduction,
+                                  packing=args.packing)
     except ValueError as error:  # e.g. a keep count larger than the pictures' tokens
         print(f"visor-hf toy: error: {error}", file=sys.stderr)
         return 2

@@ -36,6 +36,11 @@ def add_parser(subparsers) -> None:
     universal = parser.add_argument_group("universal fine-tuning")
     universal.add_argument("--sampling", choices=["cycle", "uniform"], default="cycle", help="configuration schedule (see docs)")
     universal.add_argument("--configurations", default=None, help="indices of config.configurations to sample, e.g. '0,2,3' (default: all)")
+    universal.add_argument(
+        "--packing", default=None,
+        help="token packing factors to sample with the configurations, e.g. '1,2,4' (one (configuration, packing) pair "
+        "per step; default: no packing)",
+    )
     add_training_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -51,13 +56,14 @@ def run(args) -> int:
     if args.lora:
         lora = LoraOptions(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, merge=not args.no_merge)
     configurations = [int(i) for i in args.configurations.replace(",", " ").split()] if args.configurations else None
+    packing = [int(i) for i in args.packing.replace(",", " ").split()] if args.packing else None
     trainer = train_stage(
         args.model, args.data, args.output_dir, args.stage,
         eval_data=args.eval_data, training_args=training_args_from(args), lora=lora,
         train_vision_tower=args.train_vision_tower, seed=args.seed, sampling=args.sampling,
         configurations=configurations, resume_from_checkpoint=resume_value(args.resume_from_checkpoint),
         image_root=args.image_root, max_length=args.max_length, limit=args.limit, dtype=args.dtype,
-        attn_implementation=args.attn_implementation, fsdp_size=args.fsdp_size,
+        attn_implementation=args.attn_implementation, fsdp_size=args.fsdp_size, packing=packing,
     )
     if trainer.is_world_process_zero():
         print(json.dumps({"stage": args.stage, "output_dir": args.output_dir, "global_step": trainer.state.global_step}))

@@ -29,6 +29,7 @@ def add_parser(subparsers) -> None:
                         "configuration that it keeps the maximal one's answer (binary cross-entropy on the targets). "
                         "Default: the checkpoint's config.router_type")
     parser.add_argument("--router-threshold", type=float, default=None, help="default threshold of a calibrated router, in [0, 1]")
+    parser.add_argument("--packing", type=int, choices=[1, 2, 4], default=1, help="token packing factor of the images (as labelled)")
     add_training_arguments(parser)
     parser.set_defaults(func=run)
 
@@ -46,7 +47,7 @@ def run(args) -> int:
         training_args=training_args_from(args), seed=args.seed, image_root=args.image_root, batch_size=args.batch_size,
         dtype=args.dtype, attn_implementation=args.attn_implementation, resume_from_checkpoint=resume_value(args.resume_from_checkpoint),
         fsdp_size=args.fsdp_size,
-        router_type=args.router_type, router_threshold=args.router_threshold,
+        router_type=args.router_type, router_threshold=args.router_threshold, packing=args.packing,
     )
     print(json.dumps({k: v for k, v in report.items() if k != "train_metrics"}, indent=2))
     return 0

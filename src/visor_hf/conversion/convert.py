@@ -18,6 +18,7 @@ from ..hub_ids import looks_like_hub_id
 from ..logging_utils import get_logger
 from ..modeling import VisorConfig, VisorForConditionalGeneration, uniform_layer_layout
 from ..modeling.hub_visor import loading_section
+from ..modeling.packing_visor import PACKING_FACTORS
 from ..modeling.processing_visor import DEFAULT_ROUTING_TOKEN, VisorProcessor
 from .errors import ConversionError
 from .families import VISOR_MODEL_TYPES, SourceFamily, family_of, supported_sources
@@ -504,7 +505,7 @@ def build_visor(llava, config: VisorConfig, family: SourceFamily | None = None) 
     missing, unexpected = visor.load_state_dict(llava.state_dict(), strict=False, assign=True)
     if unexpected:
         raise ConversionError(f"{family.name} tensors with no place in VISOR: {unexpected[:8]}")
-    new = ("model.cross_attention_blocks.", "model.router.")
+    new = ("model.cross_attention_blocks.", "model.router.", "model.token_packing.")
     tied = {"lm_head.weight"} if getattr(config.get_text_config(), "tie_word_embeddings", False) or config.tie_word_embeddings else set()
     leftover = [k for k in missing if not k.startswith(new) and k not in tied]
     if leftover:
@@ -537,6 +538,13 @@ def materialize_new_modules(model: VisorForConditionalGeneration, device: torch.
 def hub_id(name: str | None) -> str | None:
     """`name` when it has the shape of a Hub model id (`owner/name`) and is not a local path; else `None`."""
     return name if name and looks_like_hub_id(name) else None
+
+
+def packing_line(config) -> str:
+    factors = getattr(config, "packing_factors", None)
+    if not factors:
+        return "none (1 only)"
+    return f"1, {', '.join(map(str, factors))} (`model.token_packing`, average-initialised until trained)"
 
 
 def model_card(src_name: str, config: VisorConfig, routing_token: str, has_processor: bool = True, family: SourceFamily | None = None) -> str:
@@ -595,6 +603,7 @@ which SA layers run. Every weight of `{src_name}` is kept unchanged. {initialisa
 - router layer: {config.router_layer}
 - routing token: {routing}
 - default configuration without a router decision: {config.default_configuration!r}
+- token packing factors (`visor_packing=`, with the processor's `packing=`): {packing_line(config)}
 
 | configuration | SA layers | count |
 |---|---|---|
@@ -618,6 +627,7 @@ def convert(
     routing_token: str = DEFAULT_ROUTING_TOKEN,
     routing_token_init: str = "keep",
     revision: str | None = None,
+    packing: bool | None = None,
 ) -> Path:
     """Convert a LLaVA-OneVision checkpoint (local folder or Hub id) into a VISOR checkpoint folder `dst`.
 
@@ -627,7 +637,10 @@ def convert(
     the source's). The output is written to a fresh temporary folder next to `dst` and published with one atomic
     rename (see `publish.py`); an existing `dst` is refused unless `overwrite`, which replaces only a VISOR or
     LLaVA-OneVision checkpoint folder. `routing_token_init` ("keep" or "mean") says how a spare embedding row
-    taken by the routing token starts (see `add_routing_token`). Returns the output folder.
+    taken by the routing token starts (see `add_routing_token`). `packing` adds the VISOR-TR token packing module
+    (`model.token_packing.pack2` / `pack4`, average-initialised: an untrained module is average pooling; LLaVA-OneVision
+    sources only); `visor_packing=1`, the default, does not use it. Default (`None`): added, except with `dense=True`
+    (the dense layout holds exactly the source's tensors). Returns the output folder.
     """
     if routing_token_init not in ROUTING_TOKEN_INITS:
         raise ConversionError(f"unknown routing token initialisation {routing_token_init!r}: one of {', '.join(ROUTING_TOKEN_INITS)}")
@@ -652,6 +665,8 @@ def convert(
     check_free_space(src_path, dst, dtype)
     num_layers = llava_config.get_text_config().num_hidden_layers
     layout = resolve_layout(num_layers, cross_attention_layers, self_attention_layers, configurations, router_layer, dense)
+    if family.visor_model_type == "visor":  # token packing works on LLaVA-OneVision's anyres layout
+        layout["packing_factors"] = list(PACKING_FACTORS) if (not dense if packing is None else packing) else []
 
     with staged_output(dst, overwrite) as tmp:
         llava = load_source_model(src_path, dtype, family)

@@ -14,7 +14,8 @@ def warm_start_new_modules(model: VisorForConditionalGeneration) -> None:
     - query/key/value/output projections: copies of the host layer's `self_attn` projections;
     - text and visual norms: copies of the host layer's `input_layernorm`;
     - conv position embedding: zero weights and bias (identity: `pos(v) = v`).
-    The router keeps its random initialisation (it is trained on its own, with everything else frozen).
+    The router keeps its random initialisation (it is trained on its own, with everything else frozen). The token
+    packing module (when the config has one) starts as average pooling: each merge `[I/k, ..., I/k]`, bias 0.
     """
     layers = model.model.language_model.layers
     for name, block in model.model.cross_attention_blocks.items():
@@ -28,3 +29,5 @@ def warm_start_new_modules(model: VisorForConditionalGeneration) -> None:
         block.visual_layernorm.weight.copy_(host.input_layernorm.weight)
         block.position_embedding.weight.zero_()
         block.position_embedding.bias.zero_()
+    if getattr(model.model, "token_packing", None) is not None:
+        model.model.token_packing.reset_to_average(guarded=False)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from huggingface_hub.dataclasses import strict
 from transformers import LlavaOnevisionConfig
 
+from .packing_visor import check_packing_factors
 from .routing_visor import ROUTER_TYPES, check_threshold
 
 
@@ -223,9 +224,18 @@ class VisorConfig(VisorLayoutMixin, LlavaOnevisionConfig):
         Configuration used when no router decision exists (no router, or a sample without a routing token).
     position_embedding_kernel_size (`int`, *optional*, defaults to 7):
         Kernel of the depth-wise 1-D convolution that gives visual tokens their position for cross-attention.
+    packing_factors (`list[int]`, *optional*, defaults to `[]`):
+        The token packing factors (from 2, 4) this checkpoint has a packing module for (`model.token_packing.pack2`,
+        `pack4`); `visor_packing=` picks one per sample (1, no packing, is always available). See `packing_visor.py`.
     """
 
     model_type = "visor"
+
+    packing_factors: list | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self.packing_factors = check_packing_factors(self.packing_factors)
 
 
 __all__ = ["VisorConfig", "VisorLayoutMixin", "uniform_layer_layout"]

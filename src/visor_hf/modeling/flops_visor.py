@@ -223,6 +223,14 @@ def projector_flops(vision_config, num_crops: int, projector_out: int | None = N
     return _count("num_crops", num_crops) * 2 * _patches(vision_config) * (d * projector_out + projector_out**2)
 
 
+def packing_flops(hidden_size: int, factor: int, packed_tokens: int) -> int:
+    """FLOPs of the VISOR-TR token packing (`Linear(factor * d, d)` on each packed token; factor 1: none). Like the
+    projector, before the LLM and apart from its count."""
+    if factor == 1:
+        return 0
+    return 2 * factor * hidden_size * hidden_size * _count("packed_tokens", packed_tokens)
+
+
 @dataclass
 class FlopsCount:
     """Analytical FLOPs of one sample (see `count_flops`)."""
@@ -384,6 +392,7 @@ __all__ = [
     "decode_flops",
     "vision_flops",
     "projector_flops",
+    "packing_flops",
     "VisorFlopsReport",
     "configuration_costs",
     "select_by_budget",

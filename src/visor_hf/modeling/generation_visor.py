@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from .cache_visor import VisorCache, VisorStaticCache
 from .flops_visor import VisorFlopsReport
+from .packing_visor import image_token_layouts, images_of_samples, packing_per_sample
 from .report_visor import budget_request, generation_report, prompt_token_counts
 from .requests_visor import is_per_sample
 from .streams_visor import embedded_token_mask
@@ -25,7 +26,7 @@ logger = logging.get_logger(__name__)
 
 # inputs of `generate` that a draft model (assisted decoding) receives only if its forward takes them
 _TARGET_ONLY_GENERATE_KWARGS = (
-    "visor_configuration", "visor_budget", "visor_router_threshold", "visor_batching", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
+    "visor_configuration", "visor_budget", "visor_router_threshold", "visor_batching", "visor_packing", "pixel_values", "image_sizes", "pixel_values_videos", "image_sizes_videos",
     "batch_num_images", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
 )
 
@@ -139,6 +140,11 @@ class VisorGenerationMixin(GenerationMixin):
     def _images_per_sample(self, pixel_values, image_tokens: list[int], model_kwargs) -> list[int]:
         """Images of each sample, from the feature length of every image (one extra vision pass, only for
         adjacent images without `batch_num_images`): images fill the samples' image tokens in order."""
+        if model_kwargs.get("visor_packing") is not None:  # packed images: their counts follow from their sizes
+            factors = packing_per_sample(model_kwargs["visor_packing"], len(image_tokens), self.config.packing_factors)
+            layouts = image_token_layouts(self.config, model_kwargs.get("image_sizes"), model_kwargs.get("vision_aspect_ratio"))
+            owners = images_of_samples(image_tokens, layouts, factors)
+            return [owners.count(sample) for sample in range(len(image_tokens))]
         options = ("vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio", "batch_num_images")
         with torch.no_grad():
             features = self.model.get_image_features(
@@ -238,7 +244,7 @@ class VisorGenerationMixin(GenerationMixin):
         if expand_size > 1 and is_per_sample(request):
             # a per-sample request follows its sample into the beams / returned sequences
             model_kwargs["visor_configuration"] = [v for v in request for _ in range(expand_size)]
-        for name in ("visor_budget", "visor_router_threshold"):  # per-sample lists follow their sample (tensors are
+        for name in ("visor_budget", "visor_router_threshold", "visor_packing"):  # per-sample lists follow their sample (tensors are
             value = model_kwargs.get(name)  # expanded row by row by `generate` itself)
             if expand_size > 1 and isinstance(value, (list, tuple)):
                 model_kwargs[name] = [v for v in value for _ in range(expand_size)]

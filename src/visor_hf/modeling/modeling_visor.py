@@ -43,6 +43,7 @@ from .masks_visor import (
     padding_without_sync,
 )
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast, capture_attentions
+from .packing_visor import VisorTokenPacking
 from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
 from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
 from .requests_visor import AUTO, ConfigurationRequest, resolve_configuration_request
@@ -199,6 +200,8 @@ def init_visor_module(module: nn.Module) -> None:
     if isinstance(module, VisorConvPositionEmbedding):
         nn.init.zeros_(module.weight)
         nn.init.zeros_(module.bias)
+    if isinstance(module, VisorTokenPacking):  # an untrained packing module is average pooling
+        module.reset_to_average()
 
 
 def check_visor_inputs(input_ids, inputs_embeds, has_pixels: bool, mm_encoder_outputs, attention_mask) -> None:
@@ -265,6 +268,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         self.vocab_size = config.text_config.vocab_size
         self.language_model = AutoModel.from_config(config.text_config)
         self.add_visor_modules(config)
+        self.token_packing = VisorTokenPacking(config.text_config.hidden_size, config.packing_factors) if config.packing_factors else None
         self.post_init()
 
     # -- routing ---------------------------------------------------------------------------------------------------
@@ -317,6 +321,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         output_router_logits: bool | None = None,
         visor_router_threshold: float | list[float] | torch.Tensor | None = None,
         visor_batching: str | None = None,
+        visor_packing: int | list[int] | torch.Tensor | None = None,
         **kwargs,
     ) -> VisorModelOutputWithPast:
         r"""
@@ -331,6 +336,9 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             How a prefill whose samples run different SA layers runs: `"grouped"` (one pass per configuration, caches
             merged), `"masked"` (one pass, visual keys hidden where a sample skips a layer) or `"auto"` (default:
             grouped when it saves enough FLOPs); see `grouping_visor.py`. Same results either way.
+        visor_packing (`int`, or one per sample as a list or 1-D tensor, *optional*):
+            Token packing factor of each sample's images (1, or a factor of `config.packing_factors`); the prompt's
+            image tokens must hold the packed count (`VisorProcessor(packing=...)`). Read at prefill only.
         """
         # LLaVA-OV's pre-encoded images/videos; taken from kwargs, not the signature, so that `generate` keeps
         # passing the pixels (it pre-encodes them only for models whose forward names `mm_encoder_outputs`)
@@ -354,6 +362,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             },
             "video": {"vision_feature_layer": vision_feature_layer, "vision_feature_select_strategy": vision_feature_select_strategy},
             "encoded": mm_encoder_outputs,
+            "packing": visor_packing,
         }
         if vision_aspect_ratio is not None:
             vision_kwargs["image"]["vision_aspect_ratio"] = vision_aspect_ratio
@@ -633,6 +642,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         visor_budget: float | list[float] | torch.Tensor | None = None,
         visor_router_threshold: float | list[float] | torch.Tensor | None = None,
         visor_batching: str | None = None,
+        visor_packing: int | list[int] | torch.Tensor | None = None,
         **kwargs,
     ) -> VisorCausalLMOutputWithPast:
         r"""
@@ -651,6 +661,9 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
         visor_batching (`str`, *optional*):
             `"auto"` (default), `"grouped"` or `"masked"`: how a prefill of samples with different configurations
             runs (see [`VisorModel.forward`]).
+        visor_packing (`int`, or one per sample as a list or 1-D tensor, *optional*):
+            Token packing factor of each sample's images (1, or a factor of `config.packing_factors`); the prompt's
+            image tokens must hold the packed count (`VisorProcessor(packing=...)`). Read at prefill only.
         """
         check_forward_kwargs(self.forward, kwargs)
         visual_inputs = pixel_values is not None or pixel_values_videos is not None or bool(kwargs.get("mm_encoder_outputs"))
@@ -663,7 +676,8 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, vision_feature_layer=vision_feature_layer,
             vision_feature_select_strategy=vision_feature_select_strategy, vision_aspect_ratio=vision_aspect_ratio,
             batch_num_images=batch_num_images, use_cache=use_cache, visor_configuration=visor_configuration,
-            output_router_logits=output_router_logits, visor_router_threshold=visor_router_threshold, visor_batching=visor_batching, **kwargs,
+            output_router_logits=output_router_logits, visor_router_threshold=visor_router_threshold,
+            visor_batching=visor_batching, visor_packing=visor_packing, **kwargs,
         )
         return self._visor_output(outputs, prefill, counts, labels, logits_to_keep, kwargs)
 

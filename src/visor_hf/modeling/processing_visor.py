@@ -3,12 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 
 from transformers import LlavaOnevisionProcessor
+from transformers.image_processing_utils import select_best_resolution
 
+from .packing_visor import PACKING_BLOCKS, ImageTokenLayout
 from .reduction_visor import TokenReductionProcessorMixin
 
 DEFAULT_ROUTING_TOKEN = "<route>"
+
+
+def check_processor_packing(packing) -> int:
+    if isinstance(packing, bool) or not isinstance(packing, int) or packing not in PACKING_BLOCKS:
+        raise ValueError(f"packing must be a packing factor {tuple(PACKING_BLOCKS)}, got {packing!r}")
+    return packing
 
 
 def _has_torchvision() -> bool:
@@ -157,6 +166,9 @@ class VisorProcessor(TokenReductionProcessorMixin, RoutingTokenMixin, LlavaOnevi
         Text that closes a turn.
     add_routing_token (`bool`, *optional*, defaults to `True`):
         Whether calls insert the routing token (a call's own `add_routing_token=` wins).
+    packing (`int`, *optional*, defaults to 1):
+        Token packing factor (1, 2 or 4): each image expands to the packed number of image tokens, to be run with
+        the same `visor_packing=` (a call's own `packing=` wins).
     """
 
     # `save_pretrained` always writes this file and `auto_map`: the folder then loads with `trust_remote_code=True`
@@ -178,8 +190,11 @@ class VisorProcessor(TokenReductionProcessorMixin, RoutingTokenMixin, LlavaOnevi
         user_turn_start="<|im_start|>user",
         turn_end="<|im_end|>",
         add_routing_token=True,
+        packing=1,
         **kwargs,
     ):
+        self.packing = check_processor_packing(packing)
+        self._call_packing = None
         self.set_routing_token(tokenizer, routing_token, user_turn_start, turn_end, add_routing_token)
         super().__init__(
             image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
@@ -187,6 +202,43 @@ class VisorProcessor(TokenReductionProcessorMixin, RoutingTokenMixin, LlavaOnevi
             chat_template=chat_template, image_token=image_token, video_token=video_token,
             vision_aspect_ratio=vision_aspect_ratio, **kwargs,
         )
+
+    # -- token packing: the placeholder count of a packed image (see `packing_visor.py`) --------------------------
+
+    def __call__(self, images=None, text=None, videos=None, audio=None, packing: int | None = None, **kwargs):
+        self._call_packing = None if packing is None else check_processor_packing(packing)
+        try:
+            return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        finally:
+            self._call_packing = None
+
+    @property
+    def active_packing(self) -> int:
+        """The packing factor of the running call (its `packing=`, else the processor's)."""
+        return self._call_packing or self.packing
+
+    def _packed_layout(self, grid: tuple[int, int] | None) -> ImageTokenLayout:
+        if self.active_packing != 1 and self.vision_feature_select_strategy == "default":
+            raise ValueError("token packing needs the whole patch grid: vision_feature_select_strategy='full'")
+        side = int(math.isqrt(self.num_image_tokens))
+        return ImageTokenLayout((side, side), grid)
+
+    def _get_number_of_features(self, orig_height: int, orig_width: int, height: int, width: int) -> int:
+        if self.active_packing == 1:
+            return super()._get_number_of_features(orig_height, orig_width, height, width)
+        height_best, width_best = select_best_resolution([orig_height, orig_width], self.image_processor.image_grid_pinpoints)
+        side = int(math.isqrt(self.num_image_tokens))
+        unpadded, rows = self._get_unpadded_features(orig_height, orig_width, side, side, height_best // height, width_best // width)
+        return self._packed_layout((rows, unpadded // rows)).num_tokens(self.active_packing)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        factor = self.active_packing
+        counts = list(image_inputs["batch_num_images"])
+        images_of_sample = next(n for i, n in enumerate(counts) if image_idx < sum(counts[: i + 1]))
+        if factor == 1 or images_of_sample == 1:  # a single image: `_get_number_of_features` gives its packed count
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        # an image of a multi-image prompt: its base view and one newline
+        return self.image_token * self._packed_layout(None).num_tokens(factor)
 
     @classmethod
     def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .data import KINDS, Example
-from .model import IMAGE_ID, PAD_ID, encode_batch, toy_image_processor
+from .model import IMAGE_ID, PAD_ID, encode_batch, num_pooled_tokens, toy_image_processor
 
 
 def summarize(correct: list[bool], kinds: list[str]) -> dict:
@@ -35,8 +35,9 @@ def _model_inputs(batch: dict) -> dict:
 
 @torch.no_grad()
 def evaluate_visor(model: torch.nn.Module, examples: list[Example], configuration: str | int | list = "auto",
-                   batch_size: int = 50) -> dict:
-    """Per-sample correctness, loss, SA layers that ran and prefill FLOPs (VISOR and dense) of `examples`."""
+                   batch_size: int = 50, packing: int = 1) -> dict:
+    """Per-sample correctness, loss, SA layers that ran and prefill FLOPs (VISOR and dense) of `examples`. `packing`:
+    the pictures' token packing factor (VISOR-TR); the dense FLOPs stay those of LLaVA-OV on every visual token."""
     from ..modeling.flops_visor import FlopsShape, prefill_flops
 
     model.eval()
@@ -47,8 +48,9 @@ def evaluate_visor(model: torch.nn.Module, examples: list[Example], configuratio
     correct, losses, chosen, flops, dense = [], [], [], [], []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
-        batch = encode_batch(chunk, routing_id, processor)
-        out = model(**_model_inputs(batch), visor_configuration=configuration, logits_to_keep=1)
+        batch = encode_batch(chunk, routing_id, processor, packing)
+        extra = {"visor_packing": packing} if packing != 1 else {}
+        out = model(**_model_inputs(batch), visor_configuration=configuration, logits_to_keep=1, **extra)
         logits = out.logits[:, -1].float()
         correct += (logits.argmax(-1) == batch["answers"]).tolist()
         losses += torch.nn.functional.cross_entropy(logits, batch["answers"], reduction="none").tolist()
@@ -57,7 +59,8 @@ def evaluate_visor(model: torch.nn.Module, examples: list[Example], configuratio
             n_text = int((row != PAD_ID).sum()) - n_visual
             chosen.append(tuple(layers))
             flops.append(prefill_flops(shape, n_text, n_visual, layers, cross))
-            dense.append(prefill_flops(shape, n_text - 1, n_visual))  # dense LLaVA-OV: no routing token
+            # dense LLaVA-OV: no routing token, every visual token
+            dense.append(prefill_flops(shape, n_text - 1, n_visual * num_pooled_tokens(1) // num_pooled_tokens(packing)))
     return {"correct": correct, "loss": losses, "configurations": chosen, "flops": flops, "dense_flops": dense}
 
 

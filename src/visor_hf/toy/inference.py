@@ -52,24 +52,28 @@ def prompt(processor: ProcessorMixin, question: str) -> str:
 @torch.no_grad()
 def answer_examples(model: torch.nn.Module, processor: ProcessorMixin, examples: list[Example],
                     visor_configuration: str | int | list = "auto", batch_size: int = 25,
-                    router_threshold: float | None = None, token_reduction=None) -> list[Answer]:
+                    router_threshold: float | None = None, token_reduction=None, packing: int = 1) -> list[Answer]:
     """Greedy answers with `generate` (a left-padded batch; every sample gets its own configuration), the SA layers
     that ran and the analytical prefill FLOPs of the LLM against dense LLaVA-OV on the same tokens.
     `router_threshold`: the calibrated router's threshold (default: the checkpoint's). `token_reduction`: a visual
     token reduction (e.g. `"visionzip:0.25"`, see `reduction_visor`) on the model and the processor for these
     answers; the dense FLOPs are then those of LLaVA-OV on the unreduced tokens (the reduction's own cost is not
-    counted)."""
+    counted). `packing`: the images' token packing factor (VISOR-TR; the checkpoint needs the packing module); the
+    dense FLOPs are then those of LLaVA-OV on every visual token."""
     from ..modeling.reduction_visor import token_reduction as reducing
+
+    if packing != 1 and token_reduction is not None:
+        raise ValueError("token packing and token reduction cannot be combined (the reduction reads the unpacked layout)")
 
     with reducing(token_reduction, model, processor):
         return _answer_examples(model, processor, examples, visor_configuration, batch_size, router_threshold,
-                                token_reduction)
+                                token_reduction, packing)
 
 
 def _answer_examples(model, processor, examples, visor_configuration, batch_size, router_threshold,
-                     token_reduction) -> list[Answer]:
+                     token_reduction, packing) -> list[Answer]:
     from ..modeling.flops_visor import FlopsShape, prefill_flops
-    from ..modeling.reduction_visor import token_reduction as reducing
+    from ..modeling.packing_visor import image_token_layouts
 
     tokenizer = processor.tokenizer
     shape = FlopsShape.from_config(model.config)
@@ -79,12 +83,13 @@ def _answer_examples(model, processor, examples, visor_configuration, batch_size
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
         texts = [prompt(processor, e.question.text) for e in chunk]
-        inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
-        full = inputs
-        if token_reduction is not None:  # the unreduced prompt, for dense LLaVA-OV's FLOPs
-            with reducing(None, processor):
-                full = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True)
+        packed = {"packing": packing} if packing != 1 else {}
+        inputs = processor(images=[e.image for e in chunk], text=texts, return_tensors="pt", padding=True, **packed)
         extra = {"visor_router_threshold": router_threshold} if router_threshold is not None else {}
+        if packing != 1:
+            extra["visor_packing"] = packing
+        # dense LLaVA-OV's count: every visual token of the picture (unpacked, unreduced)
+        unpacked = [layout.num_tokens(1) for layout in image_token_layouts(model.config, inputs["image_sizes"])]
         out = model.generate(**inputs, max_new_tokens=2, do_sample=False, visor_configuration=visor_configuration,
                              pad_token_id=tokenizer.pad_token_id, **extra)
         report = model.last_visor_report
@@ -94,14 +99,13 @@ def _answer_examples(model, processor, examples, visor_configuration, batch_size
             ids = inputs["input_ids"][i][inputs["attention_mask"][i].bool()]
             n_visual = int((ids == image_id).sum())
             n_text = len(ids) - n_visual
-            dense_visual = int((full["input_ids"][i][full["attention_mask"][i].bool()] == image_id).sum())
             layers = tuple(report.configurations[i])
             results.append(Answer(
                 example=e,
                 answer=words[0] if words else "",
                 sa_layers=layers,
                 prefill_flops=prefill_flops(shape, n_text, n_visual, layers, cross),
-                dense_prefill_flops=prefill_flops(shape, n_text - 1, dense_visual),  # LLaVA-OV has no routing token
+                dense_prefill_flops=prefill_flops(shape, n_text - 1, unpacked[i]),  # LLaVA-OV has no routing token
             ))
     return results
 

@@ -106,10 +106,11 @@ def pixel_batch(images, processor=None) -> dict:
     return {"pixel_values": out["pixel_values"], "image_sizes": out["image_sizes"]}
 
 
-def encode_batch(examples, routing_token_id: int | None = None, processor=None) -> dict:
+def encode_batch(examples, routing_token_id: int | None = None, processor=None, packing: int = 1) -> dict:
     """Model inputs for a list of `data.Example` (prompts left-padded to the longest question, one picture each) and
-    `answers`, the token id of each reference answer. Same ids and pixels as the checkpoint's processor gives."""
-    rows = [prompt_ids(e.question.text, routing_token_id) for e in examples]
+    `answers`, the token id of each reference answer. Same ids and pixels as the checkpoint's processor gives (with
+    `packing`: its `packing=`, the packed image-token count; run with `visor_packing=packing`)."""
+    rows = [prompt_ids(e.question.text, routing_token_id, num_pooled_tokens(packing)) for e in examples]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), PAD_ID, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)

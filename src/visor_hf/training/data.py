@@ -260,12 +260,20 @@ class VisorDataCollator:
         (Qwen2 / LLaVA-OV: `"<|im_start|>assistant"` and `"<|im_end|>"`). The label span of an answer starts after the
         header (and the white space the template puts after it) and ends with `turn_end`, included, so the model
         learns to stop.
+    packing: a token packing factor (1, 2 or 4): images expand to their packed placeholder counts
+        (`VisorProcessor(..., packing=)`) and the batch carries `visor_packing` for the forward. For evaluation, the
+        search, pseudo-labels and router training at one factor; universal fine-tuning samples the factor per step
+        and packs an unpacked batch itself (`repack_placeholders`).
     The output holds `input_ids`, `attention_mask`, `labels`, the image tensors (`pixel_values`, `image_sizes`,
-    `batch_num_images`) when the batch has images, and `sample_index` (the dataset index of each row; the trainers
-    remove it before the forward).
+    `batch_num_images`) when the batch has images, `visor_packing` with a packing factor, and `sample_index` (the
+    dataset index of each row; the trainers remove it before the forward).
     """
 
-    def __init__(self, processor, max_length: int | None = None, assistant_header: str = "<|im_start|>assistant", turn_end: str = "<|im_end|>"):
+    def __init__(self, processor, max_length: int | None = None, assistant_header: str = "<|im_start|>assistant", turn_end: str = "<|im_end|>",
+                 packing: int = 1):
+        if packing != 1 and not hasattr(processor, "active_packing"):
+            raise ValueError(f"packing={packing} needs a VisorProcessor (it lays out the packed image tokens), got {type(processor).__name__}")
+        self.packing = packing
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.max_length = max_length
@@ -302,6 +310,8 @@ class VisorDataCollator:
             texts.append(self.render(record))
             images.append([open_image(i) for i in record_images(record)])
         kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
+        if self.packing != 1:
+            kwargs["packing"] = self.packing
         if any(images):
             # nested per sample, as LLaVA-OneVision's processor takes them: a sample with several images gets the
             # multi-image treatment (no anyres crops) and `batch_num_images` counts the images of each sample
@@ -322,8 +332,55 @@ class VisorDataCollator:
                 raise ValueError("max_length cuts need right padding: set processor.tokenizer.padding_side = 'right'")
             batch["input_ids"], batch["attention_mask"], labels = input_ids[:, :keep], attention_mask[:, :keep], labels[:, :keep]
         batch["labels"] = labels
+        if self.packing != 1:
+            batch["visor_packing"] = torch.full((input_ids.shape[0],), self.packing, dtype=torch.long)
         batch["sample_index"] = torch.tensor([r.get("__index__", -1) for r in records], dtype=torch.long)
         return batch
+
+
+def repack_placeholders(batch: dict, config, packing: int | list[int], pad_token_id: int | None = None) -> dict:
+    """A collated batch laid out for token packing: each image's run of placeholders shortened to its packed count
+    (`packing_visor.ImageTokenLayout`), which is what the processor gives with `packing=` (the placeholders are one
+    repeated token; labels there are -100). `packing`: one factor or one per row; 1 leaves a row as it is.
+
+    Universal fine-tuning draws the factor per optimisation step, after the data loader has collated (and prefetched)
+    the batch, so the trainer packs the batch here rather than in the collator. Rows are re-padded on the side their
+    padding was on; `input_ids`, `attention_mask` and `labels` change, the image tensors do not.
+    """
+    from ..modeling.packing_visor import image_token_layouts, images_of_samples
+
+    input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
+    rows = input_ids.shape[0]
+    factors = list(packing) if isinstance(packing, (list, tuple)) else [int(packing)] * rows
+    if all(f == 1 for f in factors) or batch.get("image_sizes") is None:
+        return batch
+    image = (input_ids == config.image_token_id) & attention_mask.bool()
+    layouts = image_token_layouts(config, batch["image_sizes"], batch_num_images=batch.get("batch_num_images"))
+    owners = images_of_samples(image.sum(1).tolist(), layouts, [1] * rows, batch.get("batch_num_images"))
+    keep = attention_mask.bool().clone()
+    for row in range(rows):
+        positions = image[row].nonzero()[:, 0].tolist()
+        start = 0
+        for layout in (layout for layout, owner in zip(layouts, owners) if owner == row):
+            full, packed = layout.num_tokens(1), layout.num_tokens(factors[row])
+            keep[row, positions[start + packed : start + full]] = False
+            start += full
+    left = bool((attention_mask[:, 0] == 0).any() and (attention_mask[:, -1] == 1).all())
+    width = int(keep.sum(1).max())
+    out = dict(batch)
+    if pad_token_id is None:
+        pad_token_id = getattr(config.get_text_config(), "pad_token_id", None) or 0
+    fills = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    for key, fill in fills.items():
+        if key not in batch:
+            continue
+        tensor = batch[key]
+        packed = torch.full((rows, width), fill, dtype=tensor.dtype, device=tensor.device)
+        for row in range(rows):
+            values = tensor[row][keep[row]]
+            packed[row, slice(width - len(values), width) if left else slice(0, len(values))] = values
+        out[key] = packed
+    return out
 
 
 def load_processor(path: str | os.PathLike):
@@ -338,7 +395,7 @@ def load_processor(path: str | os.PathLike):
 # LLaVA-OneVision's image inputs, then the Qwen2-VL family's
 MODEL_INPUT_KEYS = (
     "input_ids", "attention_mask", "pixel_values", "image_sizes", "batch_num_images", "image_grid_thw", "mm_token_type_ids",
-    "labels",
+    "visor_packing", "labels",
 )
 
 
@@ -357,4 +414,5 @@ __all__ = [
     "load_records",
     "model_inputs",
     "record_messages",
+    "repack_placeholders",
 ]

@@ -180,10 +180,10 @@ def read_jsonl(path) -> list[dict]:
 
 
 def evaluate(model_path, data, *, visor_configuration="auto", batch_size: int = 8, image_root=None, limit=None, output=None, dtype=None,
-             attn_implementation=None, router_threshold=None) -> dict:
+             attn_implementation=None, router_threshold=None, packing: int = 1) -> dict:
     """Run a checkpoint on an evaluation set with a fixed configuration or the router (`"auto"`); returns the
     summary (accuracy, average FLOPs, configuration histogram) and writes `output` (a folder: `summary.json` and
-    `per_sample.jsonl`) when given."""
+    `per_sample.jsonl`) when given. `packing`: the images' token packing factor (the FLOPs count the packed tokens)."""
     from .data import VisorDataCollator, load_processor, load_records
     from .stages import load_model
 
@@ -192,10 +192,11 @@ def evaluate(model_path, data, *, visor_configuration="auto", batch_size: int = 
     processor = load_processor(model_path)
     dataset = load_records(data, image_root, limit)
     accelerator = _accelerator()
-    results = score_dataset(model, dataset, VisorDataCollator(processor), visor_configuration, batch_size, accelerator,
+    results = score_dataset(model, dataset, VisorDataCollator(processor, packing=packing), visor_configuration, batch_size, accelerator,
                             router_threshold=router_threshold)
     summary = summarize(results)
     summary["visor_configuration"] = visor_configuration
+    summary["packing"] = packing
     summary["router_threshold"] = router_threshold
     summary["checkpoint"] = str(model_path)
     if output is not None and accelerator.is_main_process:
@@ -318,9 +319,9 @@ def plot_curve(curve: dict, path) -> None:
 
 
 def evaluate_curve(model_path, data, *, thresholds=DEFAULT_THRESHOLDS, group_field: str | None = "source", batch_size: int = 8,
-                   image_root=None, limit=None, output=None, dtype=None, attn_implementation=None) -> dict:
-    """`router_curve` of a checkpoint on an evaluation set; writes `curve.json`, `curve.md` and `curve.png` to
-    `output` when given."""
+                   image_root=None, limit=None, output=None, dtype=None, attn_implementation=None, packing: int = 1) -> dict:
+    """`router_curve` of a checkpoint on an evaluation set (images packed by `packing`); writes `curve.json`,
+    `curve.md` and `curve.png` to `output` when given."""
     from .data import VisorDataCollator, load_processor, load_records
     from .search import record_groups
     from .stages import load_model
@@ -332,8 +333,9 @@ def evaluate_curve(model_path, data, *, thresholds=DEFAULT_THRESHOLDS, group_fie
     dataset = load_records(data, image_root, limit)
     groups = record_groups(dataset, group_field) if group_field else None
     accelerator = _accelerator()
-    curve = router_curve(model, dataset, VisorDataCollator(processor), thresholds, batch_size, accelerator, groups)
+    curve = router_curve(model, dataset, VisorDataCollator(processor, packing=packing), thresholds, batch_size, accelerator, groups)
     curve["checkpoint"] = str(model_path)
+    curve["packing"] = packing
     curve["group_field"] = group_field
     if output is not None and accelerator.is_main_process:
         output = Path(output)

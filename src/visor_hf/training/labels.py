@@ -241,11 +241,13 @@ def pseudo_label(
     image_root=None,
     dtype=None,
     attn_implementation=None,
+    packing: int = 1,
 ) -> dict:
     """Write `pseudo_label_table.jsonl` (every configuration on the first `limit` records of `data`),
     `pseudo_labels.jsonl` (`index`, `label`, `layers` and the calibrated router's `targets` per sample) and
     `pseudo_label_summary.json`; returns the summary. `keep`, `spend_slack`: see [`assign_labels`]; `group_field`:
-    group-level labels with the records' groups by that field (`search.record_groups`)."""
+    group-level labels with the records' groups by that field (`search.record_groups`). `packing`: the images' token
+    packing factor the labels are for (a router trained on them routes packed prompts)."""
     from .data import VisorDataCollator, load_processor, load_records
     from .stages import load_model
 
@@ -255,7 +257,7 @@ def pseudo_label(
     processor = load_processor(model_path)
     dataset = load_records(data, image_root, limit)
     accelerator = _accelerator()
-    table = build_table(model, dataset, VisorDataCollator(processor), batch_size, accelerator)
+    table = build_table(model, dataset, VisorDataCollator(processor, packing=packing), batch_size, accelerator)
     max_index = max(range(len(model.config.configurations)), key=lambda c: (len(model.config.configurations[c]), c))
     groups = None
     if group_field is not None:
@@ -267,6 +269,7 @@ def pseudo_label(
     report["group_field"] = group_field
     report["target_means"] = [sum(t[c] for t in targets.values()) / len(targets) for c in range(len(model.config.configurations))]
     report["checkpoint"] = str(model_path)
+    report["packing"] = packing
     report["configurations"] = model.config.configurations
     if accelerator.is_main_process:
         output_dir = Path(output_dir)

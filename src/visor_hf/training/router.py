@@ -220,6 +220,7 @@ def train_router(
     router_type: str | None = None,
     router_threshold: float | None = None,
     cache_features: bool | None = None,
+    packing: int = 1,
 ) -> dict:
     """Train the router of a checkpoint on pseudo-labels; write the checkpoint (with `visor_training.json`) and
     `router_report.json` (on `eval_data` and its labels when given, else on the labelled training records).
@@ -227,7 +228,8 @@ def train_router(
     `router_type` (`"argmax"` or `"calibrated"`; default: the checkpoint's) and `router_threshold` (the calibrated
     router's default threshold) are written into the config. `cache_features` (default: on, unless the model is
     sharded): train on the router inputs computed once (see the module documentation); a sharded model runs its
-    forward at every step (every rank must call its sharded modules in step, see `sharding`)."""
+    forward at every step (every rank must call its sharded modules in step, see `sharding`). `packing`: the images'
+    token packing factor of the router's inputs (as the labels were made)."""
     from ..modeling.routing_visor import ROUTER_TYPES, check_threshold
 
     if cache_features is None:
@@ -256,7 +258,7 @@ def train_router(
     set_trainable(model, "router")
     records = load_records(data, image_root)
     train_dataset = LabelledRecords(records, targets if calibrated else labels)
-    collator = VisorDataCollator(processor)
+    collator = VisorDataCollator(processor, packing=packing)
     args = make_training_arguments(output_dir, training_args, seed=seed)
     if cache_features:
         features, samples = routing_features(model, torch.utils.data.Subset(records, train_dataset.indices), collator, batch_size)
@@ -284,7 +286,7 @@ def train_router(
                            prepare_inputs=prepare_inputs, targets=report_targets)
     report["train_metrics"] = result.metrics
     summary = {"stage": "router", "source": str(model_path), "labels": str(labels_path), "global_step": trainer.state.global_step,
-               "router_type": model.config.router_type, "cache_features": cache_features}
+               "router_type": model.config.router_type, "cache_features": cache_features, "packing": packing}
     if cache_features:  # the trainer holds the router alone: write the whole model
         if trainer.is_world_process_zero():
             save_checkpoint(model, processor, output_dir, {**summary, "training_args": trainer.args.to_dict()})

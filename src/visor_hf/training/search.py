@@ -286,12 +286,14 @@ def search(
     limit=None,
     dtype=None,
     attn_implementation=None,
+    packing: int = 1,
 ) -> dict:
     """Search the configurations of a checkpoint on `data` and write `output_dir`: the checkpoint with the kept
     configurations in its config (router resized, router layer recomputed), `search_results.jsonl` (one line per
     candidate, with its accuracy per group) and `search_summary.json`. `rule`, `group_field`: see the module
     documentation. `max_configurations` keeps at most that many: the maximal one and the cheapest others, one per
-    SA-layer count (the best by the metric), from the cheapest count up."""
+    SA-layer count (the best by the metric), from the cheapest count up. `packing`: the images' token packing factor
+    the configurations are judged at (the maximal configuration at the same factor is the reference)."""
     from .data import VisorDataCollator, load_processor, load_records
     from .stages import load_model, save_checkpoint
 
@@ -300,13 +302,14 @@ def search(
     dataset = load_records(data, image_root, limit)
     accelerator = _accelerator()
     result = search_configurations(
-        model, dataset, VisorDataCollator(processor), strategy=strategy, metric=metric, threshold=threshold, rule=rule,
+        model, dataset, VisorDataCollator(processor, packing=packing), strategy=strategy, metric=metric, threshold=threshold, rule=rule,
         group_field=group_field, max_exhaustive=max_exhaustive, num_samples=num_samples, seed=seed, batch_size=batch_size, accelerator=accelerator,
     )
     kept = result["kept"]
     if max_configurations is not None and len(kept) > max_configurations:
         kept = thin_configurations([c for c in result["candidates"] if c["layers"] in kept], max_configurations)
     result["written"] = kept
+    result["packing"] = packing
     if accelerator.is_main_process:
         set_configurations(model, kept, recompute_router_layer=True)
         result["router_layer"] = model.config.router_layer

@@ -129,7 +129,14 @@ class ShardedStep:
             self._image = UnseenImage(self.trainer.processing_class, config.image_token_id)
         tokenizer = getattr(self.trainer.processing_class, "tokenizer", None)
         pad = getattr(tokenizer, "pad_token_id", None) or 0
-        return append_unseen_image(inputs, self._image, pad)
+        out = append_unseen_image(inputs, self._image, pad)
+        packing = out.get("visor_packing")
+        if out is not inputs and packing is not None:  # a packed batch: the unseen image packed too
+            from .data import repack_placeholders
+
+            config = self.trainer.accelerator.unwrap_model(model).config
+            out = repack_placeholders(out, config, [int(k) for k in packing.tolist()], pad)
+        return out
 
 
 __all__ = [

@@ -26,7 +26,7 @@ from ..logging_utils import get_logger
 from ..modeling import VisorForConditionalGeneration
 from ..modeling.hub_visor import LORA_MODULES_TO_SAVE as _LORA_MODULES_TO_SAVE
 from ..modeling.hub_visor import LORA_TARGET_MODULES, LORA_VISION_TARGET_MODULES, ROUTER_NOT_TRAINED
-from .data import VisorDataCollator, load_processor, load_records, model_inputs
+from .data import VisorDataCollator, load_processor, load_records, model_inputs, repack_placeholders
 from .resume import CompleteCheckpointMixin
 from .sharding import ShardedStep, fsdp_config
 from .universal import ConfigurationLogCallback, UniversalConfigurationSampler
@@ -115,7 +115,9 @@ def apply_lora(model, options: LoraOptions, train_vision_tower: bool = False):
 
 # Parameters that a batch without images leaves out of the graph (the vision tower, projector, `image_newline` and
 # the cross-attention blocks, also their LoRA adapters).
-VISUAL_PATH_KEYS = ("cross_attention_blocks.", "vision_tower.", "multi_modal_projector.", "image_newline", "model.visual.")
+VISUAL_PATH_KEYS = (
+    "cross_attention_blocks.", "vision_tower.", "multi_modal_projector.", "image_newline", "model.visual.", "token_packing.",
+)
 
 
 class VisorTrainer(CompleteCheckpointMixin, Trainer):
@@ -155,17 +157,25 @@ class VisorTrainer(CompleteCheckpointMixin, Trainer):
         return output
 
     def current_configuration(self):
+        """The step's draw: a configuration index, or a `(configuration, packing)` pair when packing is sampled too."""
         if self.sampler is not None:
             return self.sampler(self.state.global_step)
         return self.visor_configuration
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = self.sharded_step(model, model_inputs(inputs))
-        # evaluation runs the fixed configuration ("max"); training the step's configuration
-        configuration = self.current_configuration() if model.training else self.visor_configuration
+        # evaluation runs the fixed configuration ("max") unpacked; training the step's configuration (and packing)
+        drawn = self.current_configuration() if model.training else self.visor_configuration
+        configuration, packing = drawn if isinstance(drawn, tuple) else (drawn, 1)
         if model.training:
-            self.configuration_trace.append((self.state.global_step, configuration))
+            self.configuration_trace.append((self.state.global_step, drawn))
+        if packing != 1 and inputs.get("visor_packing") is not None:
+            raise ValueError("universal fine-tuning samples the packing factor itself: give it an unpacked collator (packing=1)")
+        inputs = self.sharded_step(model, model_inputs(inputs))
+        if packing != 1:  # the step's packing factor: the batch (and a sharded step's unseen image) packed
+            inputs = repack_placeholders(inputs, self.accelerator.unwrap_model(model).config, packing)
         inputs["visor_configuration"] = configuration
+        if packing != 1:
+            inputs["visor_packing"] = packing
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _remove_unused_columns(self, dataset, description=None):  # records are raw dicts; the collator picks fields
@@ -287,6 +297,7 @@ def train_stage(
     callbacks: list | None = None,
     data_collator=None,
     fsdp_size: int | None = None,
+    packing: list[int] | None = None,
 ):
     """Train one stage and write the result to `output_dir` (a complete VISOR checkpoint; with LoRA the merged
     model, and the adapter in `output_dir/adapter`). Returns the `VisorTrainer` (its `state`, `configuration_trace`).
@@ -299,10 +310,15 @@ def train_stage(
     that adds targets of its own.
     `fsdp_size`: shard the model with FSDP2 over that many ranks (each decoder layer, CA block and the router a unit;
     see `sharding`), on CPU (gloo) or GPU; launch with `torchrun --nproc_per_node N`.
+    `packing` (universal only): token packing factors to sample with the configurations, e.g. `[1, 2, 4]` (each a
+    factor of `config.packing_factors`, or 1): every step runs one `(configuration, packing)` pair of the product,
+    drawn from `(seed, step)` like the configurations, so one set of weights serves every pair.
     """
     stage = str(stage)
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
+    if packing and stage != "universal":
+        raise ValueError("packing factors are sampled by universal fine-tuning (stage 'universal') only")
     if stage == "1" and lora is not None:
         raise ValueError("stage 1 trains the new modules fully; LoRA is for stage 2 and universal fine-tuning")
     if fsdp_size is not None and lora is not None and lora.merge:
@@ -320,6 +336,8 @@ def train_stage(
         bad = [i for i in pool if not 0 <= i < len(config.configurations)]
         if bad or not pool:
             raise ValueError(f"configurations {configurations} must be indices into the model's {len(config.configurations)} configurations")
+        if packing:
+            pool = [(c, k) for c in pool for k in check_training_packing(packing, config)]
         sampler = _IndexedSampler(UniversalConfigurationSampler(len(pool), seed=seed, strategy=sampling), pool)
         if len(pool) == 1:
             logger.warning("universal fine-tuning with a single configuration: run `visor-hf search` first")
@@ -366,10 +384,27 @@ def train_stage(
         "train_metrics": result.metrics,
     }
     if sampler is not None:
-        summary["universal"] = {"seed": seed, "strategy": sampling, "configurations": sampler.pool}
+        pairs = [p for p in sampler.pool if isinstance(p, tuple)]
+        summary["universal"] = {
+            "seed": seed, "strategy": sampling, "configurations": sorted({p[0] for p in pairs}) if pairs else sampler.pool,
+        }
+        if pairs:
+            summary["universal"]["packing"] = sorted({p[1] for p in pairs})
     save_trained(trainer, processor, output_dir, summary, lora=lora)
     trainer.accelerator.wait_for_everyone()
     return trainer
+
+
+def check_training_packing(packing, config) -> list[int]:
+    """The packing factors universal fine-tuning samples: 1 or factors the checkpoint has a module for."""
+    factors = sorted({int(k) for k in packing})
+    supported = [1, *(getattr(config, "packing_factors", None) or [])]
+    bad = [k for k in factors if k not in supported]
+    if bad:
+        raise ValueError(
+            f"packing factor {bad[0]}: this checkpoint supports {supported} (convert with the packing module, the default)"
+        )
+    return factors
 
 
 class _IndexedSampler:

@@ -90,10 +90,14 @@ class ConfigurationLogCallback(TrainerCallback):
         if not state.is_world_process_zero:
             return
         step = state.global_step - 1  # the step that just ended
-        index = self.sampler(step)
+        drawn = self.sampler(step)
+        index, packing = drawn if isinstance(drawn, tuple) else (drawn, None)
+        entry = {"step": step, "configuration": index, "layers": self.configurations[index]}
+        if packing is not None:  # a (configuration, packing) pair
+            entry["packing"] = packing
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, self.filename), "a") as f:
-            f.write(json.dumps({"step": step, "configuration": index, "layers": self.configurations[index]}) + "\n")
+            f.write(json.dumps(entry) + "\n")
 
 
 __all__ = ["UniversalConfigurationSampler", "ConfigurationLogCallback", "STRATEGIES"]

@@ -1,0 +1,207 @@
+"""VISOR-TR on the toy: continue the shipped toy's universal fine-tuning with token packing sampled per step.
+
+    HF_HUB_OFFLINE=1 python examples/toy/train_packing.py --out runs/toy-packing [--relabel] [--ship]
+
+1. adds the token packing module (2x horizontal pairs, 4x 2x2 blocks, average-initialised) to the shipped toy VISOR
+   (`src/visor_hf/assets/toy-visor`, or `--start`) and evaluates it untrained (= average pooling);
+2. continues its universal fine-tuning from the shipped weights with one (configuration, packing) pair per step
+   (`visor_hf.training.train_stage(..., packing=[1, 2, 4])`, the toy's collator and learning-rate recipe);
+3. `--relabel`: pseudo-labels and the calibrated router again, at packing 1 (as `train_toy.py`), on the new weights;
+4. evaluates every configuration and the router at packing 1, 2 and 4 on the held-out set of the results table
+   (teacher-forced first answer token), and the router on fresh pictures through `visor-hf toy`'s own path (greedy
+   `generate`), and writes `results_packing.json` and `results_packing.md` to `--out`.
+
+`--ship` copies the final checkpoint over `src/visor_hf/assets/toy-visor/` (keeping its `results.json`) and the
+tables to `docs/`; the pinned logits' toy part must then be recorded again (`tests/pinned_logits.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from common import dump, fmt, log, set_seed  # noqa: E402
+from train_toy import TEST_IMAGES, TEST_SEED, make_portable  # noqa: E402
+from train_visor import LABEL_SEED_BASE, VISOR_TRAIN_SEED_BASE, KeyWordCollator, load, report, trainer_args, write_records  # noqa: E402
+
+from visor_hf.toy.data import eval_set  # noqa: E402
+from visor_hf.toy.evaluation import evaluate_visor  # noqa: E402
+from visor_hf.toy.inference import DEFAULT_CHECKPOINT, answer_examples, fresh_examples  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+FACTORS = (1, 2, 4)
+PACKING_SEED_BASE = VISOR_TRAIN_SEED_BASE + 3_000_000  # new training pictures (the shipped stages used the first 3M)
+KEY_KINDS = ("cell", "count_shape", "count_colour")
+
+
+def add_packing(start: Path, out: Path) -> Path:
+    """The start checkpoint with the packing module (`packing_factors` [2, 4]), average-initialised, as a folder."""
+    from visor_hf.modeling import VisorForConditionalGeneration
+    from visor_hf.training.data import load_processor
+    from visor_hf.training.stages import save_checkpoint
+
+    model = VisorForConditionalGeneration.from_pretrained(start, packing_factors=[2, 4])
+    model.model.token_packing.reset_to_average(guarded=False)
+    save_checkpoint(model, load_processor(start), out)
+    return out
+
+
+def evaluate_all(path: Path, test, fresh, logfile) -> dict:
+    """Every configuration and the router at each packing factor on `test`; the router on `fresh` through `generate`."""
+    from visor_hf.training.data import load_processor
+
+    model = load(path)
+    processor = load_processor(path)
+    rows = {}
+    for k in FACTORS:
+        for c, layers in enumerate(model.config.configurations):
+            rows[f"{k}x {layers}"] = report(evaluate_visor(model, test, c, packing=k), test)
+        rows[f"{k}x router"] = report(evaluate_visor(model, test, "auto", packing=k), test)
+        answers = answer_examples(model, processor, fresh, packing=k)
+        rows[f"{k}x router, fresh (generate)"] = {
+            "accuracy": {"all": sum(a.correct for a in answers) / len(answers)},
+            "flops_ratio": sum(a.prefill_flops for a in answers) / sum(a.dense_prefill_flops for a in answers),
+        }
+        for name in (f"{k}x router", f"{k}x router, fresh (generate)"):
+            log(f"{path.name} {name}: {fmt(rows[name]['accuracy'])} FLOPs x{rows[name]['flops_ratio']:.3f}", logfile)
+    return rows
+
+
+def table(stages: dict) -> str:
+    """Accuracy of every row at each stage (untrained = average pooling), FLOPs of the last stage."""
+    names = list(stages)
+    last = stages[names[-1]]
+    lines = [
+        "| packing | configuration | " + " | ".join(f"accuracy {n}" for n in names) + " | easy | hard | "
+        "prefill FLOPs / dense LLaVA-OV (every visual token) | saving |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|---|",
+    ]
+    for row, r in last.items():
+        k, what = row.split(" ", 1)
+        accuracies = " | ".join(f"{stages[n][row]['accuracy']['all']:.3f}" for n in names)
+        lines.append(
+            f"| {k} | {what} | {accuracies} | {r['accuracy'].get('easy', float('nan')):.3f} | "
+            f"{r['accuracy'].get('hard', float('nan')):.3f} | {r['flops_ratio']:.3f} | {1 / r['flops_ratio']:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="runs/toy-packing")
+    parser.add_argument("--start", default=str(DEFAULT_CHECKPOINT), help="VISOR checkpoint to continue (default: shipped toy)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=300, help="universal fine-tuning steps with packing sampled")
+    parser.add_argument("--learning-rate", type=float, default=2e-4)
+    parser.add_argument("--images-per-step", type=int, default=8)
+    parser.add_argument("--test-images", type=int, default=TEST_IMAGES)
+    parser.add_argument("--fresh-images", type=int, default=100, help="fresh pictures of the `visor-hf toy` check (seed 0)")
+    parser.add_argument("--relabel", action="store_true", help="pseudo-label and train the router again after training")
+    parser.add_argument("--label-images", type=int, default=300)
+    parser.add_argument("--router-steps", type=int, default=2000)
+    parser.add_argument(
+        "--skip-eval", default="", help="stages not to evaluate, e.g. 'untrained,universal' (the final one always is)"
+    )
+    parser.add_argument("--ship", action="store_true", help="copy the result over src/visor_hf/assets/toy-visor")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    logfile = out / "log.txt"
+    set_seed(args.seed)
+    timings = {}
+    start = add_packing(Path(args.start), out / "start")
+    test = eval_set(TEST_SEED, args.test_images)
+    fresh = fresh_examples(0, args.fresh_images)
+    skip = set(filter(None, args.skip_eval.split(",")))
+    stages = {}
+    if "untrained" not in skip:
+        t = time.time()
+        stages["untrained"] = evaluate_all(start, test, fresh, logfile)
+        timings["evaluate_untrained"] = round(time.time() - t, 1)
+
+    from visor_hf.training import pseudo_label, train_router, train_stage
+    from visor_hf.training.data import load_processor
+
+    batch = args.images_per_step * 5
+    data = write_records(out / "data" / "universal", args.steps * args.images_per_step, PACKING_SEED_BASE)
+    t = time.time()
+    train_stage(
+        start,
+        data,
+        out / "universal",
+        "universal",
+        seed=args.seed,
+        packing=list(FACTORS),
+        attn_implementation="sdpa",
+        data_collator=KeyWordCollator(load_processor(start), KEY_KINDS),
+        training_args=trainer_args(args.steps, args.learning_rate, batch, min(50, args.steps // 5), args.seed),
+    )
+    timings["universal"] = round(time.time() - t, 1)
+    final = out / "universal"
+    if "universal" not in skip or not args.relabel:
+        t = time.time()
+        stages["universal"] = evaluate_all(final, test, fresh, logfile)
+        timings["evaluate_universal"] = round(time.time() - t, 1)
+    if args.relabel:
+        t = time.time()
+        labels = write_records(out / "data" / "labels", args.label_images, LABEL_SEED_BASE)
+        config = json.loads((Path(args.start) / "config.json").read_text())
+        pseudo_label(final, labels, out / "labels", keep=0.99, batch_size=50, group_field="source", attn_implementation="sdpa")
+        train_router(
+            final,
+            labels,
+            out / "labels",
+            out / "router",
+            seed=args.seed,
+            attn_implementation="sdpa",
+            batch_size=50,
+            router_type=config["router_type"],
+            router_threshold=config["router_threshold"],
+            training_args=trainer_args(args.router_steps, 3e-3, 64, 10, args.seed),
+        )
+        timings["labels_router"] = round(time.time() - t, 1)
+        final = out / "router"
+        t = time.time()
+        stages["relabelled"] = evaluate_all(final, test, fresh, logfile)
+        timings["evaluate_relabelled"] = round(time.time() - t, 1)
+    results = {
+        "start": args.start,
+        "test_set": {"seed": TEST_SEED, "images": args.test_images, "questions": len(test)},
+        "fresh": {"seed": 0, "images": args.fresh_images, "questions": len(fresh)},
+        "stages": stages,
+        "final": str(final),
+        "timings_seconds": timings,
+        "args": vars(args),
+    }
+    dump(out / "results_packing.json", results)
+    (out / "results_packing.md").write_text(table(stages))
+    print(table(stages))
+    if args.ship:
+        ship(final, out)
+
+
+def ship(final: Path, out: Path) -> None:
+    """The trained checkpoint over the shipped toy (its `results.json` kept), the tables to `docs/`."""
+    assets = REPO / "src" / "visor_hf" / "assets" / "toy-visor"
+    kept = {name: (assets / name).read_bytes() for name in ("results.json", "router_report.json") if (assets / name).is_file()}
+    for path in final.iterdir():
+        if path.is_file() and path.suffix != ".py" and path.name not in kept:
+            shutil.copyfile(path, assets / path.name)
+    shutil.copyfile(out / "results_packing.json", assets / "results_packing.json")
+    make_portable(assets)
+    shutil.copyfile(out / "results_packing.md", REPO / "docs" / "toy_packing_results.md")
+
+
+if __name__ == "__main__":
+    main()
