@@ -90,7 +90,8 @@ def test_every_attention_call_under_flex_gets_a_block_mask(flex, monkeypatch):
     monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, FLEX, spy)
     batch = build_batch(flex, [ANYRES, TEXT_ONLY])
     with torch.no_grad():
-        out = flex(**batch, visor_configuration=[[0], "max"])
+        # one masked pass (a grouped prefill would run each group's layers: more calls, the same masks)
+        out = flex(**batch, visor_configuration=[[0], "max"], visor_batching="masked")
         token = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
         flex(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values)
