@@ -46,35 +46,39 @@ from .streams_visor import compact_indices, embedded_token_mask, gather_tokens
 # Modules
 
 
-CONV_CHUNK = 256  # tokens per chunk of the tap-by-tap convolution on CPU (a chunk and its taps stay in cache)
+CONV_CHUNK = 512  # tokens per chunk of the tap-by-tap convolution on CPU (a chunk and its taps stay in cache)
 
 
-def depthwise_conv(visual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """`nn.Conv1d(d, d, k, padding=k // 2, groups=d)` over the tokens of `visual` ([B, N, d] -> [B, N, d]).
+def conv_position_sum(visual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`v + Conv1d(v)` over the tokens of `visual` ([B, N, d]), the depth-wise convolution being
+    `nn.Conv1d(d, d, k, padding=k // 2, groups=d)` with `weight` [d, 1, k] and `bias` [d].
 
-    Without autograd, tap by tap in the `[B, N, d]` layout (bias, then one multiply-add per tap, in tap order, as
-    the library's kernel sums them: the same values), in chunks of tokens on CPU: `conv1d` wants `[B, d, N]`, and
-    the transposed copy and the channels-first kernel cost several times the work itself at thousands of tokens.
-    With autograd (training), `conv1d` itself.
+    Without autograd, tap by tap in the `[B, N, d]` layout (bias, then one multiply-add per tap in tap order, as the
+    library's kernel sums them, then `v`: the same values), in chunks of tokens on CPU: `conv1d` wants `[B, d, N]`,
+    and the transposed copy and the channels-first kernel cost several times the work itself at thousands of
+    tokens. With autograd (training), `conv1d` itself.
     """
     hidden, _, kernel = weight.shape
     half = kernel // 2
     if torch.is_grad_enabled() and (visual.requires_grad or weight.requires_grad or bias.requires_grad):
-        return nn.functional.conv1d(visual.transpose(1, 2), weight, bias, padding=half, groups=hidden).transpose(1, 2)
+        conv = nn.functional.conv1d(visual.transpose(1, 2), weight, bias, padding=half, groups=hidden)
+        return visual + conv.transpose(1, 2)
     batch, length, _ = visual.shape
     accumulate = torch.promote_types(visual.dtype, torch.float32)  # half-precision inputs sum in float32, as conv1d
-    taps = weight[:, 0, :].t().to(accumulate)  # [k, d]
-    out = torch.empty(visual.shape, dtype=accumulate, device=visual.device)
+    taps = weight[:, 0, :].t().to(accumulate).contiguous()  # [k, d]; contiguous rows: vectorised multiply-adds
+    conv = torch.empty(visual.shape, dtype=accumulate, device=visual.device)
+    out = torch.empty_like(visual)
     chunk = CONV_CHUNK if visual.device.type == "cpu" else max(length, 1)
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        out[:, start:end].copy_(bias.expand(batch, end - start, hidden))
+        conv[:, start:end].copy_(bias.expand(batch, end - start, hidden))
         for k in range(kernel):
             # token i reads token i + k - half; a tap that reads the zero padding adds nothing and is skipped
             low, high = max(start, half - k), min(end, length + half - k)
             if low < high:
-                out[:, low:high].addcmul_(visual[:, low + k - half : high + k - half], taps[k])
-    return out.to(visual.dtype)
+                conv[:, low:high].addcmul_(visual[:, low + k - half : high + k - half], taps[k])
+        torch.add(visual[:, start:end], conv[:, start:end].to(visual.dtype), out=out[:, start:end])
+    return out
 
 
 class VisorConvPositionEmbedding(nn.Module):
@@ -94,14 +98,13 @@ class VisorConvPositionEmbedding(nn.Module):
     def forward(self, visual: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """`visual` [B, N, d]; `segments` [B, N] image id of each slot (-1 for an empty slot).
 
-        One depth-wise convolution over the whole stream (`depthwise_conv`), then the few taps that crossed an image
+        One depth-wise convolution over the whole stream (`conv_position_sum`), then the few taps that crossed an image
         boundary or touched an empty slot are taken back (masking every tap per image cost 2.5-4x more at 7k visual
         tokens).
         """
         half = self.weight.shape[-1] // 2
         weight = self.weight.to(visual.dtype)
-        out = depthwise_conv(visual, weight, self.bias.to(visual.dtype))
-        out += visual  # `v + conv(v)`
+        out = conv_position_sum(visual, weight, self.bias.to(visual.dtype))
         # tap k of slot i reads slot i + k - half; it counts only if that slot holds the same image (tap `half`,
         # the slot itself, only if it holds an image at all). Out-of-range taps read the conv's zero padding.
         windows = nn.functional.pad(segments, (half, half), value=-2).unfold(1, 2 * half + 1, 1)  # [B, N, K]

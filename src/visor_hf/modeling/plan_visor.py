@@ -138,7 +138,7 @@ class VisorStreams:
             if not self._text_in_full:  # write the text stream back; the visual positions are current
                 batch, _, hidden = self._full.shape
                 padded = torch.cat([self._full, self._full.new_zeros(batch, 1, hidden)], dim=1)  # empty slots: column T
-                padded = padded.scatter(1, self.text_index[..., None].expand(-1, -1, hidden), self._text)
+                padded.scatter_(1, self.text_index[..., None].expand(-1, -1, hidden), self._text)  # a fresh tensor
                 self._full, self._text_in_full = padded[:, : self.length], True
             return self._full
         if self._visual is None or (self._visual.shape[1] == 0 and self._text.shape[1] == self.length):
