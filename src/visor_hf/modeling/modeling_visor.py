@@ -81,6 +81,20 @@ def conv_position_sum(visual: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return out
 
 
+def by_token_chunks(module: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """`module(states)` for a module that acts on each token alone (a norm), in chunks of tokens on CPU without
+    autograd: a chunk stays in cache through the module's several element-wise passes (the same values)."""
+    length = states.shape[1]
+    if states.device.type != "cpu" or torch.is_grad_enabled() or length <= CONV_CHUNK:
+        return module(states)
+    first = module(states[:, :CONV_CHUNK])
+    out = first.new_empty(*states.shape[:-1], first.shape[-1])
+    out[:, :CONV_CHUNK] = first
+    for start in range(CONV_CHUNK, length, CONV_CHUNK):
+        out[:, start : start + CONV_CHUNK] = module(states[:, start : start + CONV_CHUNK])
+    return out
+
+
 class VisorConvPositionEmbedding(nn.Module):
     """Conditional position embedding of the visual tokens: `v + DepthwiseConv1d(v)` (kernel 7, padding 3).
 
@@ -177,7 +191,7 @@ class VisorCrossAttentionBlock(GradientCheckpointingLayer):
         self.cross_attn = VisorCrossAttention(text_config, layer_idx)
 
     def visual_key_values(self, visual: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cross_attn.project_visual(self.visual_layernorm(self.position_embedding(visual, segments)))
+        return self.cross_attn.project_visual(by_token_chunks(self.visual_layernorm, self.position_embedding(visual, segments)))
 
     def forward(
         self, text: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None, has_key: torch.Tensor
