@@ -8,6 +8,8 @@ every model) and the tower is timed once per crop and counted separately (`visio
 
 Rows, per visual-token count (batch 1, one image, 64 text tokens around it):
 - ``dense``: LLaVA-OV (transformers' `LlavaOnevisionForConditionalGeneration`, SDPA);
+- ``visor_dense``: VISOR in the dense layout (every layer an active SA layer, no CA layer; the same logits as
+  LLaVA-OV): what the VISOR engine itself costs;
 - ``visor_ca``: VISOR, paper layout (CA/SA 8 + 8), no SA layer active (cross-attention only);
 - ``visor_sa1/2/4``: 1, 2, 4 SA layers active (evenly spread over the 8 SA layers);
 - ``visor_max``: all 8 SA layers (= "max");
@@ -85,7 +87,7 @@ class Row:
         self.result: dict = {}
 
 
-def build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, feature_seed=0):
+def build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, feature_seed=0, visor_dense=None):
     hidden = llava.config.text_config.hidden_size
     n_text = TEXT_BEFORE + TEXT_AFTER
     input_ids = make_inputs(n_visual, 1, device)
@@ -102,23 +104,32 @@ def build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, 
     def llava_step(token, cache, position):
         return llava(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
 
-    def run_visor(layers):
+    def run_visor(layers, model=visor):
         @torch.inference_mode()
         def run():
-            patch_image_features(visor, [features])
-            out = visor(input_ids=input_ids, pixel_values=torch.zeros(1, 1, device=device), use_cache=True,
+            patch_image_features(model, [features])
+            out = model(input_ids=input_ids, pixel_values=torch.zeros(1, 1, device=device), use_cache=True,
                         logits_to_keep=1, visor_configuration=list(layers))
             return out.logits, out.past_key_values, input_ids.shape[1]
         return run
 
-    @torch.inference_mode()
-    def visor_step(token, cache, position):
-        return visor(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    def visor_step(model=visor):
+        @torch.inference_mode()
+        def step(token, cache, position):
+            return model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return step
 
     rows = [Row("dense", "LLaVA-OV (dense)", lambda: run_llava(input_ids, features), llava_step,
                 dense_prefill, dense_decode, n_visual)]
+    if visor_dense is not None:
+        every = list(range(shape.num_layers))
+        rows.append(Row("visor_dense", f"VISOR dense layout ({shape.num_layers} SA, no CA)",
+                        run_visor(every, visor_dense), visor_step(visor_dense),
+                        prefill_flops(shape, n_text, n_visual, every, []), decode_flops(shape, n_text, n_visual, every, []),
+                        n_visual))
+        rows[-1].result.update(sa_layers=every, ca_layers=[])
     for name, label, layers in sa_sets:
-        rows.append(Row(name, label, run_visor(layers), visor_step,
+        rows.append(Row(name, label, run_visor(layers), visor_step(),
                         prefill_flops(shape, n_text, n_visual, layers, ca),
                         decode_flops(shape, n_text, n_visual, layers, ca), n_visual))
         rows[-1].result["sa_layers"] = list(layers)
@@ -174,6 +185,16 @@ def reduction_rows(llava, features, n_visual, args, device, dtype, shape, ca, sa
     for row in rows:
         row.result["reduction"] = str(reduction)
     return rows
+
+
+def share_weights(visor, llava):
+    """One copy of the shared weights: VISOR reuses the dense model's LLM, LM head and vision tower."""
+    visor.model.language_model = llava.model.language_model
+    visor.lm_head = llava.lm_head
+    visor.model.vision_tower = llava.model.vision_tower
+    visor.model.multi_modal_projector = llava.model.multi_modal_projector
+    visor.model.image_newline = llava.model.image_newline
+    return visor.to(llava.device).eval()
 
 
 def main(argv=None):
@@ -239,13 +260,13 @@ def main(argv=None):
     num_layers = config.text_config.num_hidden_layers
     ca, sa = uniform_layer_layout(num_layers)
     log(f"converting to VISOR: CA layers {ca}, SA layers {sa}")
-    visor = visor_from_llava(llava, attn_implementation="sdpa", cross_attention_layers=ca, self_attention_layers=sa,
-                             configurations=[sa], router_layer=None).to(device).eval()
-    # one copy of the shared weights: VISOR reuses the dense model's LLM, LM head and vision tower
-    visor.model.language_model = llava.model.language_model
-    visor.lm_head = llava.lm_head
-    visor.model.vision_tower = llava.model.vision_tower
-    visor.model.multi_modal_projector = llava.model.multi_modal_projector
+    visor = share_weights(visor_from_llava(llava, attn_implementation="sdpa", cross_attention_layers=ca,
+                                           self_attention_layers=sa, configurations=[sa], router_layer=None), llava)
+    wanted_rows = args.rows.split(",") if args.rows else None
+    visor_dense = None
+    if wanted_rows is None or "visor_dense" in wanted_rows:
+        log("converting to VISOR, dense layout (every layer SA, no CA)")
+        visor_dense = share_weights(visor_from_llava(llava, attn_implementation="sdpa"), llava)
     shape = FlopsShape.from_config(config)
     spread = lambda k: [sa[i] for i in range(0, len(sa), len(sa) // k)][:k]  # noqa: E731
     sa_sets = [("visor_ca", "VISOR CA only (0 SA)", [])]
@@ -272,10 +293,9 @@ def main(argv=None):
     profile_candidates = None
     for n_visual, repeat in zip(sizes, repeats):
         log(f"size {n_visual} visual tokens, {repeat} repeats")
-        rows = build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets)
-        if args.rows:
-            wanted = args.rows.split(",")
-            rows = [row for row in rows if row.name in wanted]
+        rows = build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, visor_dense=visor_dense)
+        if wanted_rows:
+            rows = [row for row in rows if row.name in wanted_rows]
             if not rows or rows[0].name != "dense":
                 parser.error("--rows must include dense (the reference of every ratio)")
         crops = max(1, math.ceil(n_visual / TOKENS_PER_CROP))

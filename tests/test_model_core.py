@@ -186,6 +186,74 @@ def test_left_padded_mixed_batch_matches_reference(random_position_embedding):
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
 
 
+
+def test_consecutive_full_layers_some_samples_skip_match_reference(llava):
+    """Runs of consecutive SA layers that only some samples of the batch run (the states stay in the original order
+    across them, the skipping samples keeping their visual states), around a CA layer: every row equals the
+    reference on that sample alone."""
+    model = visor_from_llava(
+        llava, cross_attention_layers=[3], self_attention_layers=[0, 1, 2, 4, 5],
+        configurations=[[0, 1, 2, 4, 5], [0, 1], [1, 2, 4], [2, 5]],
+    )
+    with torch.no_grad():
+        torch.nn.init.normal_(model.model.cross_attention_blocks["3"].position_embedding.weight, std=0.2)
+    samples = [ANYRES, TWO_IMAGES, ONE_IMAGE, ADJACENT_IMAGES, TEXT_ONLY]
+    layers = [(0, 1, 2, 4, 5), (0, 1), (1, 2, 4), (2, 5), (0, 1)]
+    batch = build_batch(model, samples)
+    with torch.no_grad():
+        out = model(**batch, visor_configuration=[list(c) for c in layers])
+    assert out.visor_configurations == layers
+    for row, (sample, wanted) in enumerate(zip(samples, layers)):
+        alone = build_batch(model, [sample])
+        expected = reference_text_logits(model, alone, set(wanted))
+        length = alone["input_ids"].shape[1]
+        torch.testing.assert_close(out.logits[row, -length:][text_positions(alone)], expected, atol=2e-5, rtol=1e-4)
+
+
+def test_dense_layout_is_bit_identical_to_llava_onevision_with_sdpa():
+    """The dense layout moves no state between streams: the same operations on the same tensors as LLaVA-OV."""
+    llava = tiny_llava(seed=1, attn_implementation="sdpa")
+    dense = visor_from_llava(llava)
+    batch = build_batch(llava, [ANYRES, TEXT_ONLY, TWO_IMAGES])
+    with torch.no_grad():
+        expected, actual = llava(**batch), dense(**batch, output_hidden_states=True)
+    valid = batch["attention_mask"].bool()
+    assert torch.equal(actual.logits[valid], expected.logits[valid])
+
+
+def test_position_convolution_without_autograd_equals_conv1d():
+    """Inference convolves tap by tap in the tokens' layout; training (autograd) runs `conv1d`: the same values, with
+    image boundaries, empty slots, a batch and more tokens than one chunk."""
+    from visor_hf.modeling.modeling_visor import CONV_CHUNK, VisorConvPositionEmbedding
+
+    torch.manual_seed(0)
+    embedding = VisorConvPositionEmbedding(16)
+    torch.nn.init.normal_(embedding.weight)
+    torch.nn.init.normal_(embedding.bias)
+    length = CONV_CHUNK + 37
+    visual = torch.randn(2, length, 16)
+    segments = torch.zeros(2, length, dtype=torch.long)
+    segments[0, :5] = -1  # empty slots (right-aligned stream)
+    segments[0, 300:] = 1
+    segments[1, CONV_CHUNK - 2 :] = 2  # a boundary next to a chunk boundary
+    with torch.no_grad():
+        inference = embedding(visual, segments)
+    training = embedding(visual, segments)
+    assert training.requires_grad
+    torch.testing.assert_close(inference, training.detach(), atol=1e-6, rtol=1e-6)
+    # against a direct reading of the definition: each image convolved alone, zero padding at its ends
+    expected = visual.clone()
+    for row in range(2):
+        for image in segments[row].unique().tolist():
+            if image < 0:
+                continue
+            at = (segments[row] == image).nonzero()[:, 0]
+            conv = F.conv1d(visual[row, at].T[None], embedding.weight, embedding.bias, padding=3, groups=16)
+            expected[row, at] = visual[row, at] + conv[0].T
+    filled = segments >= 0
+    torch.testing.assert_close(inference[filled], expected[filled].detach(), atol=1e-5, rtol=1e-5)
+
+
 def _video_sample(model, text_before, text_after, frames=2, seed=0, images=None):
     """One unpadded sample `text_before <video> text_after` (optionally `<image>`s first), with random frames."""
     generator = torch.Generator().manual_seed(seed)

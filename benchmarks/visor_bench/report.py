@@ -124,7 +124,9 @@ def recompute_flops(report) -> None:
                 flops = prefill_flops(shape, n_text, pooled), decode_flops(shape, n_text, pooled)
             else:
                 layers = row.get("sa_layers", parse_layers(row["label"]))
-                flops = prefill_flops(shape, n_text, n_visual, layers, ca), decode_flops(shape, n_text, n_visual, layers, ca)
+                row_ca = row.get("ca_layers", ca)  # the dense-layout VISOR row has no CA layer
+                flops = (prefill_flops(shape, n_text, n_visual, layers, row_ca),
+                         decode_flops(shape, n_text, n_visual, layers, row_ca))
             row["flops_prefill"], row["flops_decode"] = flops
             row["speedup_flops"] = dense[0] / flops[0]
             row["decode_speedup_flops"] = dense[1] / flops[1]

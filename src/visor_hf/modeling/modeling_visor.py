@@ -54,6 +54,55 @@ from .streams_visor import compact_indices, embedded_token_mask, gather_tokens
 # Modules
 
 
+CONV_CHUNK = 512  # tokens per chunk of the tap-by-tap convolution on CPU (a chunk and its taps stay in cache)
+
+
+def conv_position_sum(visual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """`v + Conv1d(v)` over the tokens of `visual` ([B, N, d]), the depth-wise convolution being
+    `nn.Conv1d(d, d, k, padding=k // 2, groups=d)` with `weight` [d, 1, k] and `bias` [d].
+
+    Without autograd, tap by tap in the `[B, N, d]` layout (bias, then one multiply-add per tap in tap order, as the
+    library's kernel sums them, then `v`: the same values), in chunks of tokens on CPU: `conv1d` wants `[B, d, N]`,
+    and the transposed copy and the channels-first kernel cost several times the work itself at thousands of
+    tokens. With autograd (training), `conv1d` itself.
+    """
+    hidden, _, kernel = weight.shape
+    half = kernel // 2
+    if torch.is_grad_enabled() and (visual.requires_grad or weight.requires_grad or bias.requires_grad):
+        conv = nn.functional.conv1d(visual.transpose(1, 2), weight, bias, padding=half, groups=hidden)
+        return visual + conv.transpose(1, 2)
+    batch, length, _ = visual.shape
+    accumulate = torch.promote_types(visual.dtype, torch.float32)  # half-precision inputs sum in float32, as conv1d
+    taps = weight[:, 0, :].t().to(accumulate).contiguous()  # [k, d]; contiguous rows: vectorised multiply-adds
+    conv = torch.empty(visual.shape, dtype=accumulate, device=visual.device)
+    out = torch.empty_like(visual)
+    chunk = CONV_CHUNK if visual.device.type == "cpu" else max(length, 1)
+    for start in range(0, length, chunk):
+        end = min(start + chunk, length)
+        conv[:, start:end].copy_(bias.expand(batch, end - start, hidden))
+        for k in range(kernel):
+            # token i reads token i + k - half; a tap that reads the zero padding adds nothing and is skipped
+            low, high = max(start, half - k), min(end, length + half - k)
+            if low < high:
+                conv[:, low:high].addcmul_(visual[:, low + k - half : high + k - half], taps[k])
+        torch.add(visual[:, start:end], conv[:, start:end].to(visual.dtype), out=out[:, start:end])
+    return out
+
+
+def by_token_chunks(module: nn.Module, states: torch.Tensor) -> torch.Tensor:
+    """`module(states)` for a module that acts on each token alone (a norm), in chunks of tokens on CPU without
+    autograd: a chunk stays in cache through the module's several element-wise passes (the same values)."""
+    length = states.shape[1]
+    if states.device.type != "cpu" or torch.is_grad_enabled() or length <= CONV_CHUNK:
+        return module(states)
+    first = module(states[:, :CONV_CHUNK])
+    out = first.new_empty(*states.shape[:-1], first.shape[-1])
+    out[:, :CONV_CHUNK] = first
+    for start in range(CONV_CHUNK, length, CONV_CHUNK):
+        out[:, start : start + CONV_CHUNK] = module(states[:, start : start + CONV_CHUNK])
+    return out
+
+
 class VisorConvPositionEmbedding(nn.Module):
     """Conditional position embedding of the visual tokens: `v + DepthwiseConv1d(v)` (kernel 7, padding 3).
 
@@ -71,14 +120,13 @@ class VisorConvPositionEmbedding(nn.Module):
     def forward(self, visual: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
         """`visual` [B, N, d]; `segments` [B, N] image id of each slot (-1 for an empty slot).
 
-        One depth-wise `conv1d` over the whole stream, then the few taps that crossed an image boundary or touched
-        an empty slot are taken back (a Python loop over the 7 taps cost 2.5-4x more at 7k visual tokens).
+        One depth-wise convolution over the whole stream (`conv_position_sum`), then the few taps that crossed an image
+        boundary or touched an empty slot are taken back (masking every tap per image cost 2.5-4x more at 7k visual
+        tokens).
         """
         half = self.weight.shape[-1] // 2
-        hidden = visual.shape[-1]
         weight = self.weight.to(visual.dtype)
-        conv = nn.functional.conv1d(visual.transpose(1, 2), weight, self.bias.to(visual.dtype), padding=half, groups=hidden)
-        out = visual + conv.transpose(1, 2)
+        out = conv_position_sum(visual, weight, self.bias.to(visual.dtype))
         # tap k of slot i reads slot i + k - half; it counts only if that slot holds the same image (tap `half`,
         # the slot itself, only if it holds an image at all). Out-of-range taps read the conv's zero padding.
         windows = nn.functional.pad(segments, (half, half), value=-2).unfold(1, 2 * half + 1, 1)  # [B, N, K]
@@ -148,7 +196,7 @@ class VisorCrossAttentionBlock(GradientCheckpointingLayer):
         self.cross_attn = VisorCrossAttention(text_config, layer_idx)
 
     def visual_key_values(self, visual: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cross_attn.project_visual(self.visual_layernorm(self.position_embedding(visual, segments)))
+        return self.cross_attn.project_visual(by_token_chunks(self.visual_layernorm, self.position_embedding(visual, segments)))
 
     def forward(
         self, text: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None, has_key: torch.Tensor
@@ -496,7 +544,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
             full_positions=position_ids,
             full_rotary=self.backbone_rotary(inputs_embeds, position_ids) if has_visual else None,
             length=length,
-            visual=gather_tokens(inputs_embeds, visual_index),
+            full=inputs_embeds,  # the visual stream is gathered from it when a CA layer first reads it
             text_index=text_index,
             visual_index=visual_index,
             visual_segments=torch.where(visual_valid, gather_tokens(segments, visual_index), -1),
@@ -526,14 +574,15 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
                 past_key_values=None, position_ids=position_ids, layer_idx=0, and_mask_function=and_mask_function,
             )
 
-        has_visual = streams.visual.shape[1] > 0
+        has_visual = streams.visual_index.shape[1] > 0
         cross = None
         if has_visual and config.cross_attention_layers:
             # text token i sees visual token j only if j comes before i in the original sequence
             sees = cross_attention_mask_function(streams.text_index, streams.visual_index, streams.visual_valid)
             shape = (streams.text.shape[0], streams.text.shape[1], streams.visual.shape[1])
             cross = CrossAttentionInputs.from_mask_function(
-                sees, shape, config.text_config._attn_implementation, streams.text.dtype, streams.text.device
+                sees, shape, config.text_config._attn_implementation, streams.text.dtype, streams.text.device,
+                drop_if_unmasked=True,
             )
         return VisorLayerPlan(
             layer_sets=[provisional if r == AUTO else r for r in requests],

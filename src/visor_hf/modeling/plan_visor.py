@@ -48,57 +48,119 @@ def hide_keys(hidden: torch.Tensor) -> Callable:
 
 @dataclass
 class CrossAttentionInputs:
-    """What the CA blocks of one forward share: the mask over the visual stream and which text tokens see any
-    visual token (`has_key`, `[B, Q, 1]` in the hidden dtype; a text token that sees none gets nothing added)."""
+    """What the CA blocks of one forward share: the mask over the visual stream (None: nothing hidden) and which
+    text tokens see any visual token (`has_key`, `[B, Q, 1]` in the hidden dtype; a text token that sees none gets
+    nothing added)."""
 
-    mask: torch.Tensor  # or flex attention's BlockMask
+    mask: torch.Tensor | None  # or flex attention's BlockMask
     has_key: torch.Tensor
 
     @classmethod
-    def from_allowed(cls, allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> CrossAttentionInputs:
-        """From a boolean `[B, Q, N_vis]` (text token q may see visual token j)."""
+    def from_allowed(
+        cls, allowed: torch.Tensor, implementation: str, dtype: torch.dtype, drop_if_unmasked: bool = False
+    ) -> CrossAttentionInputs:
+        """From a boolean `[B, Q, N_vis]` (text token q may see visual token j).
+
+        `drop_if_unmasked` (prefill, where one host sync is cheap): a mask that hides nothing (every text token sees
+        every visual token or none, e.g. one image before the question) becomes None, so that attention takes its
+        unmasked path (SDPA: grouped-query heads without a copy of the keys/values per head); the values are the
+        same, as adding a zero mask changes none.
+        """
         has_key = allowed.any(-1, keepdim=True)
-        return cls(to_attention_mask(allowed | ~has_key, implementation, dtype), has_key.to(dtype))
+        visible = allowed | ~has_key
+        mask = None if drop_if_unmasked and bool(visible.all()) else to_attention_mask(visible, implementation, dtype)
+        return cls(mask, has_key.to(dtype))
 
     @classmethod
     def from_mask_function(
-        cls, mask_function: Callable, shape: tuple[int, int, int], implementation: str, dtype: torch.dtype, device
+        cls, mask_function: Callable, shape: tuple[int, int, int], implementation: str, dtype: torch.dtype, device,
+        drop_if_unmasked: bool = False,
     ) -> CrossAttentionInputs:
-        """From a mask function over `shape` = (B, Q, N_vis): materialised for eager/sdpa, a `BlockMask` for flex."""
+        """From a mask function over `shape` = (B, Q, N_vis): materialised for eager/sdpa (see `from_allowed`), a
+        `BlockMask` for flex."""
         allowed = materialise(mask_function, *shape, device)
         if implementation != FLEX:
-            return cls.from_allowed(allowed, implementation, dtype)
+            return cls.from_allowed(allowed, implementation, dtype, drop_if_unmasked)
         # a row that sees no key stays empty: flex attention returns zeros there (no NaN), and `has_key` drops it
         has_key = allowed.any(-1, keepdim=True)
         return cls(block_mask(mask_function, *shape, device), has_key.to(dtype))
 
 
-@dataclass
 class VisorStreams:
     """The token streams a layer reads and writes, with their positions and rotary embeddings.
 
     At prefill: the text stream and the visual stream (compact, right-aligned; `*_index` are their positions in the
     original sequence of `length` tokens). While decoding: the new (text) tokens only, `visual` is None.
+
+    At prefill the streams may also hold the states in the original order (`full`: the embeddings, or the output of
+    the last full-layout layer): consecutive full-layout layers then read and write that one tensor, and the text
+    and visual streams are gathered from it only when a text-only or CA layer (or the router) reads them. The
+    visual positions of `full` always hold the visual stream (only full-layout layers change it); its text
+    positions are written back from the text stream when the next full-layout layer (or the output) needs them.
     """
 
-    text: torch.Tensor
-    text_positions: torch.Tensor
-    text_rotary: tuple[torch.Tensor, torch.Tensor]
-    full_positions: torch.Tensor
-    full_rotary: tuple[torch.Tensor, torch.Tensor] | None
-    length: int
-    visual: torch.Tensor | None = None
-    text_index: torch.Tensor | None = None
-    visual_index: torch.Tensor | None = None
-    visual_segments: torch.Tensor | None = None
-    text_valid: torch.Tensor | None = None  # [B, N_text] slots holding a real token (not padding either)
-    visual_valid: torch.Tensor | None = None  # [B, N_vis] slots holding a visual token the attention mask shows
+    def __init__(
+        self,
+        text: torch.Tensor | None,
+        text_positions: torch.Tensor,
+        text_rotary: tuple[torch.Tensor, torch.Tensor],
+        full_positions: torch.Tensor,
+        full_rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        length: int,
+        visual: torch.Tensor | None = None,
+        text_index: torch.Tensor | None = None,
+        visual_index: torch.Tensor | None = None,
+        visual_segments: torch.Tensor | None = None,
+        text_valid: torch.Tensor | None = None,  # [B, N_text] slots holding a real token (not padding either)
+        visual_valid: torch.Tensor | None = None,  # [B, N_vis] slots holding a visual token the attention mask shows
+        full: torch.Tensor | None = None,  # [B, length, d] the same states in the original order (prefill)
+    ):
+        if text is None and full is None:
+            raise ValueError("VisorStreams needs the text stream or the states in the original order (`full`)")
+        self.text_positions, self.text_rotary = text_positions, text_rotary
+        self.full_positions, self.full_rotary, self.length = full_positions, full_rotary, length
+        self.text_index, self.visual_index, self.visual_segments = text_index, visual_index, visual_segments
+        self.text_valid, self.visual_valid = text_valid, visual_valid
+        self._text, self._visual = text, visual
+        self._full = full if text_index is not None else None
+        self._text_in_full = self._full is not None  # the text positions of `full` hold the text stream
+
+    @property
+    def text(self) -> torch.Tensor:
+        if self._text is None:
+            self._text = gather_tokens(self._full, self.text_index)
+        return self._text
+
+    @text.setter
+    def text(self, value: torch.Tensor) -> None:
+        self._text = value
+        self._text_in_full = False  # `full` keeps the visual states; its text positions are now stale
+
+    @property
+    def visual(self) -> torch.Tensor | None:
+        if self._visual is None and self._full is not None:
+            self._visual = gather_tokens(self._full, self.visual_index)
+        return self._visual
+
+    @visual.setter
+    def visual(self, value: torch.Tensor | None) -> None:
+        self._text = self.text  # back to the two streams alone
+        self._full, self._text_in_full, self._visual = None, False, value
 
     def merged(self) -> torch.Tensor:
         """The hidden states in the original order (the new tokens alone while decoding)."""
-        if self.visual is None or (self.visual.shape[1] == 0 and self.text.shape[1] == self.length):
-            return self.text
-        return merge_streams(self.text, self.text_index, self.visual, self.visual_index, self.length)
+        if self._full is not None:
+            if not self._text_in_full:  # write the text stream back; the visual positions are current
+                batch, _, hidden = self._full.shape
+                padded = torch.cat([self._full, self._full.new_zeros(batch, 1, hidden)], dim=1)  # empty slots: column T
+                padded.scatter_(1, self.text_index[..., None].expand(-1, -1, hidden), self._text)  # a fresh tensor
+                self._full, self._text_in_full = padded[:, : self.length], True
+            return self._full
+        if self._visual is None or (self._visual.shape[1] == 0 and self._text.shape[1] == self.length):
+            return self._text
+        self._full = merge_streams(self._text, self.text_index, self._visual, self.visual_index, self.length)
+        self._text_in_full = True
+        return self._full
 
     def compact_text(self, layout: str) -> tuple[torch.Tensor, int] | None:
         """For a layer of `layout` at prefill that ran over the text stream: the stream's positions and the sequence
@@ -107,15 +169,27 @@ class VisorStreams:
             return None
         return self.text_index, self.length
 
+    def update_full(self, output: torch.Tensor, keep: torch.Tensor | None = None, inputs: torch.Tensor | None = None) -> None:
+        """Take a full-sequence layer's output; `keep` ([B, length] bool, with the layer's `inputs`): the positions
+        that keep their input states (the visual tokens of the samples for which the layer was off). At prefill the
+        output stays in the original order until a stream is read."""
+        if self.text_index is None:  # decoding: the new tokens are the text stream
+            self._text = output
+            return
+        if keep is not None:
+            output = torch.where(keep[..., None], inputs, output)
+        self._full, self._text, self._visual, self._text_in_full = output, None, None, True
+
     def split(self, merged: torch.Tensor, keeps_visual: torch.Tensor | None) -> None:
         """Take a full-sequence layer's output back into the streams; samples in `keeps_visual` ([B] bool, for
         which the layer was off) keep their visual states."""
-        if self.visual is None:
-            self.text = merged
+        if self.text_index is None:
+            self._text = merged
             return
-        self.text = gather_tokens(merged, self.text_index)
+        text = gather_tokens(merged, self.text_index)
         updated = gather_tokens(merged, self.visual_index)
-        self.visual = updated if keeps_visual is None else torch.where(keeps_visual[:, None, None], self.visual, updated)
+        self._visual = updated if keeps_visual is None else torch.where(keeps_visual[:, None, None], self.visual, updated)
+        self._text, self._full, self._text_in_full = text, None, False
 
 
 @dataclass
@@ -178,6 +252,17 @@ class VisorLayerPlan:
             self.skipping[runs] = torch.tensor([not r for r in runs], device=self.visual_keys.device)
         return self.skipping[runs]
 
+    def kept_positions(self, layer_idx: int) -> torch.Tensor | None:
+        """`[B, T]` the positions whose states a full layer leaves unchanged: the visual tokens of the samples for
+        which it is off. None when it runs for every sample, and while decoding."""
+        off = self.keeps_visual(layer_idx)
+        if off is None:
+            return None
+        runs = (tuple(self.runs(layer_idx)), "positions")
+        if runs not in self.skipping:
+            self.skipping[runs] = self.visual_keys & off[:, None]
+        return self.skipping[runs]
+
     def attention_mask(self, layer_idx: int, layout: str) -> torch.Tensor | None:
         """The self-attention mask of a layer: its layout's, with the visual keys hidden from the samples whose
         configuration does not hold the layer."""
@@ -187,7 +272,7 @@ class VisorLayerPlan:
             off = self.keeps_visual(layer_idx)
             if off is None:
                 return self.mask(FULL, layer_idx, FULL)
-            return self.mask((FULL, tuple(self.runs(layer_idx))), layer_idx, FULL, hide_keys(self.visual_keys & off[:, None]))
+            return self.mask((FULL, tuple(self.runs(layer_idx))), layer_idx, FULL, hide_keys(self.kept_positions(layer_idx)))
         # decoding: the cache's device copy of the configurations (reordered with the beams), no host sync
         return self.mask((FULL, layer_idx), layer_idx, FULL, hide_keys(self.hidden_keys_for(layer_idx)))
 
@@ -225,11 +310,13 @@ def run_layer(
     mask = plan.attention_mask(layer_idx, layout)
     common = {"past_key_values": cache, "use_cache": cache is not None, **kwargs}
     if layout == FULL:
-        merged = decoder_layer(
-            streams.merged(), attention_mask=mask, position_embeddings=streams.full_rotary,
+        inputs = streams.merged()
+        output = decoder_layer(
+            inputs, attention_mask=mask, position_embeddings=streams.full_rotary,
             position_ids=streams.full_positions, **common,
         )
-        streams.split(merged, plan.keeps_visual(layer_idx))
+        # consecutive full-layout layers stay in the original order: no split until a stream is read
+        streams.update_full(output, plan.kept_positions(layer_idx), inputs)
     else:
         streams.text = decoder_layer(
             streams.text, attention_mask=mask, position_embeddings=streams.text_rotary,
