@@ -1,6 +1,8 @@
 """Prompts shared by the model, cache and generation tests: `{"text": [ids or "<image>"], "images": [(h, w)]}`,
 built into model inputs by `visor_hf.testing.build_batch`."""
 
+import contextlib
+
 import torch
 
 from visor_hf.testing import IMAGE_ID, ROUTE_ID, word_ids
@@ -40,3 +42,29 @@ def assert_no_text_sees_a_later_image(model, batch: dict) -> None:
         a, b = model(**batch).logits[0], model(**other).logits[0]
     torch.testing.assert_close(a[before], b[before], atol=0, rtol=0)
     assert (a[after] - b[after]).abs().max() > 1e-4
+
+
+HOST_SYNC_METHODS = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
+
+
+@contextlib.contextmanager
+def recorded_host_syncs():
+    """Inside the block, every call of a tensor method that reads a device value on the host is recorded (the list
+    it yields); the methods are restored afterwards."""
+    saved = {name: getattr(torch.Tensor, name) for name in HOST_SYNC_METHODS}
+    calls = []
+
+    def spy(name):
+        def call(self, *args, **kwargs):
+            calls.append(name)
+            return saved[name](self, *args, **kwargs)
+
+        return call
+
+    try:
+        for name in HOST_SYNC_METHODS:
+            setattr(torch.Tensor, name, spy(name))
+        yield calls
+    finally:
+        for name, function in saved.items():
+            setattr(torch.Tensor, name, function)

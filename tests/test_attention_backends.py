@@ -16,7 +16,7 @@ import torch._dynamo
 from transformers.integrations.flex_attention import BlockMask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from samples import ANYRES, ONE_IMAGE, TEXT_ONLY, TWO_IMAGES, assert_no_text_sees_a_later_image, routed
+from samples import ANYRES, ONE_IMAGE, TEXT_ONLY, TWO_IMAGES, assert_no_text_sees_a_later_image, recorded_host_syncs, routed
 from visor_hf import VisorConfig, VisorForConditionalGeneration
 from visor_hf.testing import TINY_LAYOUT, build_batch, tiny_llava, tiny_qwen_vl, visor_from_llava, visor_from_qwen_vl
 
@@ -134,25 +134,8 @@ def test_a_flex_decoding_step_makes_no_host_sync(flex):
     mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
     with torch.no_grad():  # a first step on a copy compiles what the step needs
         flex(input_ids=token, attention_mask=mask, past_key_values=copy.deepcopy(out.past_key_values))
-    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-    calls = []
-
-    def spy(name):
-        def call(self, *args, **kwargs):
-            calls.append(name)
-            return saved[name](self, *args, **kwargs)
-
-        return call
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, spy(name))
-        with torch.no_grad():
-            flex(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, logits_to_keep=1)
-    finally:
-        for name, function in saved.items():
-            setattr(torch.Tensor, name, function)
+    with recorded_host_syncs() as calls, torch.no_grad():
+        flex(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, logits_to_keep=1)
     assert calls == []
 
 

@@ -7,6 +7,7 @@ from transformers import DynamicCache, LlavaOnevisionConfig, Qwen2Config
 from samples import ROUTED_ANYRES as ANYRES
 from samples import ROUTED_ONE_IMAGE as ONE_IMAGE
 from samples import ROUTED_TEXT_ONLY as TEXT_ONLY
+from samples import recorded_host_syncs
 from visor_hf.modeling import FlopsShape, VisorCache, VisorStaticCache, decode_flops, prefill_flops, vision_flops
 from visor_hf.testing import TINY_LAYOUT as LAYOUT
 from visor_hf.testing import build_batch, tiny_llava_config, visor_from_llava
@@ -222,24 +223,8 @@ def test_a_decoding_step_makes_no_host_sync(llava, implementation, static):
         out = model(**batch, visor_configuration=torch.tensor([0, 1, 2]), past_key_values=cache, logits_to_keep=1)
     token = out.logits[:, -1:].argmax(-1)
     mask = torch.cat([batch["attention_mask"], torch.ones_like(token)], 1)
-    names = ["item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero"]
-    saved = {name: getattr(torch.Tensor, name) for name in names}
-    calls = []
-
-    def spy(name):
-        def call(self, *args, **kwargs):
-            calls.append(name)
-            return saved[name](self, *args, **kwargs)
-        return call
-
-    try:
-        for name in names:
-            setattr(torch.Tensor, name, spy(name))
-        with torch.no_grad():
-            step = model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, logits_to_keep=1)
-    finally:
-        for name, function in saved.items():
-            setattr(torch.Tensor, name, function)
+    with recorded_host_syncs() as calls, torch.no_grad():
+        step = model(input_ids=token, attention_mask=mask, past_key_values=out.past_key_values, logits_to_keep=1)
     assert calls == []
     assert step.flops.shape == (3,)
 
