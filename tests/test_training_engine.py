@@ -36,6 +36,10 @@ def test_gradient_accumulation_matches_the_large_batch_with_one_configuration_pe
     a, b, before = weights(workdir / "ga_large"), weights(workdir / "ga_accumulated"), weights(workdir / "visor")
     assert any(not torch.equal(a[k], before[k]) for k in a)
     for key in a:
+        if key.endswith("cross_attn.k_proj.bias"):
+            # a key bias without RoPE shifts every logit of a query equally: its true gradient is 0, and AdamW turns
+            # the rounding noise left in its place (which depends on the batch split) into lr-sized steps
+            continue
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
