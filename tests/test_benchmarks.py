@@ -149,6 +149,7 @@ def test_packing_rows_pack_inside_the_prefill_to_the_processor_count(monkeypatch
     features = make_features(n_visual, 64, torch.float32, "cpu")
     rows = run.packing_rows(visor_tr, features, n_visual, torch.device("cpu"), shape, ca, sa_sets, visor_step, print)
     assert [r.name for r in rows] == [f"visor_tr{k}_{c}" for k in (2, 4) for c in ("ca", "sa2", "max")]
+    layers_of = {name.removeprefix("visor_"): layers for name, _, layers in sa_sets}
     calls = []
     for factor in (2, 4):
         getattr(visor_tr.model.token_packing, f"pack{factor}").register_forward_hook(
@@ -166,8 +167,8 @@ def test_packing_rows_pack_inside_the_prefill_to_the_processor_count(monkeypatch
         grid_rows = calls[1][1][0]
         assert merged + grid_rows == packed  # every packed token but one newline per packed grid row
         row.decode(torch.full((1, 1), 1234), cache, length)
-        assert row.result["image_size"] == list(size) and row.result["sa_layers"] == dict(
-            (name.removeprefix("visor_"), layers) for name, _, layers in sa_sets)[row.name.split("_")[-1]]
+        assert row.result["image_size"] == list(size)
+        assert row.result["sa_layers"] == layers_of[row.name.split("_")[-1]]
 
 
 NEWLINE = torch.tensor([1e6])
