@@ -19,7 +19,10 @@ Rows, per visual-token count (batch 1, one image, 64 text tokens around it):
   the text tokens after the image) are kept, with their original positions, for layers 2-23 and their cache;
 - ``visionzip``, ``visor_ca_visionzip``, ``visor_sa2_visionzip``: dense LLaVA-OV, VISOR CA only and VISOR 2 SA on
   the tokens VisionZip keeps (``--reduction``, default ``visionzip:0.25``; `visor_hf.modeling.reduction_visor`),
-  the reduction itself (its scoring pass and merge) inside the timed prefill and in the FLOPs.
+  the reduction itself (its scoring pass and merge) inside the timed prefill and in the FLOPs;
+- ``visor_tr2_ca/sa2/max``, ``visor_tr4_ca/sa2/max``: VISOR-TR, the VISOR model packing the visual tokens 2x / 4x
+  (``visor_packing=``, the packing module inside the timed prefill and in the FLOPs) of a real image whose LLaVA-OV
+  layout holds the column's tokens (`visor_bench/packing.py`; a column without one gets no VISOR-TR row).
 Plus a batch of 4 with mixed VISOR configurations, against the dense batch and the four samples run alone, and
 (unless ``--no-7b``) FLOPs-only rows for LLaVA-OV 7B shapes.
 
@@ -50,6 +53,7 @@ from pathlib import Path
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 from visor_bench.fastv import fastv_decode_step, fastv_flops, fastv_prefill
+from visor_bench.packing import PACKING_ROWS, packing_layout, packing_row_flops
 from visor_bench.reduction import ranking_layer_input, reduce_features, reduction_row_flops
 from visor_bench.report import flops_only_7b, recompute_flops, write_outputs
 from visor_bench.shapes import (
@@ -87,7 +91,8 @@ class Row:
         self.result: dict = {}
 
 
-def build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, feature_seed=0, visor_dense=None):
+def build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, feature_seed=0, visor_dense=None,
+               visor_tr=None, log=print):
     hidden = llava.config.text_config.hidden_size
     n_text = TEXT_BEFORE + TEXT_AFTER
     input_ids = make_inputs(n_visual, 1, device)
@@ -142,6 +147,8 @@ def build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, 
                         pooled.shape[0]))
     rows += reduction_rows(llava, features, n_visual, args, device, dtype, shape, ca, sa_sets, run_llava, llava_step,
                            visor, visor_step)
+    if visor_tr is not None:
+        rows += packing_rows(visor_tr, features, n_visual, device, shape, ca, sa_sets, visor_step, log)
     fv_prefill, fv_decode = fastv_flops(shape, n_text, n_visual)
     rows.append(Row("fastv", "dense + FastV (K=2, 50 %)",
                     lambda: fastv_prefill(llava, input_ids, features, n_visual),
@@ -184,6 +191,40 @@ def reduction_rows(llava, features, n_visual, args, device, dtype, shape, ca, sa
             rows[-1].result["sa_layers"] = list(layers)
     for row in rows:
         row.result["reduction"] = str(reduction)
+    return rows
+
+
+def packing_rows(visor_tr, features, n_visual, device, shape, ca, sa_sets, visor_step, log):
+    """VISOR-TR 2x / 4x: the model packs the column's features (a real image of `n_visual` tokens) inside the timed
+    forward (`visor_packing=`), then runs CA only / 2 SA / max on the packed tokens (visor_bench/packing.py)."""
+    found = packing_layout(visor_tr.config, n_visual)
+    if found is None:
+        log(f"  no VISOR-TR rows at {n_visual} visual tokens: no LLaVA-OV image of exactly that many tokens is listed")
+        return []
+    size, layout = found
+    n_text = TEXT_BEFORE + TEXT_AFTER
+    image_sizes = torch.tensor([list(size)], device=device)
+    sets = {name.removeprefix("visor_"): (label, layers) for name, label, layers in sa_sets}
+
+    def run_packed(ids, factor, layers):
+        @torch.inference_mode()
+        def run():
+            patch_image_features(visor_tr, [features])
+            out = visor_tr(input_ids=ids, pixel_values=torch.zeros(1, 1, device=device), image_sizes=image_sizes,
+                           use_cache=True, logits_to_keep=1, visor_configuration=list(layers), visor_packing=factor)
+            return out.logits, out.past_key_values, ids.shape[1]
+        return run
+
+    rows = []
+    for factor, configurations in PACKING_ROWS.items():
+        packed = layout.num_tokens(factor)
+        ids = make_inputs(packed, 1, device)
+        for configuration in configurations:
+            label, layers = sets[configuration]
+            rows.append(Row(f"visor_tr{factor}_{configuration}", label.replace("VISOR", f"VISOR-TR {factor}x", 1),
+                            run_packed(ids, factor, layers), visor_step(visor_tr),
+                            *packing_row_flops(shape, n_text, layout, factor, layers, ca), f"{n_visual}->{packed}"))
+            rows[-1].result.update(sa_layers=list(layers), packing=factor, image_size=list(size))
     return rows
 
 
@@ -267,6 +308,12 @@ def main(argv=None):
     if wanted_rows is None or "visor_dense" in wanted_rows:
         log("converting to VISOR, dense layout (every layer SA, no CA)")
         visor_dense = share_weights(visor_from_llava(llava, attn_implementation="sdpa"), llava)
+    visor_tr = None
+    if wanted_rows is None or any(name.startswith("visor_tr") for name in wanted_rows):
+        log(f"converting to VISOR-TR: the paper layout with token packing {list(PACKING_ROWS)}")
+        visor_tr = share_weights(visor_from_llava(llava, attn_implementation="sdpa", cross_attention_layers=ca,
+                                                  self_attention_layers=sa, configurations=[sa], router_layer=None,
+                                                  packing_factors=list(PACKING_ROWS)), llava)
     shape = FlopsShape.from_config(config)
     spread = lambda k: [sa[i] for i in range(0, len(sa), len(sa) // k)][:k]  # noqa: E731
     sa_sets = [("visor_ca", "VISOR CA only (0 SA)", [])]
@@ -293,7 +340,8 @@ def main(argv=None):
     profile_candidates = None
     for n_visual, repeat in zip(sizes, repeats):
         log(f"size {n_visual} visual tokens, {repeat} repeats")
-        rows = build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, visor_dense=visor_dense)
+        rows = build_rows(llava, visor, n_visual, args, device, dtype, shape, ca, sa_sets, visor_dense=visor_dense,
+                          visor_tr=visor_tr, log=log)
         if wanted_rows:
             rows = [row for row in rows if row.name in wanted_rows]
             if not rows or rows[0].name != "dense":

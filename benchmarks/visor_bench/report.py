@@ -9,9 +9,11 @@ from pathlib import Path
 
 from visor_hf.modeling import uniform_layer_layout
 from visor_hf.modeling.flops_visor import FlopsShape, decode_flops, prefill_flops, projector_flops, vision_flops
+from visor_hf.modeling.packing_visor import image_token_layouts
 from visor_hf.modeling.reduction_visor import TokenReduction
 
 from .fastv import fastv_flops
+from .packing import packing_row_flops
 from .plots import plots
 from .reduction import reduction_row_flops
 from .shapes import QWEN2_0_5B, QWEN2_7B, TEXT_AFTER, TEXT_BEFORE, TOKENS_PER_CROP, llava_config
@@ -119,6 +121,9 @@ def recompute_flops(report) -> None:
             elif "reduction" in row:  # the LLM on the kept tokens plus the reduction's own cost
                 reduction = TokenReduction.parse(row["reduction"])
                 flops = reduction_row_flops(shape, config, n_text, n_visual, reduction, row.get("sa_layers"), ca)
+            elif "packing" in row:  # VISOR-TR: the LLM on the packed tokens plus the packing module's cost
+                (layout,) = image_token_layouts(config, [row["image_size"]])
+                flops = packing_row_flops(shape, n_text, layout, row["packing"], row["sa_layers"], ca)
             elif name.startswith("pool"):
                 pooled = row["llm_visual_tokens"]
                 flops = prefill_flops(shape, n_text, pooled), decode_flops(shape, n_text, pooled)
