@@ -254,6 +254,38 @@ def test_position_convolution_without_autograd_equals_conv1d():
     torch.testing.assert_close(inference[filled], expected[filled].detach(), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_position_convolution_chunk_buffer_and_in_place_norm_are_bit_exact(dtype):
+    """The inference convolution reuses one chunk-sized accumulator and the visual norm writes over its input: the
+    same bits as a full-size accumulator (the earlier code) and as the norm run on the whole stream."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from visor_hf.modeling.modeling_visor import CONV_CHUNK, by_token_chunks, conv_position_sum
+
+    torch.manual_seed(0)
+    batch, length, hidden, kernel = 2, 2 * CONV_CHUNK + 37, 64, 7
+    visual = torch.randn(batch, length, hidden).to(dtype)
+    weight, bias = torch.randn(hidden, 1, kernel).to(dtype), torch.randn(hidden).to(dtype)
+    accumulate = torch.promote_types(dtype, torch.float32)
+    taps = weight[:, 0, :].t().to(accumulate).contiguous()
+    conv = bias.to(accumulate).expand(batch, length, hidden).clone()  # full-size accumulator, same chunks and taps
+    for start in range(0, length, CONV_CHUNK):
+        end = min(start + CONV_CHUNK, length)
+        for k in range(kernel):
+            low, high = max(start, 3 - k), min(end, length + 3 - k)
+            conv[:, low:high].addcmul_(visual[:, low + k - 3 : high + k - 3], taps[k])
+    expected = visual + conv.to(dtype)
+    with torch.no_grad():
+        out = conv_position_sum(visual, weight, bias)
+        assert torch.equal(out, expected)
+        norm = Qwen2RMSNorm(hidden).to(dtype)
+        torch.nn.init.normal_(norm.weight)
+        whole = norm(out)
+        normed = by_token_chunks(norm, out, in_place=True)
+    assert normed.data_ptr() == out.data_ptr()  # written over its input
+    assert torch.equal(normed, whole)
+
+
 def _video_sample(model, text_before, text_after, frames=2, seed=0, images=None):
     """One unpadded sample `text_before <video> text_after` (optionally `<image>`s first), with random frames."""
     generator = torch.Generator().manual_seed(seed)
