@@ -221,6 +221,20 @@ def test_dense_layout_is_bit_identical_to_llava_onevision_with_sdpa():
     assert torch.equal(actual.logits[valid], expected.logits[valid])
 
 
+def test_long_prompt_is_bit_identical_to_llava_onevision():
+    """Past one chunk of tokens the final norm runs in chunks on CPU: still LLaVA-OV's logits bit for bit."""
+    from visor_hf.modeling.modeling_visor import CONV_CHUNK
+
+    llava = tiny_llava(seed=1, attn_implementation="sdpa")
+    dense = visor_from_llava(llava)
+    sample = {"text": [*word_ids("user"), "<image>", *word_ids(" ".join(["what is this ?"] * 150))], "images": [(16, 16)]}
+    batch = build_batch(llava, [sample])
+    assert batch["input_ids"].shape[1] > CONV_CHUNK + 1
+    with torch.no_grad():
+        expected, actual = llava(**batch).logits, dense(**batch).logits
+    assert torch.equal(actual, expected)
+
+
 def test_position_convolution_without_autograd_equals_conv1d():
     """Inference convolves tap by tap in the tokens' layout; training (autograd) runs `conv1d`: the same values, with
     image boundaries, empty slots, a batch and more tokens than one chunk."""

@@ -12,6 +12,7 @@ active SA layers and for the output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,7 +92,9 @@ def conv_position_sum(visual: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return out
 
 
-def by_token_chunks(module: nn.Module, states: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+def by_token_chunks(
+    module: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, in_place: bool = False
+) -> torch.Tensor:
     """`module(states)` for a module that acts on each token alone (a norm), in chunks of tokens on CPU without
     autograd: a chunk stays in cache through the module's several element-wise passes (the same values).
 
@@ -519,7 +522,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         configurations, configuration_index, active = self._configuration_outputs(plan.layer_sets, valid.device)
         # what this pass computed for every sample: its full layers (the union of the samples' SA layers)
         computed = [tuple(i for i, layout in enumerate(plan.layouts) if layout != TEXT)] * batch
-        hidden = self.backbone_norm(streams.merged())
+        hidden = by_token_chunks(self.backbone_norm, streams.merged())  # per token: chunks on CPU, same values
         if cache is not None:
             cache.start_prompt(
                 layouts=plan.layouts, cross_kv=plan.cross_kv, active=active, configurations=configurations,
