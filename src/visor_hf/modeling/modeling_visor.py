@@ -92,9 +92,7 @@ def conv_position_sum(visual: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     return out
 
 
-def by_token_chunks(
-    module: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, in_place: bool = False
-) -> torch.Tensor:
+def by_token_chunks(module: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """`module(states)` for a module that acts on each token alone (a norm), in chunks of tokens on CPU without
     autograd: a chunk stays in cache through the module's several element-wise passes (the same values).
 
