@@ -221,6 +221,20 @@ def test_dense_layout_is_bit_identical_to_llava_onevision_with_sdpa():
     assert torch.equal(actual.logits[valid], expected.logits[valid])
 
 
+def test_long_prompt_is_bit_identical_to_llava_onevision():
+    """Past one chunk of tokens the final norm runs in chunks on CPU: still LLaVA-OV's logits bit for bit."""
+    from visor_hf.modeling.modeling_visor import CONV_CHUNK
+
+    llava = tiny_llava(seed=1, attn_implementation="sdpa")
+    dense = visor_from_llava(llava)
+    sample = {"text": [*word_ids("user"), "<image>", *word_ids(" ".join(["what is this ?"] * 150))], "images": [(16, 16)]}
+    batch = build_batch(llava, [sample])
+    assert batch["input_ids"].shape[1] > CONV_CHUNK + 1
+    with torch.no_grad():
+        expected, actual = llava(**batch).logits, dense(**batch).logits
+    assert torch.equal(actual, expected)
+
+
 def test_position_convolution_without_autograd_equals_conv1d():
     """Inference convolves tap by tap in the tokens' layout; training (autograd) runs `conv1d`: the same values, with
     image boundaries, empty slots, a batch and more tokens than one chunk."""
@@ -252,6 +266,38 @@ def test_position_convolution_without_autograd_equals_conv1d():
             expected[row, at] = visual[row, at] + conv[0].T
     filled = segments >= 0
     torch.testing.assert_close(inference[filled], expected[filled].detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_position_convolution_chunk_buffer_and_in_place_norm_are_bit_exact(dtype):
+    """The inference convolution reuses one chunk-sized accumulator and the visual norm writes over its input: the
+    same bits as a full-size accumulator (the earlier code) and as the norm run on the whole stream."""
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+    from visor_hf.modeling.modeling_visor import CONV_CHUNK, by_token_chunks, conv_position_sum
+
+    torch.manual_seed(0)
+    batch, length, hidden, kernel = 2, 2 * CONV_CHUNK + 37, 64, 7
+    visual = torch.randn(batch, length, hidden).to(dtype)
+    weight, bias = torch.randn(hidden, 1, kernel).to(dtype), torch.randn(hidden).to(dtype)
+    accumulate = torch.promote_types(dtype, torch.float32)
+    taps = weight[:, 0, :].t().to(accumulate).contiguous()
+    conv = bias.to(accumulate).expand(batch, length, hidden).clone()  # full-size accumulator, same chunks and taps
+    for start in range(0, length, CONV_CHUNK):
+        end = min(start + CONV_CHUNK, length)
+        for k in range(kernel):
+            low, high = max(start, 3 - k), min(end, length + 3 - k)
+            conv[:, low:high].addcmul_(visual[:, low + k - 3 : high + k - 3], taps[k])
+    expected = visual + conv.to(dtype)
+    with torch.no_grad():
+        out = conv_position_sum(visual, weight, bias)
+        assert torch.equal(out, expected)
+        norm = Qwen2RMSNorm(hidden).to(dtype)
+        torch.nn.init.normal_(norm.weight)
+        whole = norm(out)
+        normed = by_token_chunks(norm, out, in_place=True)
+    assert normed.data_ptr() == out.data_ptr()  # written over its input
+    assert torch.equal(normed, whole)
 
 
 def _video_sample(model, text_before, text_after, frames=2, seed=0, images=None):

@@ -12,6 +12,7 @@ active SA layers and for the output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,29 +75,38 @@ def conv_position_sum(visual: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     batch, length, _ = visual.shape
     accumulate = torch.promote_types(visual.dtype, torch.float32)  # half-precision inputs sum in float32, as conv1d
     taps = weight[:, 0, :].t().to(accumulate).contiguous()  # [k, d]; contiguous rows: vectorised multiply-adds
-    conv = torch.empty(visual.shape, dtype=accumulate, device=visual.device)
     out = torch.empty_like(visual)
     chunk = CONV_CHUNK if visual.device.type == "cpu" else max(length, 1)
+    # one chunk-sized accumulator reused by every chunk: a full-size one costs a pass of fresh pages (page faults)
+    conv = torch.empty(batch, min(chunk, length), hidden, dtype=accumulate, device=visual.device)
     for start in range(0, length, chunk):
         end = min(start + chunk, length)
-        conv[:, start:end].copy_(bias.expand(batch, end - start, hidden))
+        acc = conv[:, : end - start]
+        acc.copy_(bias.expand(batch, end - start, hidden))
         for k in range(kernel):
             # token i reads token i + k - half; a tap that reads the zero padding adds nothing and is skipped
             low, high = max(start, half - k), min(end, length + half - k)
             if low < high:
-                conv[:, low:high].addcmul_(visual[:, low + k - half : high + k - half], taps[k])
-        torch.add(visual[:, start:end], conv[:, start:end].to(visual.dtype), out=out[:, start:end])
+                acc[:, low - start : high - start].addcmul_(visual[:, low + k - half : high + k - half], taps[k])
+        torch.add(visual[:, start:end], acc.to(visual.dtype), out=out[:, start:end])
     return out
 
 
-def by_token_chunks(module: nn.Module, states: torch.Tensor) -> torch.Tensor:
+def by_token_chunks(module: Callable[[torch.Tensor], torch.Tensor], states: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """`module(states)` for a module that acts on each token alone (a norm), in chunks of tokens on CPU without
-    autograd: a chunk stays in cache through the module's several element-wise passes (the same values)."""
+    autograd: a chunk stays in cache through the module's several element-wise passes (the same values).
+
+    `in_place=True` (for a `states` the caller owns and no longer needs) writes each chunk's result over its input
+    when shape and dtype allow: no fresh full-size output, whose first writes cost a page fault per page.
+    """
     length = states.shape[1]
     if states.device.type != "cpu" or torch.is_grad_enabled() or length <= CONV_CHUNK:
         return module(states)
     first = module(states[:, :CONV_CHUNK])
-    out = first.new_empty(*states.shape[:-1], first.shape[-1])
+    if in_place and first.dtype == states.dtype and first.shape[-1] == states.shape[-1] and states.is_contiguous():
+        out = states
+    else:
+        out = first.new_empty(*states.shape[:-1], first.shape[-1])
     out[:, :CONV_CHUNK] = first
     for start in range(CONV_CHUNK, length, CONV_CHUNK):
         out[:, start : start + CONV_CHUNK] = module(states[:, start : start + CONV_CHUNK])
@@ -196,7 +206,9 @@ class VisorCrossAttentionBlock(GradientCheckpointingLayer):
         self.cross_attn = VisorCrossAttention(text_config, layer_idx)
 
     def visual_key_values(self, visual: torch.Tensor, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cross_attn.project_visual(by_token_chunks(self.visual_layernorm, self.position_embedding(visual, segments)))
+        # the position embedding's output is a fresh tensor used only here: the norm may overwrite it
+        positioned = self.position_embedding(visual, segments)
+        return self.cross_attn.project_visual(by_token_chunks(self.visual_layernorm, positioned, in_place=True))
 
     def forward(
         self, text: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, attention_mask: torch.Tensor | None, has_key: torch.Tensor
@@ -508,7 +520,7 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         configurations, configuration_index, active = self._configuration_outputs(plan.layer_sets, valid.device)
         # what this pass computed for every sample: its full layers (the union of the samples' SA layers)
         computed = [tuple(i for i, layout in enumerate(plan.layouts) if layout != TEXT)] * batch
-        hidden = self.backbone_norm(streams.merged())
+        hidden = by_token_chunks(self.backbone_norm, streams.merged())  # per token: chunks on CPU, same values
         if cache is not None:
             cache.start_prompt(
                 layouts=plan.layouts, cross_kv=plan.cross_kv, active=active, configurations=configurations,
