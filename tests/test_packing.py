@@ -125,6 +125,8 @@ def packed(llava):
             linear = getattr(model.model.token_packing, f"pack{factor}")
             linear.weight.add_(torch.randn_like(linear.weight) * 0.1)
             linear.bias.normal_(std=0.1)
+            for table in getattr(model.model.token_packing, f"position{factor}").parameters():
+                table.normal_(std=0.1)
     return model
 
 
@@ -222,6 +224,79 @@ def test_untrained_module_in_the_model_is_average_pooling(llava, factor):
     is_newline = (grid == newline).all(-1)
     grid_shape = (int(is_newline.sum()), int(is_newline.nonzero()[0, 0]))
     torch.testing.assert_close(ours, reference_packing(unpacked, newline, 4, grid_shape, factor), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_packed_positions_are_added_at_each_packed_row_and_column(llava, factor):
+    model = visor_from_llava(llava, **TINY_LAYOUT, packing_factors=[2, 4])  # average merge, positions set below
+    positions = getattr(model.model.token_packing, f"position{factor}")
+    with torch.no_grad():
+        for table in positions.parameters():
+            table.normal_()
+    processor = tiny_processor(packing=factor)
+    inputs = processor(text="<image> what", images=[random_image(13, 29)], return_tensors="pt")
+    with torch.no_grad():
+        unpacked = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+        ours = model(**inputs, visor_packing=factor).image_hidden_states
+    newline = model.model.image_newline.detach()
+    is_newline = (unpacked[16:] == newline).all(-1)
+    grid_shape = (int(is_newline.sum()), int(is_newline.nonzero()[0, 0]))
+    expected = reference_packing(unpacked, newline, 4, grid_shape, factor).clone()
+    block_rows, block_cols = {2: (1, 2), 4: (2, 2)}[factor]
+    base_rows, base_cols = 4 // block_rows, 4 // block_cols
+    grid_rows, grid_cols = -(-grid_shape[0] // block_rows), -(-grid_shape[1] // block_cols)
+    tables = {name: table.weight.detach() for name, table in positions.named_children()}
+    for r in range(base_rows):
+        for c in range(base_cols):
+            expected[r * base_cols + c] += tables["base_row"][r] + tables["base_col"][c]
+    for r in range(grid_rows):
+        for c in range(grid_cols):  # each packed row: its tokens, then its newline (left as it is)
+            expected[base_rows * base_cols + r * (grid_cols + 1) + c] += tables["grid_row"][r] + tables["grid_col"][c]
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_a_checkpoint_without_position_tables_loads_as_zero_positions(llava, tmp_path):
+    without = visor_from_llava(llava, **TINY_LAYOUT, packing_factors=[2, 4], packing_positions=False)
+    assert not any("position" in name for name, _ in without.model.token_packing.named_parameters())
+    with torch.no_grad():
+        without.model.token_packing.pack2.bias.normal_(std=0.1)
+    without.save_pretrained(tmp_path / "old")
+    reference = AutoModelForImageTextToText.from_pretrained(tmp_path / "old").eval()  # loaded as saved: no tables
+    config = json.loads((tmp_path / "old" / "config.json").read_text())
+    del config["packing_positions"]  # a checkpoint written before the tables existed
+    (tmp_path / "old" / "config.json").write_text(json.dumps(config))
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "old").eval()
+    assert loaded.config.packing_positions
+    assert all(not table.any() for table in loaded.model.token_packing.position2.parameters())
+    batch = build_batch(without, [ANYRES], packing=2)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch, visor_packing=2).logits, reference(**batch, visor_packing=2).logits)
+
+
+def test_processor_calls_in_threads_each_keep_their_packing(monkeypatch):
+    import threading
+
+    processor = tiny_processor()
+    image = random_image(20, 40)
+    alone = {k: processor(text="<image> what", images=[image], packing=k).input_ids for k in (1, 2, 4)}
+    inside = threading.Barrier(3)
+    count = type(processor)._get_number_of_features
+
+    def meet(self, *args):  # every call is inside `__call__` before any counts its tokens
+        inside.wait(timeout=30)
+        return count(self, *args)
+
+    monkeypatch.setattr(type(processor), "_get_number_of_features", meet)
+    results = {}
+    threads = [
+        threading.Thread(target=lambda k=k: results.update({k: processor(text="<image> what", images=[image], packing=k).input_ids}))
+        for k in (1, 2, 4)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results == alone and len({len(ids[0]) for ids in alone.values()}) == 3
 
 
 def test_factor_one_is_the_unpacked_model(llava, packed):
@@ -339,10 +414,13 @@ def read_tensors(folder):
 def test_conversion_adds_the_average_initialised_module_by_default(folders, tmp_path, capsys):
     tensors = read_tensors(folders / "packed")
     names = sorted(k for k in tensors if k.startswith("model.token_packing."))
-    assert names == [f"model.token_packing.pack{k}.{p}" for k in (2, 4) for p in ("bias", "weight")]
+    tables = [f"position{k}.{view}_{axis}.weight" for k in (2, 4) for view in ("base", "grid") for axis in ("col", "row")]
+    linears = [f"pack{k}.{p}" for k in (2, 4) for p in ("bias", "weight")]
+    assert names == sorted(f"model.token_packing.{n}" for n in linears + tables)
     for factor in (2, 4):
         assert torch.equal(tensors[f"model.token_packing.pack{factor}.weight"], torch.eye(32).repeat(1, factor) / factor)
         assert not tensors[f"model.token_packing.pack{factor}.bias"].any()
+    assert all(not tensors[f"model.token_packing.{n}"].any() for n in tables)  # positions start at zero
     assert json.loads((folders / "packed" / "config.json").read_text())["packing_factors"] == [2, 4]
     # without the module: no tensor, no factor; the dense layout with the module still reproduces the source
     assert cli_main(["convert", str(folders / "src"), str(tmp_path / "plain"), "--no-packing"]) == 0
@@ -489,8 +567,46 @@ def test_universal_fine_tuning_samples_configuration_and_packing_pairs(folders, 
         assert not torch.equal(before[name], after[name]), name  # both packing modules trained
     with pytest.raises(ValueError, match="packing factor 3"):
         train_stage(folders / "packed", str(tmp_path / "data" / "data.jsonl"), tmp_path / "bad", "universal", packing=[1, 3])
-    with pytest.raises(ValueError, match="universal"):
-        train_stage(folders / "packed", str(tmp_path / "data" / "data.jsonl"), tmp_path / "bad", "2", packing=[1, 2])
+
+
+
+def test_stage_one_with_packing_warms_up_the_new_modules_at_the_maximal_configuration(folders, tmp_path):
+    from visor_hf.training import UniversalConfigurationSampler, make_synthetic_dataset, train_stage
+
+    make_synthetic_dataset(tmp_path / "data", num_samples=8, seed=0)
+    trainer = train_stage(
+        folders / "packed",
+        str(tmp_path / "data" / "data.jsonl"),
+        tmp_path / "stage1",
+        "1",
+        seed=3,
+        packing=[2, 4, 1],
+        training_args={
+            "max_steps": 3,
+            "per_device_train_batch_size": 2,
+            "learning_rate": 1e-2,
+            "use_cpu": True,
+            "report_to": "none",
+            "save_strategy": "no",
+        },
+    )
+    pool = [("max", 1), ("max", 2), ("max", 4)]
+    assert [drawn for _, drawn in trainer.configuration_trace] == [pool[i] for i in UniversalConfigurationSampler(3, seed=3).sequence(0, 3)]
+    before, after = read_tensors(folders / "packed"), read_tensors(tmp_path / "stage1")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert {"model.token_packing.pack2.weight", "model.token_packing.pack4.weight"} <= changed
+    assert any(name.startswith("model.token_packing.position") for name in changed)
+    assert any(name.startswith("model.cross_attention_blocks.") for name in changed)
+    assert all(name.startswith(("model.token_packing.", "model.cross_attention_blocks.")) for name in changed)
+    summary = json.loads((tmp_path / "stage1" / "visor_training.json").read_text())
+    assert summary["sampled"]["packing"] == [1, 2, 4] and summary["sampled"]["configurations"] == ["max"]
+    # without packing, stage 1 leaves the packing module frozen
+    train_stage(
+        folders / "packed", str(tmp_path / "data" / "data.jsonl"), tmp_path / "plain1", "1",
+        training_args={"max_steps": 1, "per_device_train_batch_size": 2, "use_cpu": True, "report_to": "none", "save_strategy": "no"},
+    )
+    plain = read_tensors(tmp_path / "plain1")
+    assert all(torch.equal(before[n], plain[n]) for n in before if n.startswith("model.token_packing."))
 
 
 def test_evaluation_and_labels_at_a_packing_factor(folders, tmp_path, capsys):

@@ -4,8 +4,10 @@
 
 1. adds the token packing module (2x horizontal pairs, 4x 2x2 blocks, average-initialised) to the shipped toy VISOR
    (`src/visor_hf/assets/toy-visor`, or `--start`) and evaluates it untrained (= average pooling);
-2. continues its universal fine-tuning from the shipped weights with one (configuration, packing) pair per step
-   (`visor_hf.training.train_stage(..., packing=[1, 2, 4])`, the toy's collator and learning-rate recipe);
+2. warms the new module up as stage 1 warms up the CA blocks (`--warmup-steps`: `train_stage(..., "1",
+   packing=[1, 2, 4])`, the new modules at the maximal configuration, one packing factor per step, lr 1e-3), then
+   continues the universal fine-tuning with one (configuration, packing) pair per step
+   (`train_stage(..., "universal", packing=[1, 2, 4])`, the toy's collator and learning-rate recipe);
 3. `--relabel`: pseudo-labels and the calibrated router again, at packing 1 (as `train_toy.py`), on the new weights;
 4. evaluates every configuration and the router at packing 1, 2 and 4 on the held-out set of the results table
    (teacher-forced first answer token), and the router on fresh pictures through `visor-hf toy`'s own path (greedy
@@ -40,6 +42,7 @@ from visor_hf.toy.inference import DEFAULT_CHECKPOINT, answer_examples, fresh_ex
 REPO = Path(__file__).resolve().parents[2]
 FACTORS = (1, 2, 4)
 PACKING_SEED_BASE = VISOR_TRAIN_SEED_BASE + 3_000_000  # new training pictures (the shipped stages used the first 3M)
+WARMUP_SEED_BASE = VISOR_TRAIN_SEED_BASE + 4_000_000
 KEY_KINDS = ("cell", "count_shape", "count_colour")
 
 
@@ -100,6 +103,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/toy-packing")
     parser.add_argument("--start", default=str(DEFAULT_CHECKPOINT), help="VISOR checkpoint to continue (default: shipped toy)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--warmup-steps", type=int, default=300, help="stage-1 steps (new modules) with packing sampled")
+    parser.add_argument("--warmup-learning-rate", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=300, help="universal fine-tuning steps with packing sampled")
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--images-per-step", type=int, default=8)
@@ -134,6 +139,24 @@ def main() -> None:
     from visor_hf.training.data import load_processor
 
     batch = args.images_per_step * 5
+    if args.warmup_steps:
+        data = write_records(out / "data" / "warmup", args.warmup_steps * args.images_per_step, WARMUP_SEED_BASE)
+        t = time.time()
+        train_stage(
+            start,
+            data,
+            out / "warmup",
+            "1",
+            seed=args.seed,
+            packing=list(FACTORS),
+            attn_implementation="sdpa",
+            data_collator=KeyWordCollator(load_processor(start), KEY_KINDS),
+            training_args=trainer_args(
+                args.warmup_steps, args.warmup_learning_rate, batch, min(50, args.warmup_steps // 5), args.seed
+            ),
+        )
+        timings["warmup"] = round(time.time() - t, 1)
+        start = out / "warmup"
     data = write_records(out / "data" / "universal", args.steps * args.images_per_step, PACKING_SEED_BASE)
     t = time.time()
     train_stage(

@@ -38,8 +38,9 @@ def add_parser(subparsers) -> None:
     universal.add_argument("--configurations", default=None, help="indices of config.configurations to sample, e.g. '0,2,3' (default: all)")
     universal.add_argument(
         "--packing", default=None,
-        help="token packing factors to sample with the configurations, e.g. '1,2,4' (one (configuration, packing) pair "
-        "per step; default: no packing)",
+        help="token packing factors to sample, e.g. '1,2,4' (default: no packing): universal fine-tuning runs one "
+        "(configuration, packing) pair per step; stages 1 and 2 one factor per step at the maximal configuration "
+        "(stage 1 then trains the packing module too)",
     )
     add_training_arguments(parser)
     parser.set_defaults(func=run)

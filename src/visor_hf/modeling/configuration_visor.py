@@ -227,11 +227,16 @@ class VisorConfig(VisorLayoutMixin, LlavaOnevisionConfig):
     packing_factors (`list[int]`, *optional*, defaults to `[]`):
         The token packing factors (from 2, 4) this checkpoint has a packing module for (`model.token_packing.pack2`,
         `pack4`); `visor_packing=` picks one per sample (1, no packing, is always available). See `packing_visor.py`.
+    packing_positions (`bool`, *optional*, defaults to `True`):
+        With `packing_factors`: learned 2-D row / column embeddings added to the packed tokens of each factor
+        (`model.token_packing.position2`, `position4`, zero-initialised). A checkpoint saved before they existed loads
+        with zero tables, which is the same model.
     """
 
     model_type = "visor"
 
     packing_factors: list | None = None
+    packing_positions: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -44,7 +44,7 @@ from .masks_visor import (
     padding_without_sync,
 )
 from .outputs_visor import OutputCapture, VisorCausalLMOutputWithPast, VisorModelOutputWithPast, capture_attentions
-from .packing_visor import VisorTokenPacking
+from .packing_visor import VisorTokenPacking, max_packing_sides
 from .plan_visor import CrossAttentionInputs, VisorLayerPlan, VisorStreams, run_layer
 from .report_visor import budget_request, decode_flops_per_sample, prefill_flops_per_sample, single_sample_flops
 from .requests_visor import AUTO, ConfigurationRequest, resolve_configuration_request
@@ -328,7 +328,10 @@ class VisorModel(VisorPreTrainedModel, LlavaOnevisionBackbone, LlavaOnevisionMod
         self.vocab_size = config.text_config.vocab_size
         self.language_model = AutoModel.from_config(config.text_config)
         self.add_visor_modules(config)
-        self.token_packing = VisorTokenPacking(config.text_config.hidden_size, config.packing_factors) if config.packing_factors else None
+        self.token_packing = None
+        if config.packing_factors:
+            sides = max_packing_sides(config) if config.packing_positions else (None, None)
+            self.token_packing = VisorTokenPacking(config.text_config.hidden_size, config.packing_factors, *sides)
         self.post_init()
 
     # -- routing ---------------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import math
 import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -51,6 +52,12 @@ def check_packing_factors(factors) -> list[int]:
 
 def packed_side(length: int, step: int) -> int:
     return -(-length // step)
+
+
+def packed_shape(shape: tuple[int, int], factor: int) -> tuple[int, int]:
+    """(rows, cols) of a `shape` grid of tokens packed by `factor`."""
+    rows, cols = PACKING_BLOCKS[factor]
+    return packed_side(shape[0], rows), packed_side(shape[1], cols)
 
 
 @dataclass(frozen=True)
@@ -179,36 +186,81 @@ def mismatch_message(sample: int, tokens: int, packed: int, factor: int) -> str:
     )
 
 
-class VisorTokenPacking(nn.Module):
-    """One `Linear(k * d, d)` per packing factor `k` (`pack2`, `pack4`), merging `k` neighbouring visual tokens."""
+class VisorPackedPositions(nn.Module):
+    """Learned 2-D positions of one factor's packed tokens: a row and a column embedding for the base view and for the
+    anyres grid, added to each packed token, zero-initialised (an untrained module adds nothing).
 
-    def __init__(self, hidden_size: int, factors: Sequence[int]):
+    A packed row is shorter than LLaVA-OV's (fewer tokens before its newline), so the 1-D positions that locate a
+    token in the picture differ per packing factor; these embeddings tell the LLM where a packed token sits in the
+    same way at every image size, so the model does not have to relearn the layout from 1-D positions for each factor.
+    Rows / columns are indexed by the packed coordinate; the tables cover the largest grid the checkpoint's
+    `image_grid_pinpoints` allow."""
+
+    def __init__(self, hidden_size: int, base_side: tuple[int, int], grid_side: tuple[int, int]):
+        super().__init__()
+        self.base_row = nn.Embedding(base_side[0], hidden_size)
+        self.base_col = nn.Embedding(base_side[1], hidden_size)
+        self.grid_row = nn.Embedding(grid_side[0], hidden_size)
+        self.grid_col = nn.Embedding(grid_side[1], hidden_size)
+
+    def forward(self, packed: torch.Tensor, view: str) -> torch.Tensor:
+        """`[rows, cols, d]` packed tokens of the `"base"` view or the `"grid"` plus their row and column embeddings."""
+        rows, cols = getattr(self, f"{view}_row"), getattr(self, f"{view}_col")
+        height, width = packed.shape[:2]
+        if height > rows.num_embeddings or width > cols.num_embeddings:
+            raise ValueError(
+                f"a packed {view} of {height} x {width} tokens is larger than the packing position tables "
+                f"({rows.num_embeddings} x {cols.num_embeddings}) built from the config's image_grid_pinpoints"
+            )
+        index = partial(torch.arange, device=packed.device)
+        return packed + rows(index(height))[:, None].to(packed.dtype) + cols(index(width))[None].to(packed.dtype)
+
+
+class VisorTokenPacking(nn.Module):
+    """One `Linear(k * d, d)` per packing factor `k` (`pack2`, `pack4`), merging `k` neighbouring visual tokens, and
+    (with `max_base` / `max_grid`, the unpacked sides of the largest base view and anyres grid) the factor's learned
+    2-D positions (`position2`, `position4`, see `VisorPackedPositions`)."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        factors: Sequence[int],
+        max_base: tuple[int, int] | None = None,
+        max_grid: tuple[int, int] | None = None,
+    ):
         super().__init__()
         self.factors = tuple(factors)
         for factor in self.factors:
             self.add_module(f"pack{factor}", nn.Linear(factor * hidden_size, hidden_size))
+            if max_base is not None and max_grid is not None:
+                sides = packed_shape(max_base, factor), packed_shape(max_grid, factor)
+                self.add_module(f"position{factor}", VisorPackedPositions(hidden_size, *sides))
 
     @torch.no_grad()
     def reset_to_average(self, guarded: bool = True) -> None:
-        """Each merge starts as the average of its `k` tokens (`[I/k, ..., I/k]`, bias 0). `guarded` (the model's
-        `_init_weights`): through transformers' init functions, which leave weights loaded from a checkpoint as they
-        are; else (a warm start) always."""
+        """Each merge starts as the average of its `k` tokens (`[I/k, ..., I/k]`, bias 0) and adds no position (tables
+        0). `guarded` (the model's `_init_weights`): through transformers' init functions, which leave weights loaded
+        from a checkpoint as they are; else (a warm start) always."""
         for factor in self.factors:
             linear = getattr(self, f"pack{factor}")
             weight = linear.weight
             if weight.is_meta:
                 continue
             average = torch.eye(linear.out_features, device=weight.device, dtype=weight.dtype).repeat(1, factor) / factor
+            zeros = [linear.bias] + list(getattr(self, f"position{factor}", nn.Module()).parameters())
             if guarded:
                 init.copy_(weight, average)
-                init.zeros_(linear.bias)
+                for tensor in zeros:
+                    init.zeros_(tensor)
             else:
                 weight.copy_(average)
-                linear.bias.zero_()
+                for tensor in zeros:
+                    tensor.zero_()
 
-    def pack_grid(self, grid: torch.Tensor, factor: int) -> torch.Tensor:
-        """`[rows, cols, d]` -> `[ceil(rows / r), ceil(cols / c), d]` for the factor's `r x c` block; an odd side is
-        edge-padded (its last row / column repeated)."""
+    def pack_grid(self, grid: torch.Tensor, factor: int, view: str) -> torch.Tensor:
+        """`[rows, cols, d]` -> `[ceil(rows / r), ceil(cols / c), d]` for the factor's `r x c` block (plus the
+        factor's positions of the `view`, "base" or "grid"); an odd side is edge-padded (its last row / column
+        repeated)."""
         rows, cols = PACKING_BLOCKS[factor]
         height, width, hidden = grid.shape
         pad_rows, pad_cols = packed_side(height, rows) * rows - height, packed_side(width, cols) * cols - width
@@ -219,7 +271,9 @@ class VisorTokenPacking(nn.Module):
         out_rows, out_cols = grid.shape[0] // rows, grid.shape[1] // cols
         # [R, r, C, c, d] -> [R, C, r, c, d]: the block's tokens row-major, channels concatenated
         blocks = grid.reshape(out_rows, rows, out_cols, cols, hidden).permute(0, 2, 1, 3, 4).reshape(out_rows, out_cols, -1)
-        return getattr(self, f"pack{factor}")(blocks)
+        packed = getattr(self, f"pack{factor}")(blocks)
+        positions = getattr(self, f"position{factor}", None)
+        return packed if positions is None else positions(packed, view)
 
     def pack_image(self, features: torch.Tensor, layout: ImageTokenLayout, factor: int) -> torch.Tensor:
         """One image's `[N, d]` features in LLaVA-OV's layout -> its packed features, in the same layout."""
@@ -233,24 +287,37 @@ class VisorTokenPacking(nn.Module):
             )
         hidden = features.shape[-1]
         base_rows, base_cols = layout.base
-        base = self.pack_grid(features[: base_rows * base_cols].view(base_rows, base_cols, hidden), factor).flatten(0, 1)
+        base = features[: base_rows * base_cols].view(base_rows, base_cols, hidden)
+        base = self.pack_grid(base, factor, "base").flatten(0, 1)
         rest = features[base_rows * base_cols :]
         if layout.grid is None:  # base view and its newline
             return torch.cat([base, rest], dim=0)
         grid_rows, grid_cols = layout.grid
         rest = rest.view(grid_rows, grid_cols + 1, hidden)
-        packed = self.pack_grid(rest[:, :grid_cols], factor)
+        packed = self.pack_grid(rest[:, :grid_cols], factor, "grid")
         newlines = rest[:: PACKING_BLOCKS[factor][0], grid_cols:]  # the first newline of each packed row
         return torch.cat([base, torch.cat([packed, newlines], dim=1).flatten(0, 1)], dim=0)
+
+
+def max_packing_sides(config) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(base view, largest anyres grid) sides in tokens, unpacked, for a LLaVA-OV / VISOR config."""
+    vision = config.vision_config
+    side = vision.image_size // vision.patch_size
+    pinpoints = config.image_grid_pinpoints
+    max_rows = max(side * (height // vision.image_size) for height, _ in pinpoints)
+    max_cols = max(side * (width // vision.image_size) for _, width in pinpoints)
+    return (side, side), (max(max_rows, side), max(max_cols, side))
 
 
 __all__ = [
     "ImageTokenLayout",
     "PACKING_FACTORS",
+    "VisorPackedPositions",
     "VisorTokenPacking",
     "anyres_grid_shape",
     "check_packing_factors",
     "image_token_layouts",
     "images_of_samples",
+    "max_packing_sides",
     "packing_per_sample",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+from contextvars import ContextVar
 
 from transformers import LlavaOnevisionProcessor
 from transformers.image_processing_utils import select_best_resolution
@@ -12,6 +13,10 @@ from .packing_visor import PACKING_BLOCKS, ImageTokenLayout
 from .reduction_visor import TokenReductionProcessorMixin
 
 DEFAULT_ROUTING_TOKEN = "<route>"
+
+
+# `packing=` of the processor call running in this thread / task (None: the processor's own factor)
+CALL_PACKING: ContextVar[int | None] = ContextVar("visor_call_packing", default=None)
 
 
 def check_processor_packing(packing) -> int:
@@ -194,7 +199,6 @@ class VisorProcessor(TokenReductionProcessorMixin, RoutingTokenMixin, LlavaOnevi
         **kwargs,
     ):
         self.packing = check_processor_packing(packing)
-        self._call_packing = None
         self.set_routing_token(tokenizer, routing_token, user_turn_start, turn_end, add_routing_token)
         super().__init__(
             image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
@@ -206,16 +210,18 @@ class VisorProcessor(TokenReductionProcessorMixin, RoutingTokenMixin, LlavaOnevi
     # -- token packing: the placeholder count of a packed image (see `packing_visor.py`) --------------------------
 
     def __call__(self, images=None, text=None, videos=None, audio=None, packing: int | None = None, **kwargs):
-        self._call_packing = None if packing is None else check_processor_packing(packing)
+        # the call's factor lives in a context variable, not on the processor: calls from several threads (or tasks)
+        # on one processor each see their own
+        token = CALL_PACKING.set(None if packing is None else check_processor_packing(packing))
         try:
             return super().__call__(images=images, text=text, videos=videos, audio=audio, **kwargs)
         finally:
-            self._call_packing = None
+            CALL_PACKING.reset(token)
 
     @property
     def active_packing(self) -> int:
         """The packing factor of the running call (its `packing=`, else the processor's)."""
-        return self._call_packing or self.packing
+        return CALL_PACKING.get() or self.packing
 
     def _packed_layout(self, grid: tuple[int, int] | None) -> ImageTokenLayout:
         if self.active_packing != 1 and self.vision_feature_select_strategy == "default":

@@ -38,6 +38,7 @@ STAGES = ("1", "2", "universal")
 LORA_MODULES_TO_SAVE = list(_LORA_MODULES_TO_SAVE)
 
 NEW_MODULE_PREFIXES = ("model.cross_attention_blocks.",)
+PACKING_PREFIX = "model.token_packing."
 ROUTER_PREFIX = "model.router."
 VISION_PREFIX = ("model.vision_tower.", "model.visual.")  # LLaVA-OneVision's SigLIP, the Qwen2-VL family's ViT
 
@@ -60,11 +61,12 @@ def _base_name(name: str) -> str:
     return re.sub(r"^base_model\.model\.", "", name)
 
 
-def set_trainable(model, stage: str, train_vision_tower: bool = False) -> list[str]:
+def set_trainable(model, stage: str, train_vision_tower: bool = False, packing: bool = False) -> list[str]:
     """Set `requires_grad` for a stage on a plain (non-PEFT) model; returns the names of the trainable parameters.
 
-    stage `"1"`: the new modules only; `"2"` / `"universal"`: everything but the router (and the vision tower unless
-    `train_vision_tower`); `"router"`: the router only.
+    stage `"1"`: the new modules only (the CA blocks, and the token packing module when `packing` factors are
+    sampled); `"2"` / `"universal"`: everything but the router (and the vision tower unless `train_vision_tower`);
+    `"router"`: the router only.
     """
     if stage not in (*STAGES, "router"):
         raise ValueError(f"unknown stage {stage!r}: use one of {(*STAGES, 'router')}")
@@ -72,7 +74,7 @@ def set_trainable(model, stage: str, train_vision_tower: bool = False) -> list[s
     for name, parameter in model.named_parameters():
         base = _base_name(name)
         if stage == "1":
-            on = base.startswith(NEW_MODULE_PREFIXES)
+            on = base.startswith(NEW_MODULE_PREFIXES) or (packing and base.startswith(PACKING_PREFIX))
         elif stage == "router":
             on = base.startswith(ROUTER_PREFIX)
         else:
@@ -310,15 +312,15 @@ def train_stage(
     that adds targets of its own.
     `fsdp_size`: shard the model with FSDP2 over that many ranks (each decoder layer, CA block and the router a unit;
     see `sharding`), on CPU (gloo) or GPU; launch with `torchrun --nproc_per_node N`.
-    `packing` (universal only): token packing factors to sample with the configurations, e.g. `[1, 2, 4]` (each a
-    factor of `config.packing_factors`, or 1): every step runs one `(configuration, packing)` pair of the product,
-    drawn from `(seed, step)` like the configurations, so one set of weights serves every pair.
+    `packing`: token packing factors to sample, e.g. `[1, 2, 4]` (each a factor of `config.packing_factors`, or 1).
+    Universal fine-tuning runs one `(configuration, packing)` pair of the product per step, drawn from `(seed, step)`
+    like the configurations, so one set of weights serves every pair. Stages 1 and 2 run the maximal configuration
+    with one factor per step, drawn the same way; stage 1 then also trains the packing module (a new module, as the
+    CA blocks are), which is how a packing module added to a trained VISOR gets its own warm-up.
     """
     stage = str(stage)
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: use one of {STAGES}")
-    if packing and stage != "universal":
-        raise ValueError("packing factors are sampled by universal fine-tuning (stage 'universal') only")
     if stage == "1" and lora is not None:
         raise ValueError("stage 1 trains the new modules fully; LoRA is for stage 2 and universal fine-tuning")
     if fsdp_size is not None and lora is not None and lora.merge:
@@ -341,6 +343,9 @@ def train_stage(
         sampler = _IndexedSampler(UniversalConfigurationSampler(len(pool), seed=seed, strategy=sampling), pool)
         if len(pool) == 1:
             logger.warning("universal fine-tuning with a single configuration: run `visor-hf search` first")
+    elif packing:  # stages 1 and 2: the maximal configuration, one packing factor per step
+        pool = [("max", k) for k in check_training_packing(packing, config)]
+        sampler = _IndexedSampler(UniversalConfigurationSampler(len(pool), seed=seed, strategy=sampling), pool)
 
     if lora is not None and fsdp_size is not None and lora.modules_to_save:
         # PEFT copies a `modules_to_save` module, which FSDP2 forbids; the router does not train in these stages
@@ -349,7 +354,7 @@ def train_stage(
     if lora is not None:
         model = apply_lora(model, lora, train_vision_tower)
     else:
-        set_trainable(model, stage, train_vision_tower)
+        set_trainable(model, stage, train_vision_tower, packing=bool(packing))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     logger.info("stage %s: %d of %d parameters train (%.2f %%)", stage, trainable, total, 100 * trainable / max(total, 1))
@@ -385,11 +390,12 @@ def train_stage(
     }
     if sampler is not None:
         pairs = [p for p in sampler.pool if isinstance(p, tuple)]
-        summary["universal"] = {
+        key = "universal" if stage == "universal" else "sampled"  # stages 1 / 2: the packing factors only
+        summary[key] = {
             "seed": seed, "strategy": sampling, "configurations": sorted({p[0] for p in pairs}) if pairs else sampler.pool,
         }
         if pairs:
-            summary["universal"]["packing"] = sorted({p[1] for p in pairs})
+            summary[key]["packing"] = sorted({p[1] for p in pairs})
     save_trained(trainer, processor, output_dir, summary, lora=lora)
     trainer.accelerator.wait_for_everyone()
     return trainer

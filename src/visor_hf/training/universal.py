@@ -92,7 +92,7 @@ class ConfigurationLogCallback(TrainerCallback):
         step = state.global_step - 1  # the step that just ended
         drawn = self.sampler(step)
         index, packing = drawn if isinstance(drawn, tuple) else (drawn, None)
-        entry = {"step": step, "configuration": index, "layers": self.configurations[index]}
+        entry = {"step": step, "configuration": index, "layers": self.configurations[index] if isinstance(index, int) else index}
         if packing is not None:  # a (configuration, packing) pair
             entry["packing"] = packing
         os.makedirs(args.output_dir, exist_ok=True)
