@@ -54,8 +54,15 @@ def test_evaluator_matches_direct_generate(toy, configuration):
     from visor_hf.lmms import TASKS_DIR
 
     args = f"pretrained={TOY}" + ("" if configuration == "auto" else f",visor_configuration={configuration}")
-    out = simple_evaluate(model="visor", model_args=args, tasks=["visor_toy"], limit=LIMIT, batch_size=4,
-                          task_manager=TaskManager(include_path=str(TASKS_DIR)), log_samples=True)
+    out = simple_evaluate(
+        model="visor",
+        model_args=args,
+        tasks=["visor_toy"],
+        limit=LIMIT,
+        batch_size=4,
+        task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        log_samples=True,
+    )
     model, processor = toy
     for difficulty in ("easy", "hard"):
         task = f"visor_toy_{difficulty}"
@@ -105,7 +112,9 @@ def test_loglikelihood_matches_the_toy_scoring(toy):
     plugin.task_dict = _toy_task_dict(examples)
     wrong = {e.question.answer: next(w for w in ("yes", "no", "empty") if w != e.question.answer) for e in examples}
     requests = [_Request((e.question.text, e.question.answer, _doc_to_visual, i, "toy", "test")) for i, e in enumerate(examples)]
-    requests += [_Request((e.question.text, wrong[e.question.answer], _doc_to_visual, i, "toy", "test")) for i, e in enumerate(examples)]
+    requests += [
+        _Request((e.question.text, wrong[e.question.answer], _doc_to_visual, i, "toy", "test")) for i, e in enumerate(examples)
+    ]
     results = plugin.loglikelihood(requests)
     reference = evaluate_visor(model, examples, "max")
     direct = answer_examples(model, processor, examples, visor_configuration="max")
@@ -156,7 +165,9 @@ def test_multi_image_sample(toy):
     shape = FlopsShape.from_config(config)
     n_text = one[0].token_counts.input_tokens - n_visual
     layers = two[0].token_counts.visor_configuration
-    assert two[0].token_counts.visor_prefill_flops == prefill_flops(shape, n_text, 2 * n_visual, layers, config.cross_attention_layers)
+    assert two[0].token_counts.visor_prefill_flops == prefill_flops(
+        shape, n_text, 2 * n_visual, layers, config.cross_attention_layers
+    )
 
 
 @pytest.mark.parametrize(
@@ -213,9 +224,25 @@ def test_cli_error_is_one_line(llava_folder, tmp_path):
     from visor_hf.lmms import TASKS_DIR
 
     run = subprocess.run(
-        [sys.executable, "-m", "lmms_eval", "--model", "visor", "--model_args", f"pretrained={llava_folder}",
-         "--tasks", "visor_toy", "--include_path", str(TASKS_DIR), "--limit", "1"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "lmms_eval",
+            "--model",
+            "visor",
+            "--model_args",
+            f"pretrained={llava_folder}",
+            "--tasks",
+            "visor_toy",
+            "--include_path",
+            str(TASKS_DIR),
+            "--limit",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
     )
     lines = [line for line in (run.stdout + run.stderr).splitlines() if "Error during evaluation" in line]
     assert len(lines) == 1 and "is not a VISOR checkpoint" in lines[0], run.stderr[-2000:]
@@ -231,7 +258,9 @@ def test_task_documents_are_the_toy_questions():
     spec.loader.exec_module(task_utils)
     docs = task_utils.toy_documents(0, 10, "hard")
     examples = [e for e in fresh_examples(0, 10) if e.question.difficulty == "hard"]
-    assert [(d["picture_seed"], d["question"], d["answer"]) for d in docs] == [(e.scene.seed, e.question.text, e.question.answer) for e in examples]
+    assert [(d["picture_seed"], d["question"], d["answer"]) for d in docs] == [
+        (e.scene.seed, e.question.text, e.question.answer) for e in examples
+    ]
     picture = task_utils.doc_to_visual(docs[0])[0]
     assert torch.equal(torch.tensor(list(picture.getdata())), torch.tensor(list(examples[0].image.getdata())))
     assert task_utils.process_results(docs[0], [docs[0]["answer"] + " extra"]) == {"exact_match": 1.0}

@@ -79,7 +79,11 @@ def _flatten(visuals) -> list:
     if visuals is None:
         return []
     if isinstance(visuals, (list, tuple)):
-        return [v for item in visuals for v in _flatten(item)] if any(isinstance(v, (list, tuple)) for v in visuals) else list(visuals)
+        return (
+            [v for item in visuals for v in _flatten(item)]
+            if any(isinstance(v, (list, tuple)) for v in visuals)
+            else list(visuals)
+        )
     return [visuals]
 
 
@@ -137,7 +141,9 @@ class Visor(lmms):
             elif isinstance(visual, str):
                 videos.append(self._load_video(visual))
             else:
-                raise ValueError(f"--model visor: unsupported visual input of type {type(visual).__name__} (images or video paths)")
+                raise ValueError(
+                    f"--model visor: unsupported visual input of type {type(visual).__name__} (images or video paths)"
+                )
         return images, videos
 
     def _load_video(self, path: str):
@@ -200,13 +206,24 @@ class Visor(lmms):
             dense = sum(u.visor_dense_prefill_flops for u in usages)
             layers = sum(len(u.visor_configuration) for u in usages) / len(usages)
             suffix = "" if task == "all" else f" ({task})"
-            metrics.update({f"visor_flops_ratio{suffix}": visor / dense, f"visor_saving{suffix}": dense / visor,
-                            f"visor_sa_layers{suffix}": layers})
-            logger.info(f"VISOR {kind} {task}: {len(usages)} samples, mean SA layers {layers:.2f}, LLM prefill FLOPs "
-                        f"{visor / dense:.3f}x dense, mean saving {dense / visor:.2f}x")
+            metrics.update(
+                {
+                    f"visor_flops_ratio{suffix}": visor / dense,
+                    f"visor_saving{suffix}": dense / visor,
+                    f"visor_sa_layers{suffix}": layers,
+                }
+            )
+            logger.info(
+                f"VISOR {kind} {task}: {len(usages)} samples, mean SA layers {layers:.2f}, LLM prefill FLOPs "
+                f"{visor / dense:.3f}x dense, mean saving {dense / visor:.2f}x"
+            )
         generated = sum(r.token_counts.output_tokens or 0 for r in results)
-        log_metrics(total_elapsed_time=seconds, total_gen_tokens=generated,
-                    avg_speed=generated / seconds if seconds > 0 else 0.0, additional_metrics=metrics)
+        log_metrics(
+            total_elapsed_time=seconds,
+            total_gen_tokens=generated,
+            avg_speed=generated / seconds if seconds > 0 else 0.0,
+            additional_metrics=metrics,
+        )
 
     # -- lmms-eval requests ------------------------------------------------------------------------------------------
 
@@ -214,7 +231,10 @@ class Visor(lmms):
         """Greedy (or sampled) answers in left-padded batches of `batch_size`, grouped by generation settings and
         sorted by prompt length; each answer is cut at the first of the task's `until` strings."""
         started = time.perf_counter()
-        order = sorted(range(len(requests)), key=lambda i: (json.dumps(requests[i].args[1], sort_keys=True, default=str), -len(requests[i].args[0])))
+        order = sorted(
+            range(len(requests)),
+            key=lambda i: (json.dumps(requests[i].args[1], sort_keys=True, default=str), -len(requests[i].args[0])),
+        )
         results: list[GenerationResult | None] = [None] * len(requests)
         start = 0
         while start < len(order):
@@ -256,7 +276,7 @@ class Visor(lmms):
         with torch.inference_mode():
             out = self.model.generate(**inputs, **settings, **self.options.generate_kwargs())
         report = self.model.last_visor_report
-        new_tokens = out[:, inputs["input_ids"].shape[1]:]
+        new_tokens = out[:, inputs["input_ids"].shape[1] :]
         results = []
         for i in range(len(batch)):
             text = self.tokenizer.decode(new_tokens[i], skip_special_tokens=True)

@@ -32,7 +32,9 @@ def _configuration(value) -> str | int | list[int]:
     """lmms-eval hands `visor_configuration=2` over as an int and `[1,6]` as a string; `1;6` is a list too (a bare
     comma would end the model_args entry)."""
     if isinstance(value, bool) or isinstance(value, float):
-        raise ValueError(f"visor_configuration must be auto, max, a configuration index or a layer list like [1,6], got {value!r}")
+        raise ValueError(
+            f"visor_configuration must be auto, max, a configuration index or a layer list like [1,6], got {value!r}"
+        )
     if isinstance(value, int):
         return value
     try:
