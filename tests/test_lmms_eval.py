@@ -181,6 +181,16 @@ def test_multi_image_sample(toy):
         ({"visor_budget": 0.5, "visor_configuration": "max"}, "either visor_configuration or visor_budget"),
         ({"visor_router_threshold": 1.5}, "visor_router_threshold must be a number in [0, 1]"),
         ({"pretrained": "/nonexistent/visor"}, "pretrained=/nonexistent/visor: cannot load a checkpoint config"),
+        ({"visor_pakcing": 2}, "visor_router_threshold, visor_packing, dtype"),
+        ({"visor_packing": 3}, "visor_packing must be a token packing factor (1, 2, 4; 1: no packing), got 3"),
+        ({"visor_packing": 2.0}, "visor_packing must be a token packing factor (1, 2, 4; 1: no packing), got 2.0"),
+        ({"visor_packing": "two"}, "visor_packing must be a token packing factor (1, 2, 4; 1: no packing), got 'two'"),
+        ({"visor_packing": True}, "visor_packing must be a token packing factor (1, 2, 4; 1: no packing), got True"),
+        # the shipped toy has no packing module
+        (
+            {"visor_packing": 4},
+            "visor_packing=4: this checkpoint has no token packing module for it (config.packing_factors = [])",
+        ),
     ],
 )
 def test_bad_model_args(model_args, message):
@@ -276,3 +286,173 @@ def test_video_without_a_video_processor_is_refused(toy):
     request = _Request(("what is there ?", {"max_new_tokens": 2}, lambda doc: [doc["video"]], 0, "toy", "test"))
     with pytest.raises(ValueError, match="gives a video .clip.mp4., but the processor has no video processor"):
         plugin.generate_until([request])
+
+
+# -- VISOR-TR token packing (`visor_packing`) -----------------------------------------------------------------------
+
+PACKING_DOCS = [  # pictures of different sizes: different anyres grids, odd sides
+    {"question": "what is the colour ?", "answer": "red", "size": (20, 40), "seed": 1},
+    {"question": "how many circle are there ?", "answer": "two", "size": (30, 17), "seed": 2},
+    {"question": "what is the shape ?", "answer": "square", "size": (16, 16), "seed": 3},
+]
+
+
+@pytest.fixture(scope="module")
+def packing_folders(tmp_path_factory):
+    """A tiny LLaVA-OV converted to VISOR with the packing module [2, 4] (`packed`: its merges and positions moved
+    off their average / zero start, so packing is not plain pooling) and without it (`plain`, `--no-packing`)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from visor_hf.conversion import convert
+    from visor_hf.testing import save_tiny_llava
+
+    root = tmp_path_factory.mktemp("lmms_packing")
+    save_tiny_llava(root / "src")
+    convert(root / "src", root / "converted")
+    convert(root / "src", root / "plain", packing=False)
+    model = AutoModelForImageTextToText.from_pretrained(root / "converted")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.model.token_packing.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.1)
+    model.save_pretrained(root / "packed")
+    AutoProcessor.from_pretrained(root / "converted").save_pretrained(root / "packed")
+    return root
+
+
+def _picture(doc):
+    from visor_hf.testing import random_image
+
+    return [random_image(*doc["size"], seed=doc["seed"])]
+
+
+def _packing_plugin(folder, packing, batch_size=1):
+    plugin = _plugin(pretrained=str(folder), visor_packing=packing, batch_size=batch_size)
+    plugin.task_dict = {"tiny": {"test": PACKING_DOCS}}
+    return plugin
+
+
+def _packing_requests(kind: str):
+    if kind == "generate_until":
+        return [_Request((d["question"], {"max_new_tokens": 4}, _picture, i, "tiny", "test")) for i, d in enumerate(PACKING_DOCS)]
+    return [_Request((d["question"], " " + d["answer"], _picture, i, "tiny", "test")) for i, d in enumerate(PACKING_DOCS)]
+
+
+def test_packing_answers_equal_direct_calls_at_that_packing(packing_folders):
+    """`visor_packing=2`: every `generate_until` answer (a left-padded batch of 2) is that of `generate` on the
+    sample alone, processed with `packing=2` and run with `visor_packing=2`; every loss is the cross-entropy of the
+    continuation computed from a direct forward at packing 2; the logged compute counts the packed image tokens (the
+    model's own report) against dense LLaVA-OV on every unpacked image token."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from visor_hf.modeling.flops_visor import FlopsShape, prefill_flops
+
+    folder = packing_folders / "packed"
+    plugin = _packing_plugin(folder, 2, batch_size=2)
+    answers = plugin.generate_until(_packing_requests("generate_until"))
+    losses = plugin.loglikelihood(_packing_requests("loglikelihood"))
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    config = model.config
+    shape = FlopsShape.from_config(config)
+    for doc, answer, loss in zip(PACKING_DOCS, answers, losses):
+        content = [{"type": "image"}, {"type": "text", "text": doc["question"]}]
+        prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        inputs = processor(images=_picture(doc), text=[prompt], packing=2, return_tensors="pt")
+        unpacked = processor(images=_picture(doc), text=[prompt], packing=1, return_tensors="pt")["input_ids"][0]
+        n_packed = int((inputs["input_ids"] == config.image_token_id).sum())
+        n_unpacked = int((unpacked == config.image_token_id).sum())
+        assert n_packed < n_unpacked
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                visor_packing=2,
+                visor_configuration="auto",
+                max_new_tokens=4,
+                do_sample=False,
+                pad_token_id=processor.tokenizer.pad_token_id,
+            )
+        report = model.last_visor_report
+        assert answer.text == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        usage = answer.token_counts
+        assert usage.visor_packing == 2
+        assert usage.input_tokens == inputs["input_ids"].shape[1]
+        assert usage.visor_configuration == list(report.configurations[0])
+        assert report.num_visual_tokens == [n_packed]
+        assert usage.visor_prefill_flops == report.prefill_flops_alone[0]
+        assert usage.visor_dense_prefill_flops == prefill_flops(shape, len(unpacked) - n_unpacked - 1, n_unpacked)
+
+        full = processor(images=_picture(doc), text=[prompt + " " + doc["answer"]], packing=2, return_tensors="pt")
+        n = inputs["input_ids"].shape[1]
+        with torch.no_grad():
+            forward = model(**full, visor_packing=2, visor_configuration="auto", use_cache=False)
+        targets = full["input_ids"][0, n:]
+        expected = torch.nn.functional.cross_entropy(forward.logits[0, n - 1 : -1], targets).item()
+        assert loss.text[0] == pytest.approx(expected, rel=1e-5, abs=1e-6)
+        assert loss.token_counts.visor_configuration == list(forward.visor_configurations[0])
+        assert loss.token_counts.visor_dense_prefill_flops == usage.visor_dense_prefill_flops
+
+
+def test_packing_changes_what_the_model_reads(packing_folders):
+    """The same requests at packing 1 and 2: fewer image tokens reach the model and every loss changes; the dense
+    LLaVA-OV reference (every unpacked token) stays, so the FLOPs ratio falls."""
+    requests = _packing_requests("loglikelihood")
+    one, two = (_packing_plugin(packing_folders / "packed", k).loglikelihood(requests) for k in (1, 2))
+    for a, b in zip(one, two):
+        assert b.token_counts.input_tokens < a.token_counts.input_tokens
+        assert b.text[0] != a.text[0]
+        assert b.token_counts.visor_dense_prefill_flops == a.token_counts.visor_dense_prefill_flops
+        if b.token_counts.visor_configuration == a.token_counts.visor_configuration:
+            assert b.token_counts.flops_ratio < a.token_counts.flops_ratio
+
+
+def test_packing_needs_the_checkpoint_module(packing_folders):
+    with pytest.raises(ValueError) as error:
+        _packing_plugin(packing_folders / "plain", 2)
+    message = str(error.value)
+    assert "visor_packing=2: this checkpoint has no token packing module" in message
+    assert "config.packing_factors = []" in message
+    assert _packing_plugin(packing_folders / "plain", 1).options.generate_kwargs().get("visor_packing") is None
+
+
+def test_videos_are_not_packed(packing_folders):
+    """What the plugin documents for a task with videos at `visor_packing` != 1: the model packs the images only; a
+    video runs unpacked (bit-identical to packing 1) and is counted unpacked in both FLOPs."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from visor_hf.modeling.flops_visor import prefill_flops
+    from visor_hf.testing import VIDEO_ID, word_ids
+
+    folder = packing_folders / "packed"
+    model = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    torch.manual_seed(0)
+    frames = torch.rand(1, 2, 3, 16, 16)
+    with torch.no_grad():
+        n_video = model.model.get_video_features(frames, return_dict=True).pooler_output.flatten(0, 1).shape[0]
+    ids = torch.tensor([[*word_ids("user"), *[VIDEO_ID] * n_video, *word_ids("describe this ?")]])
+    video = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values_videos": frames}
+    with torch.no_grad():
+        assert torch.equal(model(**video, visor_packing=2).logits, model(**video).logits)
+
+    # an image and a video in one prompt: the image's tokens packed, the video's as they are
+    processor = AutoProcessor.from_pretrained(folder)
+    text, picture = ["user <image> what is this ?"], _picture(PACKING_DOCS[0])
+    image = processor(images=picture, text=text, packing=2, return_tensors="pt")
+    unpacked = processor(images=picture, text=text, packing=1, return_tensors="pt")["input_ids"]
+    ids = torch.cat([image["input_ids"], torch.full((1, n_video), VIDEO_ID)], dim=1)
+    mixed = dict(image, input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values_videos=frames)
+    with torch.no_grad():
+        model.generate(**mixed, visor_packing=2, max_new_tokens=1, do_sample=False)
+    report = model.last_visor_report
+    n_image = int((image["input_ids"] == model.config.image_token_id).sum())
+    assert report.num_visual_tokens == [n_image + n_video]
+
+    # the plugin's accounting of that prompt: VISOR as the model's report, dense on the unpacked image and the video
+    plugin = _packing_plugin(folder, 2)
+    n_unpacked = int((unpacked == model.config.image_token_id).sum())
+    usage = plugin._usage(report.configurations[0], ids[0], None, unpacked_images=n_unpacked)
+    assert usage.visor_prefill_flops == report.prefill_flops_alone[0]
+    n_routing = int((ids == model.config.routing_token_id).sum())
+    assert n_routing == 1
+    n_text = ids.shape[1] - n_image - n_video - n_routing  # dense LLaVA-OV has no routing token
+    assert usage.visor_dense_prefill_flops == prefill_flops(plugin._shape, n_text, n_unpacked + n_video)

@@ -2,13 +2,15 @@
 
 Every answer (a `generate_until` or `loglikelihood` request) comes back as lmms-eval's `GenerationResult` whose
 `token_counts` also carries the SA layers that ran, their number and the LLM prefill FLOPs against dense LLaVA-OV
-on the same prompt without the routing token; `--log_samples` writes them with each sample. After each request
+on the same prompt without the routing token (unpacked: with `visor_packing`, VISOR runs on the packed visual
+tokens and LLaVA-OV on every token); `--log_samples` writes them with each sample. After each request
 type, the means per task (FLOPs ratio, saving, SA layers) go to lmms-eval's run summary, printed under the results
 table and stored in `results["throughput"]` (as `avg_visor_...`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from loguru import logger
 from PIL import Image
 
 from ..modeling.flops_visor import FlopsShape, prefill_flops
+from ..modeling.packing_visor import image_token_layouts
 from .options import check_options, parse_options
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # what lmms-eval's own HF models use when a task does not say
@@ -33,6 +36,7 @@ class VisorUsage(TokenCounts):
     visor_configuration: list[int] | None = None
     visor_prefill_flops: int | None = None
     visor_dense_prefill_flops: int | None = None
+    visor_packing: int = 1
 
     @property
     def flops_ratio(self) -> float:
@@ -46,6 +50,7 @@ class VisorUsage(TokenCounts):
             visor_prefill_flops=self.visor_prefill_flops,
             visor_dense_prefill_flops=self.visor_dense_prefill_flops,
             visor_flops_ratio=self.flops_ratio,
+            visor_packing=self.visor_packing,
         )
         return out
 
@@ -89,8 +94,9 @@ def _flatten(visuals) -> list:
 
 class Visor(lmms):
     """lmms-eval model `visor`. model_args: `pretrained` (a VISOR folder), `visor_configuration` (auto, max, an
-    index or SA layers `[1,6]`), `visor_budget`, `visor_router_threshold`, `dtype`, `attn_implementation`,
-    `max_frames_num` (frames per video), plus lmms-eval's `batch_size` and `device`."""
+    index or SA layers `[1,6]`), `visor_budget`, `visor_router_threshold`, `visor_packing` (VISOR-TR token packing
+    of the images: 1, 2 or 4), `dtype`, `attn_implementation`, `max_frames_num` (frames per video), plus lmms-eval's
+    `batch_size` and `device`."""
 
     is_simple = True
 
@@ -100,6 +106,7 @@ class Visor(lmms):
         visor_configuration=None,
         visor_budget=None,
         visor_router_threshold=None,
+        visor_packing=None,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
         device: str | None = None,
@@ -112,11 +119,12 @@ class Visor(lmms):
         if unknown:
             raise ValueError(
                 f"unknown model_args key(s) for --model visor: {', '.join(sorted(unknown))}; accepted: pretrained, "
-                "visor_configuration, visor_budget, visor_router_threshold, dtype, attn_implementation, max_frames_num"
+                "visor_configuration, visor_budget, visor_router_threshold, visor_packing, dtype, attn_implementation, "
+                "max_frames_num"
             )
         if not pretrained:
             raise ValueError("--model visor needs model_args pretrained=DIR (a VISOR checkpoint folder)")
-        self.options = parse_options(visor_configuration, visor_budget, visor_router_threshold)
+        self.options = parse_options(visor_configuration, visor_budget, visor_router_threshold, visor_packing)
         self._device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model, self.processor = load_visor(str(pretrained), str(self._device), dtype, attn_implementation)
         check_options(self.options, self.model)
@@ -126,6 +134,7 @@ class Visor(lmms):
         self.batch_size = int(batch_size)
         self.max_frames_num = int(max_frames_num)
         self._shape = FlopsShape.from_config(self.model.config)
+        self._warned_video_packing = False
 
     # -- inputs ------------------------------------------------------------------------------------------------------
 
@@ -144,6 +153,12 @@ class Visor(lmms):
                 raise ValueError(
                     f"--model visor: unsupported visual input of type {type(visual).__name__} (images or video paths)"
                 )
+        if videos and self.options.packing != 1 and not self._warned_video_packing:
+            self._warned_video_packing = True
+            logger.warning(
+                f"--model visor: visor_packing={self.options.packing} packs images only; the videos of this task run "
+                "unpacked (LLaVA-OneVision already pools video frames 2 x 2), their tokens counted unpacked"
+            )
         return images, videos
 
     def _load_video(self, path: str):
@@ -167,7 +182,7 @@ class Visor(lmms):
         return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
     def _encode(self, texts: list[str], images: list, videos: list) -> dict:
-        kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
+        kwargs = {"text": texts, "return_tensors": "pt", "padding": True, **self.options.processor_kwargs()}
         if images:
             kwargs["images"] = images
         if videos:
@@ -176,21 +191,42 @@ class Visor(lmms):
 
     # -- compute -----------------------------------------------------------------------------------------------------
 
-    def _usage(self, layers, input_ids: torch.Tensor, output_tokens: int | None) -> VisorUsage:
-        """Prefill FLOPs of one prompt (its real tokens) with the SA layers that ran, and of dense LLaVA-OV on the
-        same prompt without the routing token."""
+    def _unpacked_image_tokens(self, inputs, images_per_sample: list[int]) -> list[int] | None:
+        """Per sample, the tokens of its images in LLaVA-OV's layout (what dense LLaVA-OV reads), from the images'
+        sizes; None without packing (the prompt then holds exactly those)."""
+        if self.options.packing == 1 or not any(images_per_sample):
+            return None
+        layouts = image_token_layouts(
+            self.model.config,
+            inputs["image_sizes"],
+            getattr(self.processor, "vision_aspect_ratio", None),
+            inputs.get("batch_num_images"),
+        )
+        tokens = [layout.num_tokens(1) for layout in layouts]
+        starts = itertools.accumulate([0, *images_per_sample])
+        return [sum(tokens[start : start + n]) for start, n in zip(starts, images_per_sample)]
+
+    def _usage(
+        self, layers, input_ids: torch.Tensor, output_tokens: int | None, unpacked_images: int | None = None
+    ) -> VisorUsage:
+        """Prefill FLOPs of one prompt (its real tokens, the images packed by `visor_packing`) with the SA layers that
+        ran, and of dense LLaVA-OV on the same prompt without the routing token and with `unpacked_images` image
+        tokens (default: the prompt's)."""
         config = self.model.config
-        visual = (input_ids == config.image_token_id) | (input_ids == config.video_token_id)
-        n_visual = int(visual.sum())
+        images = int((input_ids == config.image_token_id).sum())
+        videos = int((input_ids == config.video_token_id).sum())
+        n_visual = images + videos
         n_text = int(input_ids.numel()) - n_visual
         n_routing = int((input_ids == config.routing_token_id).sum())
+        dense_visual = n_visual if unpacked_images is None else unpacked_images + videos
         layers = sorted(int(x) for x in layers)
         return VisorUsage(
             input_tokens=int(input_ids.numel()),
             output_tokens=output_tokens,
             visor_configuration=layers,
             visor_prefill_flops=prefill_flops(self._shape, n_text, n_visual, layers, config.cross_attention_layers),
-            visor_dense_prefill_flops=prefill_flops(self._shape, n_text - n_routing, n_visual),
+            visor_dense_prefill_flops=prefill_flops(self._shape, n_text - n_routing, dense_visual),
+            visor_packing=self.options.packing,
         )
 
     def _summarise(self, kind: str, requests: list[Instance], results: list[GenerationResult], seconds: float) -> None:
@@ -255,13 +291,15 @@ class Visor(lmms):
         gen = dict(batch[0].args[1] or {})
         until = gen.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        texts, images, videos = [], [], []
+        texts, images, videos, images_per_sample = [], [], [], []
         for request in batch:
             sample_images, sample_videos = self._visuals(request.args)
             texts.append(self._prompt(request.args[0], sample_images, sample_videos))
             images += sample_images
             videos += sample_videos
+            images_per_sample.append(len(sample_images))
         inputs = self._encode(texts, images, videos)
+        unpacked = self._unpacked_image_tokens(inputs, images_per_sample)
         temperature = float(gen.pop("temperature", 0) or 0)
         settings = {
             "max_new_tokens": int(gen.pop("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)),
@@ -285,7 +323,8 @@ class Visor(lmms):
                     text = text.split(stop)[0]
             real = inputs["input_ids"][i][inputs["attention_mask"][i].bool()]
             produced = int((new_tokens[i] != self.tokenizer.pad_token_id).sum())
-            results.append(GenerationResult(text=text, token_counts=self._usage(report.configurations[i], real, produced)))
+            usage = self._usage(report.configurations[i], real, produced, None if unpacked is None else unpacked[i])
+            results.append(GenerationResult(text=text, token_counts=usage))
         return results
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
@@ -301,7 +340,8 @@ class Visor(lmms):
             continuation = target if isinstance(target, str) else target(self.task_dict[task][split][doc_id])
             images, videos = self._visuals(request.args)
             prompt = self._prompt(context, images, videos)
-            prompt_ids = self._encode([prompt], images, videos)["input_ids"][0]
+            prompt_inputs = self._encode([prompt], images, videos)
+            prompt_ids = prompt_inputs["input_ids"][0]
             inputs = self._encode([prompt + continuation], images, videos)
             ids = inputs["input_ids"][0]
             n = len(prompt_ids)
@@ -314,7 +354,8 @@ class Visor(lmms):
             targets = ids[n:]
             loss = torch.nn.functional.cross_entropy(logits, targets).item()
             greedy = bool((logits.argmax(-1) == targets).all())
-            usage = self._usage(out.visor_configurations[0], prompt_ids, None)
+            unpacked = self._unpacked_image_tokens(prompt_inputs, [len(images)])
+            usage = self._usage(out.visor_configurations[0], prompt_ids, None, None if unpacked is None else unpacked[0])
             results.append(GenerationResult(text=(loss, greedy), token_counts=usage))
         self._summarise("loglikelihood", requests, results, time.perf_counter() - started)
         return results
