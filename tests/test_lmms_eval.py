@@ -415,6 +415,17 @@ def test_packing_needs_the_checkpoint_module(packing_folders):
     assert _packing_plugin(packing_folders / "plain", 1).options.generate_kwargs().get("visor_packing") is None
 
 
+def test_packing_needs_the_whole_patch_grid(packing_folders, tmp_path):
+    import json
+    import shutil
+
+    folder = shutil.copytree(packing_folders / "packed", tmp_path / "default_strategy")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, vision_feature_select_strategy="default")))
+    with pytest.raises(ValueError, match="visor_packing=4 needs the whole patch grid .vision_feature_select_strategy='full'."):
+        _packing_plugin(folder, 4)
+
+
 def test_videos_are_not_packed(packing_folders):
     """What the plugin documents for a task with videos at `visor_packing` != 1: the model packs the images only; a
     video runs unpacked (bit-identical to packing 1) and is counted unpacked in both FLOPs."""
