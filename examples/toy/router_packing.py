@@ -82,8 +82,10 @@ def pairs_of(config, factors=FACTORS) -> list[Pair]:
     """Every (configuration index, packing factor) pair, factor-major."""
     missing = [k for k in factors if k != 1 and k not in (config.packing_factors or [])]
     if missing:
-        raise ValueError(f"the checkpoint has no packing module for factors {missing} (packing_factors="
-                         f"{config.packing_factors}): add one with from_pretrained(..., packing_factors=[2, 4])")
+        raise ValueError(
+            f"the checkpoint has no packing module for factors {missing} (packing_factors="
+            f"{config.packing_factors}): add one with from_pretrained(..., packing_factors=[2, 4])"
+        )
     return [(c, k) for k in factors for c in range(len(config.configurations))]
 
 
@@ -101,9 +103,16 @@ def group_targets(results: dict[Pair, dict], pairs: list[Pair], examples: list[E
     """`{question index: [target per pair]}`: the share of `maximal`'s accuracy each pair keeps on the question's
     kind, capped at 1 (the pipeline's group targets, `keep_targets(..., groups=...)`, over the pairs)."""
     table = [
-        {"index": i, "configuration": p, "num_layers": len(results[pair]["configurations"][i]),
-         "correct": results[pair]["correct"][i], "loss": results[pair]["loss"][i], "flops": results[pair]["flops"][i]}
-        for p, pair in enumerate(pairs) for i in range(len(examples))
+        {
+            "index": i,
+            "configuration": p,
+            "num_layers": len(results[pair]["configurations"][i]),
+            "correct": results[pair]["correct"][i],
+            "loss": results[pair]["loss"][i],
+            "flops": results[pair]["flops"][i],
+        }
+        for p, pair in enumerate(pairs)
+        for i in range(len(examples))
     ]
     groups = {i: e.question.kind for i, e in enumerate(examples)}
     return keep_targets(table, max_configuration=pairs.index(maximal), groups=groups)
@@ -172,7 +181,9 @@ def pair_head(router: torch.nn.Module, pairs: list[Pair]) -> torch.nn.Module:
     return head
 
 
-def train_head(head: torch.nn.Module, features: torch.Tensor, targets: dict[int, list[float]], steps: int, seed: int = 0) -> torch.nn.Module:
+def train_head(
+    head: torch.nn.Module, features: torch.Tensor, targets: dict[int, list[float]], steps: int, seed: int = 0
+) -> torch.nn.Module:
     """Binary cross-entropy on the soft targets, on router inputs computed once (`RouterOnFeatures`, HF `Trainer`,
     the toy recipe's router settings); returns the head in eval mode."""
     from transformers import Trainer
@@ -182,8 +193,11 @@ def train_head(head: torch.nn.Module, features: torch.Tensor, targets: dict[int,
     settings = {**trainer_args(steps, 3e-3, 64, min(10, steps), seed), "logging_steps": max(steps, 1)}
     samples = torch.arange(len(features))
     with tempfile.TemporaryDirectory() as scratch:
-        Trainer(model=RouterOnFeatures(head.train()), args=make_training_arguments(scratch, settings),
-                train_dataset=RoutingFeatures(features, samples, targets)).train()
+        Trainer(
+            model=RouterOnFeatures(head.train()),
+            args=make_training_arguments(scratch, settings),
+            train_dataset=RoutingFeatures(features, samples, targets),
+        ).train()
     return head.eval()
 
 
@@ -196,17 +210,26 @@ def select_pairs(probability: torch.Tensor, costs: list[float], threshold: float
     """Pair index per question: the cheapest pair (by `costs`) whose probability is `>= threshold` (ties: the higher
     probability, then the lower index); `maximal` when no pair is."""
     chosen = []
-    for row in probability.tolist():
-        above = [p for p, q in enumerate(row) if q >= threshold]
-        chosen.append(min(above, key=lambda p: (costs[p], -row[p], p)) if above else maximal)
+    # compared in the probabilities' dtype, as the model's calibrated rule compares them
+    above_rows = (probability >= torch.tensor(threshold, dtype=probability.dtype)).tolist()
+    for row, above in zip(probability.tolist(), above_rows):
+        candidates = [p for p, ok in enumerate(above) if ok]
+        chosen.append(min(candidates, key=lambda p: (costs[p], -row[p], p)) if candidates else maximal)
     return chosen
 
 
 # -- rows -----------------------------------------------------------------------------------------------------------
 
 
-def lookup(results: dict[Pair, dict], pairs: list[Pair], choice: list[int], examples: list[Example],
-           routing_flops: list[int] | None = None, routing_packing: int | None = None, hidden_size: int | None = None) -> dict:
+def lookup(
+    results: dict[Pair, dict],
+    pairs: list[Pair],
+    choice: list[int],
+    examples: list[Example],
+    routing_flops: list[int] | None = None,
+    routing_packing: int | None = None,
+    hidden_size: int | None = None,
+) -> dict:
     """Accuracy and FLOPs of one pair per question, read from the per-pair table. `routing_flops` (per question):
     the routing pass at `routing_packing`, added to every question (`flops`), and only where the chosen factor
     differs from the routing one (`flops_reusing_routing_pass`: what a prefill continuing the routing pass pays)."""
@@ -229,9 +252,14 @@ def lookup(results: dict[Pair, dict], pairs: list[Pair], choice: list[int], exam
         "saving": dense / float(np.mean(flops)),
         "packing_share": {str(k): sum(pair[1] == k for pair in chosen) / len(chosen) for k in sorted({k for _, k in pairs})},
         "pair_histogram": {f"{k}x c{c}": sum(pair == (c, k) for pair in chosen) for c, k in pairs},
-        "pair_per_kind": {kind: {f"{k}x c{c}": sum(pair == (c, k) for pair, kk in zip(chosen, kinds) if kk == kind)
-                                 for c, k in pairs if any(pair == (c, k) and kk == kind for pair, kk in zip(chosen, kinds))}
-                          for kind in KINDS},
+        "pair_per_kind": {
+            kind: {
+                f"{k}x c{c}": sum(pair == (c, k) for pair, kk in zip(chosen, kinds) if kk == kind)
+                for c, k in pairs
+                if any(pair == (c, k) and kk == kind for pair, kk in zip(chosen, kinds))
+            }
+            for kind in KINDS
+        },
         "choice": choice,
     }
     if hidden_size is not None:
@@ -242,8 +270,19 @@ def lookup(results: dict[Pair, dict], pairs: list[Pair], choice: list[int], exam
     return out
 
 
-def two_pass_check(model, head, examples: list[Example], indices: list[int], routing_packing: int, pairs: list[Pair],
-                   costs: list[float], thresholds, maximal: int, lookups: dict[float, list[int]], results: dict[Pair, dict]) -> dict:
+def two_pass_check(
+    model,
+    head,
+    examples: list[Example],
+    indices: list[int],
+    routing_packing: int,
+    pairs: list[Pair],
+    costs: list[float],
+    thresholds,
+    maximal: int,
+    lookups: dict[float, list[int]],
+    results: dict[Pair, dict],
+) -> dict:
     """Run the two passes for real on `examples[indices]`: the routing pass (these questions alone), the head, the
     selection at each threshold, then each chosen pair (`evaluate_visor`). Counts where the chosen pair and the
     answer's correctness agree with the lookup."""
@@ -265,9 +304,20 @@ def two_pass_check(model, head, examples: list[Example], indices: list[int], rou
 # -- the study ------------------------------------------------------------------------------------------------------
 
 
-def study(model, label: list[Example], test: list[Example], *, factors=FACTORS, routing_factors=ROUTING_FACTORS,
-          thresholds=THRESHOLDS, router_steps: int = 2000, verify: int = 20, seed: int = 0, batch_size: int = 50,
-          logfile=None) -> dict:
+def study(
+    model,
+    label: list[Example],
+    test: list[Example],
+    *,
+    factors=FACTORS,
+    routing_factors=ROUTING_FACTORS,
+    thresholds=THRESHOLDS,
+    router_steps: int = 2000,
+    verify: int = 20,
+    seed: int = 0,
+    batch_size: int = 50,
+    logfile=None,
+) -> dict:
     """Every row of the comparison (see the module documentation) and the lookup's verification."""
     config = model.config
     timings, clock = {}, time.time()
@@ -291,13 +341,17 @@ def study(model, label: list[Example], test: list[Example], *, factors=FACTORS, 
         index = {tuple(layers): c for c, layers in enumerate(config.configurations)}
         choice = [pairs.index((index[tuple(layers)], k)) for layers in routed["configurations"]]
         row = lookup(test_results, pairs, choice, test, hidden_size=hidden)
-        row["lookup_agrees_with_run"] = sum(a == b for a, b in zip(routed["correct"], [test_results[pairs[p]]["correct"][i] for i, p in enumerate(choice)]))
+        row["lookup_agrees_with_run"] = sum(
+            a == b for a, b in zip(routed["correct"], [test_results[pairs[p]]["correct"][i] for i, p in enumerate(choice)])
+        )
         rows[f"{k}x checkpoint router, t={config.router_threshold:g}"] = row
     timings["checkpoint_router"] = round(time.time() - clock, 1)
 
     clock = time.time()
-    features = {k: (routing_inputs(model, label, k, batch_size), routing_inputs(model, test, k, batch_size))
-                for k in sorted(set(factors) | set(routing_factors))}
+    features = {
+        k: (routing_inputs(model, label, k, batch_size), routing_inputs(model, test, k, batch_size))
+        for k in sorted(set(factors) | set(routing_factors))
+    }
     timings["router_inputs"] = round(time.time() - clock, 1)
 
     clock = time.time()
@@ -310,8 +364,9 @@ def study(model, label: list[Example], test: list[Example], *, factors=FACTORS, 
             logits = head(features[k][1])
         for t in thresholds:
             chosen = select_configurations(logits, torch.arange(len(test)), len(test), configurations, [t] * len(test))
-            rows[f"{k}x retrained router, t={t:g}"] = lookup(test_results, pairs, [pairs.index((c, k)) for c in chosen], test,
-                                                             hidden_size=hidden)
+            rows[f"{k}x retrained router, t={t:g}"] = lookup(
+                test_results, pairs, [pairs.index((c, k)) for c in chosen], test, hidden_size=hidden
+            )
 
     verification = {}
     for r in routing_factors:
@@ -323,8 +378,9 @@ def study(model, label: list[Example], test: list[Example], *, factors=FACTORS, 
             chosen_at[t] = select_pairs(probability, costs, t, maximal)
             rows[f"pair router (routing at {r}x), t={t:g}"] = lookup(test_results, pairs, chosen_at[t], test, extra, r, hidden)
         indices = np.random.default_rng(seed).choice(len(test), size=min(verify, len(test)), replace=False).tolist()
-        verification[f"routing at {r}x"] = two_pass_check(model, head, test, sorted(indices), r, pairs, costs, thresholds,
-                                                          maximal, chosen_at, test_results)
+        verification[f"routing at {r}x"] = two_pass_check(
+            model, head, test, sorted(indices), r, pairs, costs, thresholds, maximal, chosen_at, test_results
+        )
     timings["heads_and_verification"] = round(time.time() - clock, 1)
 
     by_kind = {}  # the labelling set's targets of each kind (the same for every question of the kind)
@@ -338,8 +394,10 @@ def study(model, label: list[Example], test: list[Example], *, factors=FACTORS, 
         a = row["accuracy"]
         log(f"{name}: all {a['all']:.3f} easy {a['easy']:.3f} hard {a['hard']:.3f} FLOPs x{row['flops_ratio']:.3f}", logfile)
     return {
-        "pairs": [{"configuration": c, "layers": configurations[c], "packing": k, "mean_prefill_flops_labelling": costs[p]}
-                  for p, (c, k) in enumerate(pairs)],
+        "pairs": [
+            {"configuration": c, "layers": configurations[c], "packing": k, "mean_prefill_flops_labelling": costs[p]}
+            for p, (c, k) in enumerate(pairs)
+        ],
         "maximal_pair": list(pairs[maximal]),
         "targets_by_kind": {kind: dict(zip((f"{k}x c{c}" for c, k in pairs), v)) for kind, v in by_kind.items()},
         "rows": rows,
@@ -349,9 +407,11 @@ def study(model, label: list[Example], test: list[Example], *, factors=FACTORS, 
 
 
 def table(results: dict) -> str:
-    lines = ["| row | background | red | count shape | count colour | cell | easy | hard | all | FLOPs / dense | "
-             "(routing pass reused) | saving | packing 1 / 2 / 4 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| row | background | red | count shape | count colour | cell | easy | hard | all | FLOPs / dense | "
+        "(routing pass reused) | saving | packing 1 / 2 / 4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in results["rows"].items():
         a = r["accuracy"]
         share = " / ".join(f"{r['packing_share'].get(str(k), 0.0):.2f}" for k in FACTORS)
@@ -386,20 +446,31 @@ def main(argv: list[str] | None = None) -> int:
     model = load(args.model)
     label = eval_set(LABEL_SEED_BASE // 1_000_000, args.label_images)  # = the recipe's router-labelling records
     test = eval_set(TEST_SEED, args.test_images)
-    results = study(model, label, test, routing_factors=[int(k) for k in args.routing_packing.split(",")],
-                    thresholds=[float(t) for t in args.thresholds.split(",")], router_steps=args.router_steps,
-                    verify=args.verify, seed=args.seed, batch_size=args.batch_size, logfile=logfile)
-    results.update({
-        "model": str(args.model),
-        "label_set": {"seed": LABEL_SEED_BASE // 1_000_000, "images": args.label_images, "questions": len(label)},
-        "test_set": {"seed": TEST_SEED, "images": args.test_images, "questions": len(test)},
-        "configurations": model.config.configurations,
-        "router_layer": model.config.router_layer,
-        "wall_seconds": round(time.time() - start, 1),
-        "cpu_seconds": round(time.process_time() - cpu, 1),
-        "load_average": os.getloadavg(),
-        "args": vars(args),
-    })
+    results = study(
+        model,
+        label,
+        test,
+        routing_factors=[int(k) for k in args.routing_packing.split(",")],
+        thresholds=[float(t) for t in args.thresholds.split(",")],
+        router_steps=args.router_steps,
+        verify=args.verify,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        logfile=logfile,
+    )
+    results.update(
+        {
+            "model": str(args.model),
+            "label_set": {"seed": LABEL_SEED_BASE // 1_000_000, "images": args.label_images, "questions": len(label)},
+            "test_set": {"seed": TEST_SEED, "images": args.test_images, "questions": len(test)},
+            "configurations": model.config.configurations,
+            "router_layer": model.config.router_layer,
+            "wall_seconds": round(time.time() - start, 1),
+            "cpu_seconds": round(time.process_time() - cpu, 1),
+            "load_average": os.getloadavg(),
+            "args": vars(args),
+        }
+    )
     dump(out / "router_packing.json", results)
     (out / "router_packing.md").write_text(table(results))
     print(table(results))
