@@ -314,7 +314,7 @@ def study(
     thresholds=THRESHOLDS,
     router_steps: int = 2000,
     verify: int = 20,
-    seed: int = 0,
+    seeds=(0,),
     batch_size: int = 50,
     logfile=None,
 ) -> dict:
@@ -356,39 +356,67 @@ def study(
 
     clock = time.time()
     configurations = config.configurations
-    for k in factors:  # a configuration-only router at each fixed factor, trained as the pair head is
-        fixed = [(c, k) for c in range(len(configurations))]
-        fixed_targets = group_targets(label_results, fixed, label, (top, k))
-        head = train_head(copy.deepcopy(model.model.router), features[k][0], fixed_targets, router_steps, seed)
-        with torch.no_grad():
-            logits = head(features[k][1])
-        for t in thresholds:
-            chosen = select_configurations(logits, torch.arange(len(test)), len(test), configurations, [t] * len(test))
-            rows[f"{k}x retrained router, t={t:g}"] = lookup(
-                test_results, pairs, [pairs.index((c, k)) for c in chosen], test, hidden_size=hidden
-            )
-
-    verification = {}
-    for r in routing_factors:
-        head = train_head(pair_head(model.model.router, pairs), features[r][0], targets, router_steps, seed)
-        probability = probabilities(head, features[r][1])
-        extra = question_routing_flops(config, test, r)
-        chosen_at = {}
-        for t in thresholds:
-            chosen_at[t] = select_pairs(probability, costs, t, maximal)
-            rows[f"pair router (routing at {r}x), t={t:g}"] = lookup(test_results, pairs, chosen_at[t], test, extra, r, hidden)
-        indices = np.random.default_rng(seed).choice(len(test), size=min(verify, len(test)), replace=False).tolist()
-        verification[f"routing at {r}x"] = two_pass_check(
-            model, head, test, sorted(indices), r, pairs, costs, thresholds, maximal, chosen_at, test_results
-        )
+    fixed_targets = {
+        k: group_targets(label_results, [(c, k) for c in range(len(configurations))], label, (top, k)) for k in factors
+    }
+    seeds = list(seeds)
+    per_seed, verification = {}, {}
+    for s in seeds:  # the heads' training seed: how much of a difference between rows is the head's luck
+        found = per_seed[s] = {}
+        for k in factors:  # a configuration-only router at each fixed factor, trained as the pair head is
+            head = train_head(copy.deepcopy(model.model.router), features[k][0], fixed_targets[k], router_steps, s)
+            with torch.no_grad():
+                logits = head(features[k][1])
+            for t in thresholds:
+                chosen = select_configurations(logits, torch.arange(len(test)), len(test), configurations, [t] * len(test))
+                found[f"{k}x retrained router, t={t:g}"] = lookup(
+                    test_results, pairs, [pairs.index((c, k)) for c in chosen], test, hidden_size=hidden
+                )
+        for r in routing_factors:
+            head = train_head(pair_head(model.model.router, pairs), features[r][0], targets, router_steps, s)
+            probability = probabilities(head, features[r][1])
+            extra = question_routing_flops(config, test, r)
+            chosen_at = {}
+            for t in thresholds:
+                chosen_at[t] = select_pairs(probability, costs, t, maximal)
+                found[f"pair router (routing at {r}x), t={t:g}"] = lookup(
+                    test_results, pairs, chosen_at[t], test, extra, r, hidden
+                )
+            if s == seeds[0]:
+                indices = np.random.default_rng(s).choice(len(test), size=min(verify, len(test)), replace=False).tolist()
+                verification[f"routing at {r}x"] = two_pass_check(
+                    model, head, test, sorted(indices), r, pairs, costs, thresholds, maximal, chosen_at, test_results
+                )
+    rows.update(per_seed[seeds[0]])
+    spread = {
+        name: {
+            field: [per_seed[s][name][field] if field != "all" else per_seed[s][name]["accuracy"]["all"] for s in seeds]
+            for field in ("all", "flops_ratio")
+        }
+        for name in per_seed[seeds[0]]
+    }
     timings["heads_and_verification"] = round(time.time() - clock, 1)
 
-    by_kind = {}  # the labelling set's targets of each kind (the same for every question of the kind)
-    for i, e in enumerate(label):
-        by_kind.setdefault(e.question.kind, targets[i])
+    def by_kind(table: dict[int, list[float]]) -> dict[str, list[float]]:
+        """The labelling set's targets of each kind (the same for every question of a kind)."""
+        out = {}
+        for i, e in enumerate(label):
+            out.setdefault(e.question.kind, table[i])
+        return out
+
+    pair_kind = by_kind(targets)
     for t in thresholds:
-        choice = select_pairs(torch.tensor([by_kind[e.question.kind] for e in test]), costs, t, maximal)
+        choice = select_pairs(torch.tensor([pair_kind[e.question.kind] for e in test]), costs, t, maximal)
         rows[f"pair rule given the kind (oracle), t={t:g}"] = lookup(test_results, pairs, choice, test, hidden_size=hidden)
+    for k in factors:  # the same oracle over the configurations at one fixed factor
+        fixed = [pairs.index((c, k)) for c in range(len(configurations))]
+        kind_targets = by_kind(fixed_targets[k])
+        for t in thresholds:
+            probability = torch.tensor([kind_targets[e.question.kind] for e in test])
+            choice = select_pairs(probability, [costs[p] for p in fixed], t, top)
+            rows[f"{k}x configuration rule given the kind (oracle), t={t:g}"] = lookup(
+                test_results, pairs, [fixed[c] for c in choice], test, hidden_size=hidden
+            )
 
     for name, row in rows.items():
         a = row["accuracy"]
@@ -399,8 +427,10 @@ def study(
             for p, (c, k) in enumerate(pairs)
         ],
         "maximal_pair": list(pairs[maximal]),
-        "targets_by_kind": {kind: dict(zip((f"{k}x c{c}" for c, k in pairs), v)) for kind, v in by_kind.items()},
+        "targets_by_kind": {kind: dict(zip((f"{k}x c{c}" for c, k in pairs), v)) for kind, v in pair_kind.items()},
         "rows": rows,
+        "head_seeds": seeds,
+        "seed_spread": spread,
         "verification": verification,
         "timings_seconds": timings,
     }
@@ -424,6 +454,22 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def spread_table(results: dict) -> str:
+    """The learned routers' rows for every head seed: all-question accuracy and FLOPs / dense (mean, then each seed)."""
+    seeds = results["head_seeds"]
+    lines = [
+        f"| learned router (head seeds {', '.join(map(str, seeds))}) | accuracy: mean | per seed | FLOPs / dense: mean | per seed |",
+        "|---|---|---|---|---|",
+    ]
+    for name, values in results["seed_spread"].items():
+        accuracy, ratio = values["all"], values["flops_ratio"]
+        lines.append(
+            f"| {name} | {np.mean(accuracy):.3f} | {' / '.join(f'{a:.3f}' for a in accuracy)} | {np.mean(ratio):.3f} | "
+            f"{' / '.join(f'{r:.3f}' for r in ratio)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a toy VISOR checkpoint with packing modules (packing_factors [2, 4])")
@@ -434,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--thresholds", default=",".join(map(str, THRESHOLDS)))
     parser.add_argument("--router-steps", type=int, default=2000, help="steps of each head (on cached router inputs)")
     parser.add_argument("--verify", type=int, default=20, help="test questions on which the two passes run for real")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--head-seeds", default="0,1,2", help="training seeds of every head (rows: the first; spread: all)")
     parser.add_argument("--batch-size", type=int, default=50)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -454,7 +500,7 @@ def main(argv: list[str] | None = None) -> int:
         thresholds=[float(t) for t in args.thresholds.split(",")],
         router_steps=args.router_steps,
         verify=args.verify,
-        seed=args.seed,
+        seeds=[int(s) for s in args.head_seeds.split(",")],
         batch_size=args.batch_size,
         logfile=logfile,
     )
@@ -472,8 +518,9 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     dump(out / "router_packing.json", results)
-    (out / "router_packing.md").write_text(table(results))
-    print(table(results))
+    text = table(results) + "\n" + spread_table(results)
+    (out / "router_packing.md").write_text(text)
+    print(text)
     log(f"done in {results['wall_seconds']} s (CPU {results['cpu_seconds']} s): {out / 'router_packing.md'}", logfile)
     return 0
 
