@@ -439,8 +439,8 @@ def study(
 def table(results: dict) -> str:
     lines = [
         "| row | background | red | count shape | count colour | cell | easy | hard | all | FLOPs / dense | "
-        "(routing pass reused) | saving | packing 1 / 2 / 4 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(routing pass reused) | saving | packing module / dense | packing 1 / 2 / 4 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results["rows"].items():
         a = r["accuracy"]
@@ -449,7 +449,7 @@ def table(results: dict) -> str:
         lines.append(
             f"| {name} | {a['background']:.3f} | {a['red']:.3f} | {a['count_shape']:.3f} | {a['count_colour']:.3f} | "
             f"{a['cell']:.3f} | {a['easy']:.3f} | {a['hard']:.3f} | {a['all']:.3f} | {r['flops_ratio']:.3f} | {reused} | "
-            f"{r['saving']:.2f}x | {share} |"
+            f"{r['saving']:.2f}x | {r['packing_module_flops'] / r['dense_flops']:.3f} | {share} |"
         )
     return "\n".join(lines) + "\n"
 
