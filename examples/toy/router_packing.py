@@ -29,8 +29,10 @@ factor, `routing_pass_flops`) are added to every routed question.
    LLaVA-OV on every visual token. Compared with every fixed pair, the checkpoint's own router at packing 1, 2, 4
    (`evaluate_visor(..., "auto", packing=k)`), a configuration-only router retrained the same way at each fixed
    packing (targets against the maximal configuration at that factor, as `pseudo_label(packing=k)` makes them; it
-   reads the routing token inside its own prefill: no routing pass), and the pair rule given each question's kind
-   (an oracle: the labelling set's targets of the kind, no router and no routing pass).
+   reads the routing token inside its own prefill: no routing pass), and the pair rule (and each fixed factor's
+   configuration rule) given each question's kind (an oracle: the labelling set's targets of the kind, no router
+   and no routing pass). Every head is trained for each of `--head-seeds`: the rows are the first seed's, a second
+   table gives every seed's accuracy and FLOPs (how much of a difference between two rows is the head's luck).
 5. The lookup is checked on `--verify` test questions: the routing pass run on them alone, the head, the selection,
    then the chosen pair actually run (`evaluate_visor`); the chosen pair and the answer's correctness must match
    the lookup (`verification` in the JSON).
