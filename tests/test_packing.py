@@ -245,7 +245,8 @@ def test_packed_positions_are_added_at_each_packed_row_and_column(llava, factor)
     block_rows, block_cols = {2: (1, 2), 4: (2, 2)}[factor]
     base_rows, base_cols = 4 // block_rows, 4 // block_cols
     grid_rows, grid_cols = -(-grid_shape[0] // block_rows), -(-grid_shape[1] // block_cols)
-    tables = {name: table.weight.detach() for name, table in positions.named_children()}
+    scale = model.config.text_config.hidden_size**0.5  # the tables are read scaled by sqrt(d)
+    tables = {name: table.weight.detach() * scale for name, table in positions.named_children()}
     for r in range(base_rows):
         for c in range(base_cols):
             expected[r * base_cols + c] += tables["base_row"][r] + tables["base_col"][c]

@@ -53,7 +53,8 @@ def add_packing(start: Path, out: Path) -> Path:
     from visor_hf.training.stages import save_checkpoint
 
     model = VisorForConditionalGeneration.from_pretrained(start, packing_factors=[2, 4])
-    model.model.token_packing.reset_to_average(guarded=False)
+    if not json.loads((start / "config.json").read_text()).get("packing_factors"):  # a new module: the average start
+        model.model.token_packing.reset_to_average(guarded=False)
     save_checkpoint(model, load_processor(start), out)
     return out
 
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=300, help="stage-1 steps (new modules) with packing sampled")
     parser.add_argument("--warmup-learning-rate", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=300, help="universal fine-tuning steps with packing sampled")
+    parser.add_argument("--factors", default="1,2,4", help="packing factors sampled in training")
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--images-per-step", type=int, default=8)
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES)
@@ -139,6 +141,7 @@ def main() -> None:
     from visor_hf.training.data import load_processor
 
     batch = args.images_per_step * 5
+    factors = [int(k) for k in args.factors.split(",")]
     if args.warmup_steps:
         data = write_records(out / "data" / "warmup", args.warmup_steps * args.images_per_step, WARMUP_SEED_BASE)
         t = time.time()
@@ -148,7 +151,7 @@ def main() -> None:
             out / "warmup",
             "1",
             seed=args.seed,
-            packing=list(FACTORS),
+            packing=factors,
             attn_implementation="sdpa",
             data_collator=KeyWordCollator(load_processor(start), KEY_KINDS),
             training_args=trainer_args(
@@ -165,7 +168,7 @@ def main() -> None:
         out / "universal",
         "universal",
         seed=args.seed,
-        packing=list(FACTORS),
+        packing=factors,
         attn_implementation="sdpa",
         data_collator=KeyWordCollator(load_processor(start), KEY_KINDS),
         training_args=trainer_args(args.steps, args.learning_rate, batch, min(50, args.steps // 5), args.seed),

@@ -202,6 +202,9 @@ class VisorPackedPositions(nn.Module):
         self.base_col = nn.Embedding(base_side[1], hidden_size)
         self.grid_row = nn.Embedding(grid_side[0], hidden_size)
         self.grid_col = nn.Embedding(grid_side[1], hidden_size)
+        # the tables are read scaled by sqrt(d), the scale of a token's norm, so that an optimiser step moves a position
+        # as far, relative to the tokens, as it moves the tokens' own projections
+        self.scale = hidden_size**0.5
 
     def forward(self, packed: torch.Tensor, view: str) -> torch.Tensor:
         """`[rows, cols, d]` packed tokens of the `"base"` view or the `"grid"` plus their row and column embeddings."""
@@ -213,7 +216,8 @@ class VisorPackedPositions(nn.Module):
                 f"({rows.num_embeddings} x {cols.num_embeddings}) built from the config's image_grid_pinpoints"
             )
         index = partial(torch.arange, device=packed.device)
-        return packed + rows(index(height))[:, None].to(packed.dtype) + cols(index(width))[None].to(packed.dtype)
+        position = rows(index(height))[:, None] + cols(index(width))[None]
+        return packed + (position * self.scale).to(packed.dtype)
 
 
 class VisorTokenPacking(nn.Module):
