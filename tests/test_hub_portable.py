@@ -21,7 +21,7 @@ import visor_hf
 from visor_hf.modeling.processing_visor import VisorProcessor
 from visor_hf.testing import CHAT_TEMPLATE, LLAVA_PROCESSOR_FIELDS, random_image, tiny_image_processor, tiny_tokenizer
 from visor_hf.toy.data import make_scene, render, sample_questions
-from visor_hf.toy.inference import DEFAULT_CHECKPOINT
+from visor_hf.toy.inference import DEFAULT_CHECKPOINT, TR_CHECKPOINT
 
 CODE_FILES = {"configuration_visor.py", "modeling_visor.py", "cache_visor.py", "flops_visor.py", "hub_visor.py"}
 
@@ -119,13 +119,14 @@ def test_save_pretrained_of_a_model_built_in_process_loads_without_visor_hf(viso
     assert there["input_ids"] == here["input_ids"] and there["tokens"] == here["tokens"]
 
 
-def test_the_shipped_toy_loads_without_visor_hf(tmp_path):
-    assert_portable(DEFAULT_CHECKPOINT)
+@pytest.mark.parametrize("checkpoint", [DEFAULT_CHECKPOINT, TR_CHECKPOINT], ids=lambda p: p.name)
+def test_the_shipped_toy_loads_without_visor_hf(tmp_path, checkpoint):
+    assert_portable(checkpoint)
     scene = make_scene(12345)
     question = sample_questions(scene)[0].text
     image = render(scene)
-    here = generate_here(DEFAULT_CHECKPOINT, image, question, max_new_tokens=3)
-    there = generate_in_a_fresh_process(DEFAULT_CHECKPOINT, image, question, max_new_tokens=3, tmp_path=tmp_path)
+    here = generate_here(checkpoint, image, question, max_new_tokens=3)
+    there = generate_in_a_fresh_process(checkpoint, image, question, max_new_tokens=3, tmp_path=tmp_path)
     assert there["input_ids"] == here["input_ids"] and there["tokens"] == here["tokens"]
 
 
@@ -182,9 +183,10 @@ def test_remote_code_runs_on_the_oldest_supported_transformers(visor, tmp_path):
         assert there["input_ids"] == here["input_ids"] and there["tokens"] == here["tokens"]
 
 
-def test_the_toy_ships_every_modeling_file():
+@pytest.mark.parametrize("checkpoint", [DEFAULT_CHECKPOINT, TR_CHECKPOINT], ids=lambda p: p.name)
+def test_the_toy_ships_every_modeling_file(checkpoint):
     modeling = Path(visor_hf.__file__).parent / "modeling"
-    assert {p.name for p in modeling.glob("*.py")} - {"__init__.py"} <= {p.name for p in DEFAULT_CHECKPOINT.glob("*.py")}
+    assert {p.name for p in modeling.glob("*.py")} - {"__init__.py"} <= {p.name for p in checkpoint.glob("*.py")}
 
 
 def test_trainer_save_model_writes_code_and_auto_map(visor, tmp_path):

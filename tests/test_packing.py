@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -290,7 +291,9 @@ def test_processor_calls_in_threads_each_keep_their_packing(monkeypatch):
     monkeypatch.setattr(type(processor), "_get_number_of_features", meet)
     results = {}
     threads = [
-        threading.Thread(target=lambda k=k: results.update({k: processor(text="<image> what", images=[image], packing=k).input_ids}))
+        threading.Thread(
+            target=lambda k=k: results.update({k: processor(text="<image> what", images=[image], packing=k).input_ids})
+        )
         for k in (1, 2, 4)
     ]
     for thread in threads:
@@ -320,7 +323,11 @@ def test_mixed_packing_factors_in_a_batch_match_each_sample_alone(packed, batchi
     with torch.no_grad():
         together = packed(**batch, visor_configuration=request, visor_packing=factors, visor_batching=batching)
         tokens = packed.generate(
-            **batch, visor_configuration=request, visor_packing=torch.tensor(factors), max_new_tokens=4, do_sample=False,
+            **batch,
+            visor_configuration=request,
+            visor_packing=torch.tensor(factors),
+            max_new_tokens=4,
+            do_sample=False,
             visor_batching=batching,
         )
     report = packed.last_visor_report
@@ -533,6 +540,18 @@ def test_repacked_batch_equals_the_processor_with_packing(packed, padding_side):
             packed(**inputs, visor_packing=factors)  # the model accepts the counts
 
 
+def tiny_training_args(steps: int, learning_rate: float) -> dict:
+    return {
+        "max_steps": steps,
+        "per_device_train_batch_size": 2,
+        "learning_rate": learning_rate,
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+    }
+
+
 def test_universal_fine_tuning_samples_configuration_and_packing_pairs(folders, tmp_path):
     from visor_hf.training import UniversalConfigurationSampler, make_synthetic_dataset, train_stage
 
@@ -546,15 +565,7 @@ def test_universal_fine_tuning_samples_configuration_and_packing_pairs(folders, 
         "universal",
         seed=5,
         packing=[4, 1, 2],
-        training_args={
-            "max_steps": len(pairs),
-            "per_device_train_batch_size": 2,
-            "learning_rate": 1e-3,
-            "use_cpu": True,
-            "report_to": "none",
-            "save_strategy": "no",
-            "logging_steps": 1,
-        },
+        training_args=tiny_training_args(len(pairs), 1e-3),
     )
     expected = [pairs[i] for i in UniversalConfigurationSampler(len(pairs), seed=5).sequence(0, len(pairs))]
     assert [drawn for _, drawn in trainer.configuration_trace] == expected
@@ -570,7 +581,6 @@ def test_universal_fine_tuning_samples_configuration_and_packing_pairs(folders, 
         train_stage(folders / "packed", str(tmp_path / "data" / "data.jsonl"), tmp_path / "bad", "universal", packing=[1, 3])
 
 
-
 def test_stage_one_with_packing_warms_up_the_new_modules_at_the_maximal_configuration(folders, tmp_path):
     from visor_hf.training import UniversalConfigurationSampler, make_synthetic_dataset, train_stage
 
@@ -582,17 +592,12 @@ def test_stage_one_with_packing_warms_up_the_new_modules_at_the_maximal_configur
         "1",
         seed=3,
         packing=[2, 4, 1],
-        training_args={
-            "max_steps": 3,
-            "per_device_train_batch_size": 2,
-            "learning_rate": 1e-2,
-            "use_cpu": True,
-            "report_to": "none",
-            "save_strategy": "no",
-        },
+        training_args=tiny_training_args(3, 1e-2),
     )
     pool = [("max", 1), ("max", 2), ("max", 4)]
-    assert [drawn for _, drawn in trainer.configuration_trace] == [pool[i] for i in UniversalConfigurationSampler(3, seed=3).sequence(0, 3)]
+    assert [drawn for _, drawn in trainer.configuration_trace] == [
+        pool[i] for i in UniversalConfigurationSampler(3, seed=3).sequence(0, 3)
+    ]
     before, after = read_tensors(folders / "packed"), read_tensors(tmp_path / "stage1")
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     assert {"model.token_packing.pack2.weight", "model.token_packing.pack4.weight"} <= changed
@@ -603,8 +608,11 @@ def test_stage_one_with_packing_warms_up_the_new_modules_at_the_maximal_configur
     assert summary["sampled"]["packing"] == [1, 2, 4] and summary["sampled"]["configurations"] == ["max"]
     # without packing, stage 1 leaves the packing module frozen
     train_stage(
-        folders / "packed", str(tmp_path / "data" / "data.jsonl"), tmp_path / "plain1", "1",
-        training_args={"max_steps": 1, "per_device_train_batch_size": 2, "use_cpu": True, "report_to": "none", "save_strategy": "no"},
+        folders / "packed",
+        str(tmp_path / "data" / "data.jsonl"),
+        tmp_path / "plain1",
+        "1",
+        training_args=tiny_training_args(1, 1e-3),
     )
     plain = read_tensors(tmp_path / "plain1")
     assert all(torch.equal(before[n], plain[n]) for n in before if n.startswith("model.token_packing."))
@@ -663,14 +671,85 @@ def test_toy_encoding_and_processor_agree_with_packing(factor):
 def test_toy_command_refuses_a_factor_the_checkpoint_lacks(capsys):
     from visor_hf.toy.inference import DEFAULT_CHECKPOINT
 
-    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
-        pytest.skip("the toy checkpoint is not shipped in this tree")
-    factors = json.loads((DEFAULT_CHECKPOINT / "config.json").read_text()).get("packing_factors") or []
-    missing = [k for k in (2, 4) if k not in factors]
-    if not missing:
-        pytest.skip("the shipped toy has every packing module")
-    assert cli_main(["toy", "--images", "1", "--seed", "0", "--packing", str(missing[0])]) == 2
+    assert not json.loads((DEFAULT_CHECKPOINT / "config.json").read_text()).get("packing_factors")  # the toy VISOR
+    assert cli_main(["toy", "--images", "1", "--seed", "0", "--model", "toy-visor", "--packing", "2"]) == 2
     assert "no packing module" in capsys.readouterr().err
+
+
+# -- the shipped toy VISOR-TR ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def toy_tr():
+    from visor_hf.toy.inference import TR_CHECKPOINT, load_toy
+
+    model, _ = load_toy("toy-visor-tr")
+    return model, json.loads((TR_CHECKPOINT / "results_packing.json").read_text())
+
+
+@pytest.mark.parametrize("factor", [1, 2, 4])
+def test_shipped_toy_visor_tr_matches_its_recorded_accuracy(toy_tr, factor):
+    from visor_hf.toy.data import eval_set
+    from visor_hf.toy.evaluation import evaluate_visor, report
+
+    model, recorded = toy_tr
+    assert model.config.packing_factors == [2, 4]
+    ci = recorded["ci"]
+    examples = eval_set(ci["seed"], ci["images"])
+    result = report(evaluate_visor(model, examples, "auto", packing=factor), examples)
+    expected = ci["rows"][str(factor)]
+    for part in ("easy", "hard", "all"):
+        assert abs(result["accuracy"][part] - expected["accuracy"][part]) <= 0.02, (part, result, expected)
+    assert abs(result["flops_ratio"] - expected["flops_ratio"]) <= 0.02
+
+
+def test_docs_report_the_toy_visor_tr_results(toy_tr):
+    """docs/toy.md and docs/toy_packing_results.md hold the recorded rows of every configuration and the router at
+    every packing factor (the last stage of `results_packing.json`)."""
+    _, recorded = toy_tr
+    rows = recorded["stages"][list(recorded["stages"])[-1]]
+    assert {name.split(" ", 1)[0] for name in rows} == {"1x", "2x", "4x"}
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    for text in ((docs / "toy.md").read_text(), (docs / "toy_packing_results.md").read_text()):
+        for name, row in rows.items():
+            factor, what = name.split(" ", 1)
+            assert f"| {factor} | {what} | {row['accuracy']['all']:.3f} |" in text, name
+
+
+def test_toy_command_with_packing_runs_the_toy_visor_tr(toy_tr, capsys):
+    """`visor-hf toy --packing 2` (no --model) answers with the toy VISOR-TR; every printed answer and SA layer set is
+    that question's own, run alone through `forward` at packing 2, and the FLOPs are against dense LLaVA-OV on all
+    88 visual tokens."""
+    import re
+
+    from visor_hf.modeling.flops_visor import FlopsShape, prefill_flops
+    from visor_hf.toy.inference import TR_CHECKPOINT, fresh_examples
+    from visor_hf.toy.model import VOCAB, encode_batch
+
+    model, _ = toy_tr
+    assert cli_main(["toy", "--images", "2", "--seed", "5", "--packing", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"toy VISOR from {TR_CHECKPOINT}" in out and "token packing 2x" in out
+    pattern = re.compile(
+        r"^  \[(easy|hard)\] (.+?) +answer (\S*) +truth (\S+) +(ok |BAD) SA layers (\[[\d, ]*\]) +FLOPs ([\d.]+)x dense$"
+    )
+    lines = [m for m in map(pattern.match, out.splitlines()) if m]
+    examples = fresh_examples(5, 2)
+    assert len(lines) == len(examples) == 10
+    shape = FlopsShape.from_config(model.config)
+    for m, example in zip(lines, examples):
+        _, text, answer, truth, _, layers, ratio = m.groups()
+        batch = encode_batch([example], model.config.routing_token_id, packing=2)
+        with torch.no_grad():
+            alone = model(
+                **{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}, visor_packing=2
+            )
+        routed = list(alone.visor_configurations[0])
+        assert (text, truth) == (example.question.text, example.question.answer)
+        assert answer == VOCAB[int(alone.logits[0, -1].argmax())] and json.loads(layers) == routed
+        n_text = 2 + len(text.split()) + 1 + 3  # chat tokens, question, routing token
+        visor = prefill_flops(shape, n_text, 48, routed, model.config.cross_attention_layers)  # 2x: 88 -> 48 tokens
+        assert abs(float(ratio) - visor / prefill_flops(shape, n_text - 1, 88)) <= 0.005
 
 
 def test_packing_and_token_reduction_are_refused_together(packed):

@@ -13,8 +13,8 @@
    (teacher-forced first answer token), and the router on fresh pictures through `visor-hf toy`'s own path (greedy
    `generate`), and writes `results_packing.json` and `results_packing.md` to `--out`.
 
-`--ship` copies the final checkpoint over `src/visor_hf/assets/toy-visor/` (keeping its `results.json`) and the
-tables to `docs/`; the pinned logits' toy part must then be recorded again (`tests/pinned_logits.py`).
+`--ship` writes the final checkpoint as the shipped toy VISOR-TR, `src/visor_hf/assets/toy-visor-tr/` (with
+`results_packing.json`; `visor-hf toy --packing 2` runs it), and its table to `docs/toy_packing_results.md`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from common import dump, fmt, log, set_seed  # noqa: E402
-from train_toy import TEST_IMAGES, TEST_SEED, make_portable  # noqa: E402
+from train_toy import CI_IMAGES, CI_SEED, TEST_IMAGES, TEST_SEED, make_portable  # noqa: E402
 from train_visor import LABEL_SEED_BASE, VISOR_TRAIN_SEED_BASE, KeyWordCollator, load, report, trainer_args, write_records  # noqa: E402
 
 from visor_hf.toy.data import eval_set  # noqa: E402
@@ -80,6 +80,19 @@ def evaluate_all(path: Path, test, fresh, logfile) -> dict:
     return rows
 
 
+def ci_rows(path: Path) -> dict:
+    """The router at each packing factor on the CI set of the toy (`eval_set(CI_SEED, CI_IMAGES)`, teacher-forced
+    first token): what `tests/test_packing.py` re-evaluates on the shipped toy VISOR-TR."""
+    model = load(path)
+    examples = eval_set(CI_SEED, CI_IMAGES)
+    rows = {str(k): report(evaluate_visor(model, examples, "auto", packing=k), examples) for k in FACTORS}
+    return {"seed": CI_SEED, "images": CI_IMAGES, "rows": rows}
+
+
+def fmt3(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"  # the fresh-picture rows have the overall accuracy only
+
+
 def table(stages: dict) -> str:
     """Accuracy of every row at each stage (untrained = average pooling), FLOPs of the last stage."""
     names = list(stages)
@@ -93,8 +106,8 @@ def table(stages: dict) -> str:
         k, what = row.split(" ", 1)
         accuracies = " | ".join(f"{stages[n][row]['accuracy']['all']:.3f}" for n in names)
         lines.append(
-            f"| {k} | {what} | {accuracies} | {r['accuracy'].get('easy', float('nan')):.3f} | "
-            f"{r['accuracy'].get('hard', float('nan')):.3f} | {r['flops_ratio']:.3f} | {1 / r['flops_ratio']:.1f}x |"
+            f"| {k} | {what} | {accuracies} | {fmt3(r['accuracy'].get('easy'))} | "
+            f"{fmt3(r['accuracy'].get('hard'))} | {r['flops_ratio']:.3f} | {1 / r['flops_ratio']:.1f}x |"
         )
     return "\n".join(lines) + "\n"
 
@@ -108,6 +121,9 @@ def main() -> None:
     parser.add_argument("--warmup-learning-rate", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=300, help="universal fine-tuning steps with packing sampled")
     parser.add_argument("--factors", default="1,2,4", help="packing factors sampled in training")
+    parser.add_argument(
+        "--cell-questions", type=int, default=1, help="cell questions per training picture (the other kinds: one each)"
+    )
     parser.add_argument("--learning-rate", type=float, default=2e-4)
     parser.add_argument("--images-per-step", type=int, default=8)
     parser.add_argument("--test-images", type=int, default=TEST_IMAGES)
@@ -118,7 +134,7 @@ def main() -> None:
     parser.add_argument(
         "--skip-eval", default="", help="stages not to evaluate, e.g. 'untrained,universal' (the final one always is)"
     )
-    parser.add_argument("--ship", action="store_true", help="copy the result over src/visor_hf/assets/toy-visor")
+    parser.add_argument("--ship", action="store_true", help="write the result to src/visor_hf/assets/toy-visor-tr")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -142,38 +158,29 @@ def main() -> None:
 
     batch = args.images_per_step * 5
     factors = [int(k) for k in args.factors.split(",")]
-    if args.warmup_steps:
-        data = write_records(out / "data" / "warmup", args.warmup_steps * args.images_per_step, WARMUP_SEED_BASE)
+    # (stage, steps, learning rate, first picture, cell questions per picture); stage 1 is the warm-up
+    phases = {
+        "warmup": ("1", args.warmup_steps, args.warmup_learning_rate, WARMUP_SEED_BASE, 1),
+        "universal": ("universal", args.steps, args.learning_rate, PACKING_SEED_BASE, args.cell_questions),
+    }
+    for name, (stage, steps, learning_rate, first_picture, cells) in phases.items():
+        if not steps:
+            continue
+        data = write_records(out / "data" / name, steps * args.images_per_step, first_picture, cells=cells)
         t = time.time()
         train_stage(
             start,
             data,
-            out / "warmup",
-            "1",
+            out / name,
+            stage,
             seed=args.seed,
             packing=factors,
             attn_implementation="sdpa",
             data_collator=KeyWordCollator(load_processor(start), KEY_KINDS),
-            training_args=trainer_args(
-                args.warmup_steps, args.warmup_learning_rate, batch, min(50, args.warmup_steps // 5), args.seed
-            ),
+            training_args=trainer_args(steps, learning_rate, batch, min(50, steps // 5), args.seed),
         )
-        timings["warmup"] = round(time.time() - t, 1)
-        start = out / "warmup"
-    data = write_records(out / "data" / "universal", args.steps * args.images_per_step, PACKING_SEED_BASE)
-    t = time.time()
-    train_stage(
-        start,
-        data,
-        out / "universal",
-        "universal",
-        seed=args.seed,
-        packing=factors,
-        attn_implementation="sdpa",
-        data_collator=KeyWordCollator(load_processor(start), KEY_KINDS),
-        training_args=trainer_args(args.steps, args.learning_rate, batch, min(50, args.steps // 5), args.seed),
-    )
-    timings["universal"] = round(time.time() - t, 1)
+        timings[name] = round(time.time() - t, 1)
+        start = out / name
     final = out / "universal"
     if "universal" not in skip or not args.relabel:
         t = time.time()
@@ -206,6 +213,7 @@ def main() -> None:
         "test_set": {"seed": TEST_SEED, "images": args.test_images, "questions": len(test)},
         "fresh": {"seed": 0, "images": args.fresh_images, "questions": len(fresh)},
         "stages": stages,
+        "ci": ci_rows(final),
         "final": str(final),
         "timings_seconds": timings,
         "args": vars(args),
@@ -217,15 +225,38 @@ def main() -> None:
         ship(final, out)
 
 
+def relative(path: str, out: Path) -> str:
+    path = Path(path).resolve()
+    if path.is_relative_to(REPO):
+        return str(path.relative_to(REPO))
+    return str(Path("runs") / path.relative_to(out.resolve().parent)) if path.is_relative_to(out.resolve().parent) else path.name
+
+
 def ship(final: Path, out: Path) -> None:
-    """The trained checkpoint over the shipped toy (its `results.json` kept), the tables to `docs/`."""
-    assets = REPO / "src" / "visor_hf" / "assets" / "toy-visor"
-    kept = {name: (assets / name).read_bytes() for name in ("results.json", "router_report.json") if (assets / name).is_file()}
+    """The trained checkpoint as the shipped toy VISOR-TR (`src/visor_hf/assets/toy-visor-tr/`, made portable, with
+    `results_packing.json`), its table to `docs/toy_packing_results.md`. The toy VISOR is left as it is."""
+    assets = REPO / "src" / "visor_hf" / "assets" / "toy-visor-tr"
+    if assets.exists():
+        shutil.rmtree(assets)
+    assets.mkdir(parents=True)
     for path in final.iterdir():
-        if path.is_file() and path.suffix != ".py" and path.name not in kept:
+        if path.is_file() and path.suffix != ".py":  # the package holds the modeling code itself
             shutil.copyfile(path, assets / path.name)
-    shutil.copyfile(out / "results_packing.json", assets / "results_packing.json")
+    results = json.loads((out / "results_packing.json").read_text())
+    results.setdefault("ci", ci_rows(final))  # runs written before the CI rows existed
+    # machine paths -> the repository's relative ones, or the run folder's under `runs/`
+    results["start"], results["final"] = relative(results["start"], out), relative(results["final"], out)
+    results["args"].update(out=relative(results["args"]["out"], out), start=relative(results["args"]["start"], out))
+    dump(assets / "results_packing.json", results)
     make_portable(assets)
+    card = assets / "README.md"  # the card of the toy VISOR it was continued from, told what this one is
+    card.write_text(
+        card.read_text().replace(
+            "`examples/toy/train_toy.py --ship` reproduces it. Results: `results.json`.",
+            "continued with token packing (VISOR-TR, 2x and 4x) by `examples/toy/train_packing.py`. Results: "
+            "`results_packing.json`.",
+        )
+    )
     shutil.copyfile(out / "results_packing.md", REPO / "docs" / "toy_packing_results.md")
 
 

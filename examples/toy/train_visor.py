@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from visor_hf.modeling import VisorForConditionalGeneration
-from visor_hf.toy.data import CELL_WORDS, COLOURS, SHAPES, make_scene, sample_questions
+from visor_hf.toy.data import CELL_WORDS, COLOURS, KINDS, SHAPES, make_scene, sample_questions
 from visor_hf.toy.evaluation import evaluate_visor, report  # noqa: F401  (re-exported for train_toy.py)
 from visor_hf.training.data import IGNORE_INDEX, VisorDataCollator
 
@@ -24,10 +24,10 @@ def load(path) -> VisorForConditionalGeneration:
 # -- the project's training pipeline (visor_hf.training) -----------------------------------------------------------
 
 
-def write_records(folder, num_images: int, base_seed: int, filename: str = "data.jsonl") -> str:
-    """A LLaVA-style JSONL data set for `visor_hf.training`: one record per question (one of each kind per picture),
-    pictures as PNG files next to it. Each record's `source` (the group of the configuration search and of the
-    curve's per-group accuracy) is its question kind. Returns the file path."""
+def write_records(folder, num_images: int, base_seed: int, filename: str = "data.jsonl", cells: int = 1) -> str:
+    """A LLaVA-style JSONL data set for `visor_hf.training`: one record per question (one of each kind per picture,
+    `cells` cell questions), pictures as PNG files next to it. Each record's `source` (the group of the configuration
+    search and of the curve's per-group accuracy) is its question kind. Returns the file path."""
     import json
     from pathlib import Path
 
@@ -40,7 +40,7 @@ def write_records(folder, num_images: int, base_seed: int, filename: str = "data
         scene = make_scene(base_seed + i)
         name = f"images/{base_seed + i}.png"
         render(scene).save(folder / name)
-        for q in sample_questions(scene):
+        for q in sample_questions(scene, {**{kind: 1 for kind in KINDS}, "cell": cells}):
             records.append({"image": name, "kind": q.kind, "source": q.kind, "conversations": [
                 {"from": "human", "value": "<image>\n" + q.text}, {"from": "gpt", "value": q.answer}]})
     path = folder / filename

@@ -65,7 +65,9 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--images", type=_images, default=4, help="number of new pictures (5 questions each)")
     parser.add_argument("--seed", type=_seed, default=None, help="picture seed (default: a random one, printed)")
-    parser.add_argument("--model", default=None, help="checkpoint folder (default: the shipped toy-visor)")
+    parser.add_argument("--model", default=None,
+                        help="checkpoint folder, or a shipped toy's name: toy-visor, toy-visor-tr (default: toy-visor; "
+                        "with --packing 2 or 4, toy-visor-tr, the toy trained with token packing)")
     parser.add_argument("--configuration", type=argument_type(parse_configuration), default="auto",
                         help="'auto' (router, default), 'max', a configuration index, or SA layers like '1,6' or '[]'")
     parser.add_argument("--router-threshold", type=_threshold, default=None,
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from ..toy.inference import DEFAULT_CHECKPOINT, answer_examples, fresh_examples, load_toy
+    from ..toy.inference import answer_examples, fresh_examples, load_toy, resolve_toy
 
     torch.set_num_threads(args.threads)
     seed = args.seed if args.seed is not None else random.randrange(100_000)
@@ -95,10 +97,11 @@ def run(args: argparse.Namespace) -> int:
     if args.model and not os.path.isdir(args.model) and (os.path.isabs(args.model) or args.model.startswith(".")):
         print(f"visor-hf toy: error: --model {args.model}: no such checkpoint folder", file=sys.stderr)
         return 2
+    checkpoint = resolve_toy(args.model, args.packing)
     try:
-        model, processor = load_toy(args.model)
+        model, processor = load_toy(checkpoint)
     except (OSError, ValueError) as error:
-        print(f"visor-hf toy: error: cannot load the checkpoint {args.model or DEFAULT_CHECKPOINT}: {error}", file=sys.stderr)
+        print(f"visor-hf toy: error: cannot load the checkpoint {checkpoint}: {error}", file=sys.stderr)
         return 2
     config = model.config
     try:
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"visor-hf toy: error: {problem}", file=sys.stderr)
         return 2
     params = sum(p.numel() for p in model.parameters())
-    print(f"toy VISOR from {args.model or DEFAULT_CHECKPOINT}: {params / 1e6:.2f} M parameters, "
+    print(f"toy VISOR from {checkpoint}: {params / 1e6:.2f} M parameters, "
           f"{config.text_config.num_hidden_layers} LLM layers, CA {config.cross_attention_layers}, "
           f"SA {config.self_attention_layers}, router after layer {config.router_layer}")
     router = config.router_type

@@ -11,17 +11,32 @@ from transformers import ProcessorMixin
 from .data import Example, make_scene, render, sample_questions
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "toy-visor"
+# the toy VISOR-TR: the toy continued with token packing (2x, 4x) in its universal fine-tuning, router relabelled
+TR_CHECKPOINT = DEFAULT_CHECKPOINT.parent / "toy-visor-tr"
+SHIPPED_TOYS = {"toy-visor": DEFAULT_CHECKPOINT, "toy-visor-tr": TR_CHECKPOINT}
+
+
+def resolve_toy(path: str | Path | None = None, packing: int = 1) -> Path | str:
+    """The checkpoint folder to load: `path`, a shipped toy's name (`toy-visor`, `toy-visor-tr`) when no such folder
+    exists, or by default the toy VISOR, or the toy VISOR-TR for a packing factor above 1 (the toy VISOR has no
+    packing module)."""
+    if path is None:
+        return TR_CHECKPOINT if packing != 1 else DEFAULT_CHECKPOINT
+    if str(path) in SHIPPED_TOYS and not Path(path).is_dir():
+        return SHIPPED_TOYS[str(path)]
+    return path
 
 
 def load_toy(path: str | Path | None = None, attn_implementation: str = "sdpa") -> tuple:
-    """The toy VISOR model and its processor (`from_pretrained` on the shipped folder by default)."""
+    """The toy VISOR model and its processor (`from_pretrained` on the shipped folder by default; a shipped toy's name
+    is resolved by `resolve_toy`)."""
     from transformers import AutoProcessor
 
     import visor_hf  # noqa: F401  (registers the VISOR classes with the Auto classes)
 
     from ..modeling import VisorForConditionalGeneration
 
-    path = str(path or DEFAULT_CHECKPOINT)
+    path = str(resolve_toy(path))
     model = VisorForConditionalGeneration.from_pretrained(path, attn_implementation=attn_implementation).eval()
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
@@ -119,4 +134,14 @@ def fresh_examples(seed: int, num_images: int) -> list[Example]:
     return examples
 
 
-__all__ = ["DEFAULT_CHECKPOINT", "Answer", "answer_examples", "fresh_examples", "load_toy", "render"]
+__all__ = [
+    "DEFAULT_CHECKPOINT",
+    "SHIPPED_TOYS",
+    "TR_CHECKPOINT",
+    "Answer",
+    "answer_examples",
+    "fresh_examples",
+    "load_toy",
+    "render",
+    "resolve_toy",
+]

@@ -1,0 +1,1 @@
+../../modeling/arguments_visor.py

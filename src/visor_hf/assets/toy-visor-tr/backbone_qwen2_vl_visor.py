@@ -1,0 +1,1 @@
+../../modeling/backbone_qwen2_vl_visor.py

@@ -1,0 +1,1 @@
+../../modeling/backbone_visor.py

@@ -1,0 +1,1 @@
+../../modeling/cache_visor.py

@@ -1,0 +1,1 @@
+../../modeling/configuration_qwen2_vl_visor.py

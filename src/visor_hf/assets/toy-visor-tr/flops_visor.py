@@ -1,0 +1,1 @@
+../../modeling/flops_visor.py

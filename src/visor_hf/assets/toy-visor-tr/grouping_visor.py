@@ -1,0 +1,1 @@
+../../modeling/grouping_visor.py

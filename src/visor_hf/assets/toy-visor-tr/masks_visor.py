@@ -1,0 +1,1 @@
+../../modeling/masks_visor.py

@@ -1,0 +1,1 @@
+../../modeling/modeling_qwen2_vl_visor.py

@@ -1,0 +1,1 @@
+../../modeling/processing_qwen2_vl_visor.py

@@ -1,0 +1,1 @@
+../../modeling/reduction_visor.py

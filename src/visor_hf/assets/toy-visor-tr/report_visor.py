@@ -1,0 +1,1 @@
+../../modeling/report_visor.py

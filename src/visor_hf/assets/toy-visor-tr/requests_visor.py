@@ -1,0 +1,1 @@
+../../modeling/requests_visor.py

@@ -1,0 +1,1 @@
+../../modeling/routing_visor.py

@@ -1,0 +1,1 @@
+../../modeling/streams_visor.py
