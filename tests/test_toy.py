@@ -7,6 +7,7 @@ The checkpoint test reloads `visor_hf/assets/toy-visor` offline and checks it ag
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -523,3 +524,21 @@ def test_key_word_collator_refuses_a_question_without_its_key_word(monkeypatch, 
     record["conversations"][0]["value"] = "<image>\nwhat is the colour of the background ?"
     with pytest.raises(ValueError, match="a cell record needs one key word"):
         KeyWordCollator(load_processor(DEFAULT_CHECKPOINT))([record])
+
+
+def test_docs_and_results_hold_the_token_reduction_rows(toy):
+    """The VisionZip rows of docs/toy.md are the ones recorded in results.json, and one of them is reproduced through
+    `visor-hf toy`'s own path on the recorded pictures."""
+    from visor_hf.toy.inference import answer_examples, fresh_examples
+
+    model, processor, recorded = toy
+    reduction = recorded["token_reduction"]
+    text = (Path(__file__).resolve().parents[1] / "docs" / "toy.md").read_text()
+    for spec, row in reduction["rows"].items():
+        name = spec if spec == "none" else f"`{spec}`"
+        a = row["accuracy"]
+        assert f"| {name} | {row['visual_tokens']} | {a['easy']:.3f} | {a['hard']:.3f} | {a['all']:.3f} |" in text, spec
+    examples = fresh_examples(reduction["seed"], reduction["images"])
+    answers = answer_examples(model, processor, examples, token_reduction="visionzip:0.5")
+    recorded_accuracy = reduction["rows"]["visionzip:0.5"]["accuracy"]["all"]
+    assert abs(sum(x.correct for x in answers) / len(answers) - recorded_accuracy) <= 0.02
