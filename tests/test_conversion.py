@@ -143,6 +143,12 @@ def test_every_source_tensor_unchanged_and_exact_new_names(workdir, source_model
     expected_new = {f"model.cross_attention_blocks.{layer}.{suffix}" for layer in config["cross_attention_layers"] for suffix in CA_SUFFIXES}
     expected_new |= set(ROUTER_NAMES)
     expected_new |= {f"model.token_packing.pack{k}.{p}" for k in config["packing_factors"] for p in ("weight", "bias")}
+    expected_new |= {  # the packing module's 2-D position tables (zero-initialised)
+        f"model.token_packing.position{k}.{view}_{axis}.weight"
+        for k in config["packing_factors"]
+        for view in ("base", "grid")
+        for axis in ("row", "col")
+    }
     assert config["packing_factors"] == [2, 4]  # added by default (tests/test_packing.py checks its values)
     assert set(out) - set(source) == expected_new
     # warm start: each CA block starts from its host layer; conv position embedding at zero
