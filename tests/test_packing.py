@@ -540,6 +540,18 @@ def test_repacked_batch_equals_the_processor_with_packing(packed, padding_side):
             packed(**inputs, visor_packing=factors)  # the model accepts the counts
 
 
+def train_tiny(folders, tmp_path, stage: str, packing, steps: int, learning_rate: float, seed: int = 0):
+    """`train_stage` on 8 synthetic records from the converted tiny checkpoint, to `tmp_path / "stage<stage>"`."""
+    from visor_hf.training import make_synthetic_dataset, train_stage
+
+    make_synthetic_dataset(tmp_path / "data", num_samples=8, seed=0)
+    data = str(tmp_path / "data" / "data.jsonl")
+    args = tiny_training_args(steps, learning_rate)
+    return train_stage(
+        folders / "packed", data, tmp_path / f"stage{stage}", stage, seed=seed, packing=packing, training_args=args
+    )
+
+
 def tiny_training_args(steps: int, learning_rate: float) -> dict:
     return {
         "max_steps": steps,
@@ -553,28 +565,19 @@ def tiny_training_args(steps: int, learning_rate: float) -> dict:
 
 
 def test_universal_fine_tuning_samples_configuration_and_packing_pairs(folders, tmp_path):
-    from visor_hf.training import UniversalConfigurationSampler, make_synthetic_dataset, train_stage
+    from visor_hf.training import UniversalConfigurationSampler, train_stage
 
-    make_synthetic_dataset(tmp_path / "data", num_samples=8, seed=0)
     config = json.loads((folders / "packed" / "config.json").read_text())
     pairs = [(c, k) for c in range(len(config["configurations"])) for k in (1, 2, 4)]
-    trainer = train_stage(
-        folders / "packed",
-        str(tmp_path / "data" / "data.jsonl"),
-        tmp_path / "universal",
-        "universal",
-        seed=5,
-        packing=[4, 1, 2],
-        training_args=tiny_training_args(len(pairs), 1e-3),
-    )
+    trainer = train_tiny(folders, tmp_path, "universal", [4, 1, 2], len(pairs), 1e-3, seed=5)
     expected = [pairs[i] for i in UniversalConfigurationSampler(len(pairs), seed=5).sequence(0, len(pairs))]
     assert [drawn for _, drawn in trainer.configuration_trace] == expected
     assert sorted(expected) == pairs  # one cycle visits every (configuration, packing) pair
-    log = [json.loads(line) for line in (tmp_path / "universal" / "universal_configurations.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "stageuniversal" / "universal_configurations.jsonl").read_text().splitlines()]
     assert [(e["configuration"], e["packing"]) for e in log] == expected
-    summary = json.loads((tmp_path / "universal" / "visor_training.json").read_text())
+    summary = json.loads((tmp_path / "stageuniversal" / "visor_training.json").read_text())
     assert summary["universal"]["packing"] == [1, 2, 4]
-    before, after = read_tensors(folders / "packed"), read_tensors(tmp_path / "universal")
+    before, after = read_tensors(folders / "packed"), read_tensors(tmp_path / "stageuniversal")
     for name in ("model.token_packing.pack2.weight", "model.token_packing.pack4.weight"):
         assert not torch.equal(before[name], after[name]), name  # both packing modules trained
     with pytest.raises(ValueError, match="packing factor 3"):
@@ -582,18 +585,9 @@ def test_universal_fine_tuning_samples_configuration_and_packing_pairs(folders, 
 
 
 def test_stage_one_with_packing_warms_up_the_new_modules_at_the_maximal_configuration(folders, tmp_path):
-    from visor_hf.training import UniversalConfigurationSampler, make_synthetic_dataset, train_stage
+    from visor_hf.training import UniversalConfigurationSampler, train_stage
 
-    make_synthetic_dataset(tmp_path / "data", num_samples=8, seed=0)
-    trainer = train_stage(
-        folders / "packed",
-        str(tmp_path / "data" / "data.jsonl"),
-        tmp_path / "stage1",
-        "1",
-        seed=3,
-        packing=[2, 4, 1],
-        training_args=tiny_training_args(3, 1e-2),
-    )
+    trainer = train_tiny(folders, tmp_path, "1", [2, 4, 1], 3, 1e-2, seed=3)
     pool = [("max", 1), ("max", 2), ("max", 4)]
     assert [drawn for _, drawn in trainer.configuration_trace] == [
         pool[i] for i in UniversalConfigurationSampler(3, seed=3).sequence(0, 3)
