@@ -212,18 +212,22 @@ def test_processor_packing_survives_save_and_load(tmp_path):
         tiny_processor(packing=3)
 
 
+def packed_and_unpacked(model, factor: int):
+    """One 13 x 29 image through the model at `factor`: its packed features, its unpacked features, the newline
+    vector and the anyres grid shape (read off where the newlines are)."""
+    inputs = tiny_processor(packing=factor)(text="<image> what", images=[random_image(13, 29)], return_tensors="pt")
+    with torch.no_grad():
+        unpacked = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
+        packed = model(**inputs, visor_packing=factor).image_hidden_states
+    newline = model.model.image_newline.detach()
+    is_newline = (unpacked[16:] == newline).all(-1)
+    return packed, unpacked, newline, (int(is_newline.sum()), int(is_newline.nonzero()[0, 0]))
+
+
 @pytest.mark.parametrize("factor", [2, 4])
 def test_untrained_module_in_the_model_is_average_pooling(llava, factor):
     model = visor_from_llava(llava, **TINY_LAYOUT, packing_factors=[2, 4])  # the documented average start
-    processor = tiny_processor(packing=factor)
-    inputs = processor(text="<image> what", images=[random_image(13, 29)], return_tensors="pt")
-    with torch.no_grad():
-        unpacked = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
-        ours = model(**inputs, visor_packing=factor).image_hidden_states
-    newline = model.model.image_newline.detach()
-    grid = unpacked[16:]
-    is_newline = (grid == newline).all(-1)
-    grid_shape = (int(is_newline.sum()), int(is_newline.nonzero()[0, 0]))
+    ours, unpacked, newline, grid_shape = packed_and_unpacked(model, factor)
     torch.testing.assert_close(ours, reference_packing(unpacked, newline, 4, grid_shape, factor), atol=1e-6, rtol=1e-6)
 
 
@@ -234,14 +238,7 @@ def test_packed_positions_are_added_at_each_packed_row_and_column(llava, factor)
     with torch.no_grad():
         for table in positions.parameters():
             table.normal_()
-    processor = tiny_processor(packing=factor)
-    inputs = processor(text="<image> what", images=[random_image(13, 29)], return_tensors="pt")
-    with torch.no_grad():
-        unpacked = model.model.get_image_features(inputs["pixel_values"], inputs["image_sizes"]).pooler_output[0]
-        ours = model(**inputs, visor_packing=factor).image_hidden_states
-    newline = model.model.image_newline.detach()
-    is_newline = (unpacked[16:] == newline).all(-1)
-    grid_shape = (int(is_newline.sum()), int(is_newline.nonzero()[0, 0]))
+    ours, unpacked, newline, grid_shape = packed_and_unpacked(model, factor)
     expected = reference_packing(unpacked, newline, 4, grid_shape, factor).clone()
     block_rows, block_cols = {2: (1, 2), 4: (2, 2)}[factor]
     base_rows, base_cols = 4 // block_rows, 4 // block_cols
