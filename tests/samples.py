@@ -30,6 +30,14 @@ def text_positions(batch: dict, row: int = 0) -> torch.Tensor:
     return (batch["input_ids"][row] != IMAGE_ID) & batch["attention_mask"][row].bool()
 
 
+def assert_row_matches_alone(batched_logits: torch.Tensor, row: int, alone: dict, alone_logits: torch.Tensor) -> None:
+    """Row `row` of a left-padded batch's logits equals the same sample run alone (`alone`, its logits `[T, V]`) at
+    every text position."""
+    length = alone["input_ids"].shape[1]
+    text = text_positions(alone)
+    torch.testing.assert_close(batched_logits[row, -length:][text], alone_logits[text], atol=1e-5, rtol=1e-5)
+
+
 def assert_no_text_sees_a_later_image(model, batch: dict) -> None:
     """Other pixels change no logit of the text before the first image, and do change the text after it."""
     other = dict(batch, pixel_values=torch.randn_like(batch["pixel_values"]))

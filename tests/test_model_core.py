@@ -13,7 +13,15 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 import visor_hf  # noqa: F401  (registers the Auto classes)
-from samples import ANYRES, ONE_IMAGE, TEXT_ONLY, TWO_IMAGES, assert_no_text_sees_a_later_image, text_positions
+from samples import (
+    ANYRES,
+    ONE_IMAGE,
+    TEXT_ONLY,
+    TWO_IMAGES,
+    assert_no_text_sees_a_later_image,
+    assert_row_matches_alone,
+    text_positions,
+)
 from visor_hf import VisorConfig, VisorForConditionalGeneration, VisorModel
 from visor_hf.modeling import FlopsShape, prefill_flops
 from visor_hf.testing import (
@@ -400,9 +408,7 @@ def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(visor):
         alone = build_batch(visor, [sample])
         with torch.no_grad():
             logits = visor(**alone, visor_configuration=wanted).logits[0]
-        length = alone["input_ids"].shape[1]
-        text = text_positions(alone)
-        torch.testing.assert_close(together.logits[row, -length:][text], logits[text], atol=1e-5, rtol=1e-5)
+        assert_row_matches_alone(together.logits, row, alone, logits)
 
 
 def test_router_output_and_auto_configuration(visor):

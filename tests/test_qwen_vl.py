@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 import visor_hf  # noqa: F401  (registers the Auto classes)
-from samples import assert_no_text_sees_a_later_image, text_positions
+from samples import assert_no_text_sees_a_later_image, assert_row_matches_alone, text_positions
 from visor_hf.testing import (
     IMAGE_ID,
     QWEN_FAMILIES,
@@ -99,9 +99,7 @@ def test_each_sample_of_a_mixed_batch_gets_what_it_gets_alone(sparse):
         alone = build_qwen_vl_batch([sample])
         with torch.no_grad():
             logits = sparse(**alone, visor_configuration=wanted).logits[0]
-        length = alone["input_ids"].shape[1]
-        text = text_positions(alone)
-        torch.testing.assert_close(together.logits[row, -length:][text], logits[text], atol=1e-5, rtol=1e-5)
+        assert_row_matches_alone(together.logits, row, alone, logits)
 
 
 def _recomputed_greedy(model, batch, sequences, request):

@@ -18,7 +18,7 @@ from samples import (
     ROUTED_TWO_IMAGES,
     TEXT_ONLY,
     TWO_IMAGES,
-    text_positions,
+    assert_row_matches_alone,
 )
 from visor_hf import VisorProcessor
 from visor_hf.modeling.reduction_visor import (
@@ -257,9 +257,7 @@ def test_batch_with_reduction_equals_each_sample_alone(reduced_visor):
         alone = build_batch(reduced_visor, [sample])
         with torch.no_grad():
             logits = reduced_visor(**alone, visor_configuration=wanted).logits[0]
-        length = alone["input_ids"].shape[1]
-        text = text_positions(alone)
-        torch.testing.assert_close(together.logits[row, -length:][text], logits[text], atol=1e-5, rtol=1e-5)
+        assert_row_matches_alone(together.logits, row, alone, logits)
 
 
 @pytest.mark.parametrize("configuration", [0, [], "max", "auto"], ids=lambda c: f"conf={c}")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -163,6 +165,15 @@ def dense_logits(llava, batch: dict, pool: int = 1) -> torch.Tensor:
 
 def fmt(acc: dict) -> str:
     return " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+
+
+def start_run(out: str) -> tuple[Path, Path]:
+    """One torch thread, no Hub access, the output folder made: `(out, out / "log.txt")`."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    folder = Path(out).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder, folder / "log.txt"
 
 
 def dump(path, obj) -> None:

@@ -27,11 +27,9 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import dump, fmt, log, set_seed  # noqa: E402
+from common import dump, fmt, log, set_seed, start_run  # noqa: E402
 from train_toy import CI_IMAGES, CI_SEED, TEST_IMAGES, TEST_SEED, make_portable  # noqa: E402
 from train_visor import LABEL_SEED_BASE, VISOR_TRAIN_SEED_BASE, KeyWordCollator, load, report, trainer_args, write_records  # noqa: E402
 
@@ -136,11 +134,7 @@ def main() -> None:
     )
     parser.add_argument("--ship", action="store_true", help="write the result to src/visor_hf/assets/toy-visor-tr")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = out / "log.txt"
+    out, logfile = start_run(args.out)
     set_seed(args.seed)
     timings = {}
     start = add_packing(Path(args.start), out / "start")

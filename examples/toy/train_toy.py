@@ -28,11 +28,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import dump, fmt, log, set_seed  # noqa: E402
+from common import dump, fmt, log, set_seed, start_run  # noqa: E402
 from train_llava import evaluate_llava, train_llava  # noqa: E402
 from train_visor import (  # noqa: E402
     LABEL_SEED_BASE,
@@ -201,11 +200,7 @@ def main() -> None:
                         help="the same auxiliary target for counting questions, at the colour or shape word")
     parser.add_argument("--ship", action="store_true", help="copy the checkpoint to src/visor_hf/assets and results to docs")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
-    logfile = out / "log.txt"
+    out, logfile = start_run(args.out)
     timings = {}
     start = time.time()
 

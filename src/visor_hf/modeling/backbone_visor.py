@@ -36,8 +36,9 @@ class LlavaOnevisionBackbone:
         image and video features. Features come from the pixels or, as in LLaVA-OV, from `mm_encoder_outputs`
         (`{"image": ..., "video": ...}` outputs of `get_image_features` / `get_video_features`)."""
         visual_mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
-        if vision_kwargs.get("packing") is not None:  # refused early, also for a prompt without images
-            packing_per_sample(vision_kwargs["packing"], inputs_embeds.shape[0], self.config.packing_factors)
+        factors = None  # per-sample packing factors, checked here also for a prompt without images
+        if vision_kwargs.get("packing") is not None:
+            factors = packing_per_sample(vision_kwargs["packing"], inputs_embeds.shape[0], self.config.packing_factors)
         encoded = dict(vision_kwargs.get("encoded") or {})
         segment_lengths = []
         image_features = video_features = None
@@ -45,7 +46,9 @@ class LlavaOnevisionBackbone:
         if encoded.get("image") is None and pixel_values is not None:
             encoded["image"] = self.get_image_features(pixel_values, image_sizes, return_dict=True, **vision_kwargs["image"])
         if encoded.get("image") is not None:
-            features = self.pack_visual_tokens(encoded["image"].pooler_output, input_ids, inputs_embeds, image_sizes, vision_kwargs)
+            features = encoded["image"].pooler_output
+            if factors is not None:
+                features = self.pack_visual_tokens(features, factors, input_ids, inputs_embeds, image_sizes, vision_kwargs["image"])
             segment_lengths += [f.shape[0] for f in features]
             image_features = torch.cat(features, dim=0).to(inputs_embeds.device, inputs_embeds.dtype)
             image_mask, _ = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=image_features)
@@ -72,20 +75,14 @@ class LlavaOnevisionBackbone:
                 )
         return inputs_embeds, visual_mask, segments, image_features, video_features
 
-    def pack_visual_tokens(self, features, input_ids, inputs_embeds, image_sizes, vision_kwargs) -> list[torch.Tensor]:
-        """Each image's features packed by its sample's factor (`visor_packing=`, see `packing_visor.py`); unchanged
-        when no packing is asked. The prompt's image tokens must hold the packed counts (a `ValueError` otherwise)."""
-        packing = vision_kwargs.get("packing")
-        if packing is None:
-            return features
-        batch = inputs_embeds.shape[0]
-        factors = packing_per_sample(packing, batch, self.config.packing_factors)
+    def pack_visual_tokens(self, features, factors, input_ids, inputs_embeds, image_sizes, image_options) -> list[torch.Tensor]:
+        """Each image's features packed by its sample's factor (`factors`, from `visor_packing=`, see
+        `packing_visor.py`). The prompt's image tokens must hold the packed counts (a `ValueError` otherwise)."""
         if getattr(self, "token_reduction", None) is not None and any(f != 1 for f in factors):
             # the reduction already changed each image's layout, which packing needs intact
             raise ValueError("visor_packing > 1 cannot be combined with token reduction (apply_token_reduction): use one")
         if image_sizes is None:
             raise ValueError("visor_packing needs image_sizes (the layout of each image's tokens follows from its size)")
-        image_options = vision_kwargs["image"]
         layouts = image_token_layouts(self.config, image_sizes, image_options.get("vision_aspect_ratio"), image_options.get("batch_num_images"))
         if len(layouts) != len(features):
             raise ValueError(f"visor_packing needs image_sizes for every image: {len(features)} images, {len(layouts)} sizes")

@@ -783,7 +783,7 @@ class VisorForConditionalGeneration(VisorPreTrainedModel, VisorGenerationMixin):
             # host-side counts: outside the compiled graph with a static cache (no guard on the growing length)
             flops_of = decode_flops_outside_graph if isinstance(cache, VisorStaticCache) else decode_flops_per_sample
             new = outputs.last_hidden_state.shape[1]
-            return flops_of(self.config, state, new), flops_of(self.config, state, new, alone=True)
+            return flops_of(self.config, state, new)
         if counts is None and state is not None:
             visual = state.full_valid & state.full_visual
             counts = tuple(torch.stack([state.text_valid.sum(1), visual.sum(1)]).tolist())

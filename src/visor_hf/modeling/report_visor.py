@@ -77,21 +77,30 @@ def decoding_layers(state) -> tuple[int, ...]:
     return tuple(i for i, layout in enumerate(state.layouts) if layout == FULL)
 
 
-def decode_flops_per_sample(config, state, new: int, alone: bool = False) -> torch.Tensor:
-    """`[B]` FLOPs of a decoding forward that fed `new` tokens (already counted in `state.decode_steps`): what it
-    computed for each sample (the cache's full layers), or with `alone` each sample's own configuration."""
+def decode_flops_per_sample(config, state, new: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[B]` FLOPs of a decoding forward that fed `new` tokens (already counted in `state.decode_steps`), twice: what
+    it computed for each sample (the cache's full layers), and each sample's own configuration alone. Samples (and
+    the two figures) that share layers and prompt counts share the arithmetic."""
     shape = FlopsShape.from_config(config)
     cross = config.cross_attention_layers
     before = state.decode_steps - new
     steps = sum(before + j for j in range(new))
-    flops = []
-    per_sample = state.configurations if alone else [decoding_layers(state)] * len(state.prompt_text)
-    for layers, n_text, n_visual in zip(per_sample, state.prompt_text, state.prompt_visual):
-        # a decoding step costs a base plus a fixed amount per token already fed after the prompt
-        base = decode_flops(shape, n_text, n_visual, layers, cross)
-        increment = decode_flops(shape, n_text + 1, n_visual, layers, cross) - base
-        flops.append(new * base + steps * increment)
-    return torch.tensor(flops, dtype=torch.long)
+    known = {}
+
+    def step_flops(layers, n_text: int, n_visual: int) -> int:
+        key = (tuple(layers), n_text, n_visual)
+        if key not in known:
+            # a decoding step costs a base plus a fixed amount per token already fed after the prompt
+            base = decode_flops(shape, n_text, n_visual, layers, cross)
+            increment = decode_flops(shape, n_text + 1, n_visual, layers, cross) - base
+            known[key] = new * base + steps * increment
+        return known[key]
+
+    computed = decoding_layers(state)
+    counts = list(zip(state.prompt_text, state.prompt_visual))
+    together = [step_flops(computed, n_text, n_visual) for n_text, n_visual in counts]
+    alone = [step_flops(layers, n_text, n_visual) for layers, (n_text, n_visual) in zip(state.configurations, counts)]
+    return torch.tensor(together, dtype=torch.long), torch.tensor(alone, dtype=torch.long)
 
 
 def single_sample_flops(config, n_text: int, n_visual: int, visor_configuration="max", decode_context: int = 0) -> dict:
