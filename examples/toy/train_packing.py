@@ -44,14 +44,17 @@ WARMUP_SEED_BASE = VISOR_TRAIN_SEED_BASE + 4_000_000
 KEY_KINDS = ("cell", "count_shape", "count_colour")
 
 
-def add_packing(start: Path, out: Path) -> Path:
-    """The start checkpoint with the packing module (`packing_factors` [2, 4]), average-initialised, as a folder."""
+def add_packing(start: Path, out: Path, positions: bool = True) -> Path:
+    """The start checkpoint with the packing module (`packing_factors` [2, 4], with or without its position tables),
+    average-initialised, as a folder (a start that has the module keeps it as trained)."""
     from visor_hf.modeling import VisorForConditionalGeneration
     from visor_hf.training.data import load_processor
     from visor_hf.training.stages import save_checkpoint
 
-    model = VisorForConditionalGeneration.from_pretrained(start, packing_factors=[2, 4])
-    if not json.loads((start / "config.json").read_text()).get("packing_factors"):  # a new module: the average start
+    config = json.loads((start / "config.json").read_text())
+    extra = {} if config.get("packing_factors") else {"packing_positions": positions}
+    model = VisorForConditionalGeneration.from_pretrained(start, packing_factors=[2, 4], **extra)
+    if not config.get("packing_factors"):  # a new module: the average start
         model.model.token_packing.reset_to_average(guarded=False)
     save_checkpoint(model, load_processor(start), out)
     return out
@@ -120,6 +123,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300, help="universal fine-tuning steps with packing sampled")
     parser.add_argument("--factors", default="1,2,4", help="packing factors sampled in training")
     parser.add_argument(
+        "--position-tables",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the packing module's 2-D position tables (config.packing_positions) when the module is new",
+    )
+    parser.add_argument(
         "--cell-questions", type=int, default=1, help="cell questions per training picture (the other kinds: one each)"
     )
     parser.add_argument("--learning-rate", type=float, default=2e-4)
@@ -137,7 +146,7 @@ def main() -> None:
     out, logfile = start_run(args.out)
     set_seed(args.seed)
     timings = {}
-    start = add_packing(Path(args.start), out / "start")
+    start = add_packing(Path(args.start), out / "start", positions=args.position_tables)
     test = eval_set(TEST_SEED, args.test_images)
     fresh = fresh_examples(0, args.fresh_images)
     skip = set(filter(None, args.skip_eval.split(",")))

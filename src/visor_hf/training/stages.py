@@ -171,13 +171,12 @@ class VisorTrainer(CompleteCheckpointMixin, Trainer):
         if model.training:
             self.configuration_trace.append((self.state.global_step, drawn))
         if packing != 1 and inputs.get("visor_packing") is not None:
-            raise ValueError("universal fine-tuning samples the packing factor itself: give it an unpacked collator (packing=1)")
+            raise ValueError("training samples the packing factor itself: give it an unpacked collator (packing=1)")
         inputs = self.sharded_step(model, model_inputs(inputs))
         if packing != 1:  # the step's packing factor: the batch (and a sharded step's unseen image) packed
             inputs = repack_placeholders(inputs, self.accelerator.unwrap_model(model).config, packing)
-        inputs["visor_configuration"] = configuration
-        if packing != 1:
             inputs["visor_packing"] = packing
+        inputs["visor_configuration"] = configuration
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def _remove_unused_columns(self, dataset, description=None):  # records are raw dicts; the collator picks fields
@@ -332,20 +331,19 @@ def train_stage(
     processor = load_processor(model_path)
     config = model.config
 
-    sampler = None
+    pool = None  # what the sampler draws from: configuration indices, or (configuration, packing) pairs
     if stage == "universal":
         pool = list(range(len(config.configurations))) if configurations is None else [int(i) for i in configurations]
         bad = [i for i in pool if not 0 <= i < len(config.configurations)]
         if bad or not pool:
             raise ValueError(f"configurations {configurations} must be indices into the model's {len(config.configurations)} configurations")
-        if packing:
-            pool = [(c, k) for c in pool for k in check_training_packing(packing, config)]
-        sampler = _IndexedSampler(UniversalConfigurationSampler(len(pool), seed=seed, strategy=sampling), pool)
-        if len(pool) == 1:
-            logger.warning("universal fine-tuning with a single configuration: run `visor-hf search` first")
     elif packing:  # stages 1 and 2: the maximal configuration, one packing factor per step
-        pool = [("max", k) for k in check_training_packing(packing, config)]
-        sampler = _IndexedSampler(UniversalConfigurationSampler(len(pool), seed=seed, strategy=sampling), pool)
+        pool = ["max"]
+    if pool is not None and packing:
+        pool = [(c, k) for c in pool for k in check_training_packing(packing, config)]
+    if stage == "universal" and len(pool) == 1:
+        logger.warning("universal fine-tuning with a single configuration: run `visor-hf search` first")
+    sampler = None if pool is None else _IndexedSampler(UniversalConfigurationSampler(len(pool), seed=seed, strategy=sampling), pool)
 
     if lora is not None and fsdp_size is not None and lora.modules_to_save:
         # PEFT copies a `modules_to_save` module, which FSDP2 forbids; the router does not train in these stages
@@ -402,7 +400,7 @@ def train_stage(
 
 
 def check_training_packing(packing, config) -> list[int]:
-    """The packing factors universal fine-tuning samples: 1 or factors the checkpoint has a module for."""
+    """The packing factors a stage samples: 1 or factors the checkpoint has a module for."""
     factors = sorted({int(k) for k in packing})
     supported = [1, *(getattr(config, "packing_factors", None) or [])]
     bad = [k for k in factors if k not in supported]
@@ -414,7 +412,7 @@ def check_training_packing(packing, config) -> list[int]:
 
 
 class _IndexedSampler:
-    """A sampler over a subset `pool` of the configuration indices."""
+    """A sampler over a `pool` of configuration indices (or `(configuration, packing)` pairs)."""
 
     def __init__(self, sampler: UniversalConfigurationSampler, pool: list[int]):
         self.sampler, self.pool = sampler, pool
